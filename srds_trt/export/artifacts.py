@@ -1,0 +1,157 @@
+"""Loading side: find an export and check it before anything is deserialised.
+
+A TensorRT plan is native code and data for one TensorRT build and a set of GPUs; deserialising a tampered or
+mismatched plan is at best a crash. So `verify_artifacts` checks every file's sha256, the TensorRT flavour,
+version and target, and that ONNX external data stays inside the artifact folder (the class of CVE-2024-27318 /
+CVE-2024-5187: `../x`, absolute paths, symlinks) — all before a plan or ONNX weights are read by anyone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file
+from .trt_import import tensorrt_module  # re-exported: the loading side's one import point
+
+__all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
+           "check_external_data", "normalise_capability"]
+
+
+class ArtifactError(RuntimeError):
+    """Artifacts missing, unreadable, tampered with, or built for another TensorRT / GPU."""
+
+
+def read_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(artifact_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"no {MANIFEST_NAME} in {artifact_dir}: not an export folder (or an unfinished one)") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path}: schema {found!r}, this srds_trt reads {SCHEMA!r}; re-export")
+    return manifest
+
+
+def normalise_capability(target: str) -> str:
+    """'sm_90', 'sm90', 'SM90', '9.0' → '9.0'."""
+    text = target.strip().lower().removeprefix("sm").lstrip("_")
+    if "." in text:
+        return text
+    if not text.isdigit() or len(text) < 2:
+        raise ArtifactError(f"cannot read compute capability {target!r} (expected e.g. '8.9' or 'sm_89')")
+    return f"{text[:-1]}.{text[-1]}"
+
+
+def _inside(folder: Path, candidate: Path) -> bool:
+    return os.path.commonpath([folder, candidate]) == str(folder)
+
+
+def check_external_data(onnx_path: Path, artifact_dir: Path, allowed: set[str]) -> None:
+    """Refuse external-data locations that leave `artifact_dir` or name files the manifest does not list."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    root = Path(os.path.realpath(artifact_dir))
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        unsafe = (not location or os.path.isabs(location) or Path(location).drive
+                  or ".." in Path(location).parts or location.startswith(("/", "\\")))
+        target = Path(os.path.realpath(root / location)) if not unsafe else None
+        if unsafe or not _inside(root, target) or (root / location).is_symlink():
+            raise ArtifactError(f"{onnx_path.name}: external data location {location!r} leaves {artifact_dir}; refused")
+        if location not in allowed:
+            raise ArtifactError(f"{onnx_path.name}: external data {location!r} is not listed in the manifest; refused")
+
+
+def verify_artifacts(
+    artifact_dir: str | os.PathLike, *, flavour: str, version: str, target: str | None
+) -> dict[str, Any]:
+    """Check an export folder against its manifest; return the manifest. Reads no plan into TensorRT.
+
+    `target` is the compute capability of the GPU that will run the plan ('8.9', 'sm_89'); None skips that check
+    (e.g. only inspecting artifacts on a machine without a GPU).
+    """
+    folder = Path(artifact_dir)
+    manifest = read_manifest(folder)
+    built = manifest["tensorrt"]
+    if built["flavour"] != flavour or built["version"] != version:
+        raise ArtifactError(
+            f"{folder}: plan built with {built['flavour']} {built['version']}, this runtime has {flavour} {version}; re-export"
+        )
+    if target is not None:
+        capability = normalise_capability(target)
+        supported = built["target"]["compute_capabilities"]
+        if capability not in supported:
+            raise ArtifactError(f"{folder}: plan built for compute capabilities {supported}, this GPU is {capability}; "
+                                "re-export on (or for) this GPU")
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{folder}: manifest lists {name!r}, which is not a file of this folder; refused")
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is missing or not a regular file")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest (modified?); refused")
+    onnx_name = manifest["onnx"]["file"]
+    if onnx_name in manifest["files"]:
+        check_external_data(folder / onnx_name, folder, set(manifest["files"]))
+    return manifest
+
+
+# What find_artifacts can match on: the manifest's "request" section, plus `rows` (the profile covers it).
+MATCH_FIELDS = ("dtype", "min_batch", "opt_batch", "max_batch", "height", "width", "profiles", "opset", "exporter",
+                "random_weights", "weights_id", "flavour", "version")
+
+
+def find_artifacts(engine_dir: str | os.PathLike, model: str, **shape_args: Any) -> Path:
+    """The export folder of `model` under `engine_dir` whose request matches every given field.
+
+    Fields: see MATCH_FIELDS; `rows=N` asks for a profile covering N rows. Raises ArtifactError naming the export
+    command when nothing matches, and listing candidates when several do (pass weights_id= to choose).
+    """
+    unknown = set(shape_args) - set(MATCH_FIELDS) - {"rows"}
+    if unknown:
+        raise TypeError(f"find_artifacts: unknown fields {sorted(unknown)}; known: {MATCH_FIELDS + ('rows',)}")
+    model_dir = Path(engine_dir) / safe_folder_name(model)
+    matches = []
+    for manifest_path in sorted(model_dir.glob(f"*/{MANIFEST_NAME}")):
+        try:
+            request = read_manifest(manifest_path.parent)["request"]
+        except ArtifactError:
+            continue  # another schema or a damaged folder: not a candidate
+        rows = shape_args.get("rows")
+        if rows is not None and not request["min_batch"] <= rows <= request["max_batch"]:
+            continue
+        if all(request.get(k) == v for k, v in shape_args.items() if k != "rows"):
+            matches.append(manifest_path.parent)
+    if len(matches) == 1:
+        return matches[0]
+    wanted = " ".join(f"{k}={v}" for k, v in shape_args.items())
+    if not matches:
+        raise ArtifactError(f"no export of {model!r} matching [{wanted}] under {engine_dir}; build one with "
+                            f"`python -m srds_trt.export --model {model} --out {engine_dir}` (and matching options)")
+    raise ArtifactError(f"{len(matches)} exports of {model!r} match [{wanted}]: "
+                        f"{', '.join(m.name for m in matches)}; pass weights_id= (or more fields) to choose")
+
+
+def load_engine(artifact_dir: str | os.PathLike, *, target: str | None) -> tuple[Any, dict[str, Any]]:
+    """Verify, then deserialise the plan with the installed TensorRT: (ICudaEngine, manifest).
+
+    The order is the point: nothing reaches TensorRT's deserialiser unless `verify_artifacts` passed. Executing
+    needs a GPU this TensorRT supports (TensorRT-RTX plans refuse compute capability 9.0, H100/H200).
+    """
+    trt, flavour = tensorrt_module()
+    manifest = verify_artifacts(artifact_dir, flavour=flavour, version=trt.__version__, target=target)
+    plan = (Path(artifact_dir) / manifest["tensorrt"]["plan"]).read_bytes()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise ArtifactError(f"{artifact_dir}: TensorRT could not deserialise the plan (see its log)")
+    return engine, manifest

@@ -1,0 +1,256 @@
+"""The export pipeline: reference → ONNX → parity gate → TensorRT plan → manifest, into a temporary folder that is
+renamed to `out/<model>/<key>/` only when everything succeeded. An existing folder with the same key is verified
+and reused instead of rebuilt. Two processes exporting the same key at once are not coordinated: the later one
+replaces the earlier one's folder, or fails (its temporary folder removed) if the two renames collide.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import registry
+from .artifacts import ArtifactError, verify_artifacts
+from .cache_key import artifact_key
+from .config import ExportConfig
+from .io_contract import IOContract, io_contract, sample_inputs
+from .manifest import PLAN_NAME, SCHEMA, file_entries, safe_folder_name, to_json, write_manifest
+from .onnx_export import DATA_NAME, ONNX_NAME, UNetForExport, export_onnx, use_upcasting_attention
+from .parity import check_parity, parity_rows, reference_outputs
+from .stages import StageLog
+from .trt_build import BuildTarget, build_plan, build_target
+from .trt_import import tensorrt_module
+
+# Bump when the exported graph changes for the same inputs (e.g. the attention implementation), so old keys miss.
+EXPORT_FORMAT = 1
+GUIDANCE_NOTE = ("classifier-free guidance runs in one call of 2n rows: rows [0, n) unconditional (null class / "
+                 "empty-prompt embeddings), rows [n, 2n) conditional; guided = uncond + s * (cond - uncond)")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot proceed; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    manifest: dict[str, Any]
+    reused: bool
+
+
+def export_model(config: ExportConfig, *, quiet: bool = False) -> ExportResult:
+    """Export a registry model; cheap checks (TensorRT present, name known, out writable) precede weight loading."""
+    trt = tensorrt_module()
+    registry.check_model(config.model)  # cheap: an unknown name fails before any weights are read
+    ensure_writable(config.out)
+    return export_unet(registry.load_model(config), config, quiet=quiet, trt=trt)
+
+
+def ensure_writable(out: Path) -> None:
+    """Fail with one line if `out` cannot hold an export; leaves no folder it created behind."""
+    created = _missing_parents(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ExportError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
+    finally:
+        _remove_empty(created)
+
+
+def pixels_per_sample(loaded: Any) -> int:
+    """1 for pixel-space models (digits), the VAE's downsampling (8) for latent ones."""
+    return max(1, loaded.spec.resolution // loaded.sample_shape[1])
+
+
+def spatial_shape(loaded: Any, config: ExportConfig) -> tuple[int, ...]:
+    """UNet input (C, H, W) for the requested image size; SD latents are the image size / the VAE factor."""
+    channels, height, width = loaded.sample_shape
+    if config.height is None:
+        return channels, height, width
+    # Every UNet down-sampling halves the size, and the skip connections need it to halve exactly.
+    step = pixels_per_sample(loaded) * 2 ** (len(loaded.unet.config.block_out_channels) - 1)
+    if config.height % step or config.width % step:
+        raise ExportError(f"--height/--width must be multiples of {step} for {loaded.spec.name}")
+    factor = pixels_per_sample(loaded)
+    return channels, config.height // factor, config.width // factor
+
+
+def export_unet(
+    loaded: Any, config: ExportConfig, *, quiet: bool = False, trt: tuple[ModuleType, str] | None = None
+) -> ExportResult:
+    """Export an already loaded UNet (a registry `LoadedUNet` or anything with its fields).
+
+    Takes ownership of `loaded.unet`: its attention processor is replaced, and for fp16 it is cast in place after
+    the fp32 reference outputs are computed (holding two copies of an SD UNet would cost 5 GB).
+    """
+    trt_module, flavour = trt or tensorrt_module()
+    target = build_target(trt_module, flavour)
+    sample_shape = spatial_shape(loaded, config)
+    contract = io_contract(loaded.conditioning, sample_shape, tuple(loaded.cond_shape), config.dtype)
+    factor = pixels_per_sample(loaded)
+    image_size = (sample_shape[1] * factor, sample_shape[2] * factor)  # pixels, as --height/--width take them
+    min_b, opt_b, max_b = config.batch_range
+    request = {
+        "dtype": config.dtype, "min_batch": min_b, "opt_batch": opt_b, "max_batch": max_b,
+        "height": image_size[0], "width": image_size[1], "profiles": config.profiles,
+        "opset": config.onnx_opset, "exporter": config.exporter, "random_weights": config.random_weights,
+        "weights_id": loaded.weights_id, "flavour": flavour, "version": trt_module.__version__,
+    }
+    key = artifact_key({**request, "io": [s.as_json() for s in contract.all], "target": target.as_json(),
+                        "export_format": EXPORT_FORMAT})
+    model_dir = config.out / safe_folder_name(loaded.spec.name)
+    final = model_dir / key
+    log = StageLog(total=5, quiet=quiet)
+
+    reused = _reuse(final, flavour, trt_module.__version__, log)
+    if reused is not None:
+        return ExportResult(final, reused, True)
+
+    created = _missing_parents(model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".tmp-{key}-"))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to this user
+    except OSError as exc:
+        _remove_empty(created)
+        raise ExportError(f"output folder {config.out} is not writable: {exc.strerror or exc}") from None
+    try:
+        manifest = _build(loaded, config, contract, request, key, target, (trt_module, flavour), tmp, log)
+        if final.exists():  # a stale or damaged folder with our key (a good one was reused above)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    log.note(f"artifacts in {final}")
+    return ExportResult(final, manifest, False)
+
+
+def _reuse(final: Path, flavour: str, version: str, log: StageLog) -> dict[str, Any] | None:
+    if not (final / "manifest.json").exists():
+        return None
+    try:
+        manifest = verify_artifacts(final, flavour=flavour, version=version, target=None)
+    except ArtifactError as exc:
+        log.note(f"existing artifacts unusable, rebuilding: {exc}")
+        return None
+    log.note(f"reusing {final} (same key, files verified)")
+    return manifest
+
+
+def _build(
+    loaded: Any, config: ExportConfig, contract: IOContract, request: dict[str, Any], key: str,
+    target: BuildTarget, trt: tuple[ModuleType, str], tmp: Path, log: StageLog,
+) -> dict[str, Any]:
+    unet = loaded.unet.eval()
+    use_upcasting_attention(unet)  # before the reference, so reference and export share the attention code
+    module = UNetForExport(unet, loaded.conditioning).eval()
+    num_classes = (loaded.null_class or 0) + 1 if loaded.conditioning == "class" else 0
+    feeds = [sample_inputs(contract, rows, seed=config.seed, num_classes=num_classes)
+             for rows in parity_rows(request["min_batch"], request["max_batch"])]
+
+    with log.stage("reference (PyTorch fp32)") as info:
+        references = reference_outputs(module.float(), feeds)
+        info.append(f"rows {[f['sample'].shape[0] for f in feeds]}")
+    with log.stage(f"onnx ({config.dtype}, opset {config.onnx_opset}, {config.exporter} exporter)") as info:
+        if config.dtype == "fp16":
+            module.half()
+        example = {k: torch.from_numpy(v) for k, v in sample_inputs(contract, 2, seed=config.seed,
+                                                                      num_classes=num_classes).items()}
+        onnx_files = export_onnx(module, contract, example, tmp, opset=config.onnx_opset, exporter=config.exporter)
+        info.append(", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in onnx_files))
+    with log.stage("parity (ONNX Runtime vs PyTorch)") as info:
+        parity = check_parity(tmp / ONNX_NAME, feeds, references, config.tolerance)
+        info.append(f"max abs {parity.max_abs:.3g}, rel {parity.max_rel:.3g} <= {parity.tolerance:.3g}")
+    trt_module, flavour = trt
+    with log.stage(f"TensorRT plan ({flavour} {trt_module.__version__})") as info:
+        cache = config.out / ".timing-cache" / f"{flavour}-{trt_module.__version__}-{'_'.join(target.compute_capabilities)}.cache"
+        built = build_plan(trt_module, flavour, tmp / ONNX_NAME, contract, config.batch_range,
+                           profiles=config.profiles, target=target, timing_cache=cache)
+        (tmp / PLAN_NAME).write_bytes(built.plan)
+        info.append(f"build {built.seconds:.1f} s, {len(built.plan) / 2**20:.1f} MiB")
+    with log.stage("manifest") as info:
+        manifest = _manifest(loaded, config, contract, request, key, target, trt, parity.as_json(), built,
+                             onnx_files + [tmp / PLAN_NAME], log.times)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _manifest(
+    loaded: Any, config: ExportConfig, contract: IOContract, request: dict[str, Any], key: str, target: BuildTarget,
+    trt: tuple[ModuleType, str], parity: dict[str, Any], built: Any, files: list[Path], times: dict[str, float],
+) -> dict[str, Any]:
+    import diffusers
+    import onnx
+    import onnxruntime
+
+    trt_module, flavour = trt
+    spec = loaded.spec
+    ranges = {s.name: {"min": list(s.concrete(request["min_batch"])), "opt": list(s.concrete(request["opt_batch"])),
+                       "max": list(s.concrete(request["max_batch"]))} for s in contract.inputs}
+    return {
+        "schema": SCHEMA,
+        "key": key,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": spec.name, "family": getattr(spec, "family", None), "source": str(getattr(spec, "source", "")),
+            "weights_id": loaded.weights_id, "random_weights": config.random_weights,
+            "prediction_type": getattr(spec, "prediction_type", None), "conditioning": loaded.conditioning,
+            "null_class": loaded.null_class, "vae_scaling_factor": loaded.vae_scaling_factor,
+            "sample_shape": list(contract.inputs[0].shape[1:]), "cond_shape": list(loaded.cond_shape),
+        },
+        "request": request,
+        "io": {"dynamic_axis": "rows", "inputs": [s.as_json() for s in contract.inputs],
+               "outputs": [s.as_json() for s in contract.outputs]},
+        "num_profiles": config.profiles,
+        "profiles": [ranges for _ in range(config.profiles)],
+        "profiles_note": "identical profiles; N concurrent execution contexts need N profiles, one each",
+        "guidance": {"row_layout": ["uncond", "cond"], "note": GUIDANCE_NOTE},
+        "scheduler_config": to_json(dict(loaded.scheduler_config)),
+        "onnx": {"file": ONNX_NAME, "external_data": DATA_NAME if any(p.name == DATA_NAME for p in files) else None,
+                 "opset": config.onnx_opset,
+                 "exporter": config.exporter, "fp16_attention": "upcast to fp32 (classic processor)"
+                 if config.dtype == "fp16" else None},
+        "parity": parity,
+        "tensorrt": {
+            "flavour": flavour, "version": trt_module.__version__, "plan": PLAN_NAME, "target": target.as_json(),
+            "build_seconds": round(built.seconds, 3), "device_memory_bytes": built.device_memory_bytes,
+            "device_memory_note": "activation memory of one execution context (ICudaEngine.device_memory_size_v2); "
+                                  "null when the build machine could not deserialise the plan (no supported GPU)",
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "stage_seconds": {k: round(v, 3) for k, v in times.items() if v == v},
+        "files": file_entries(files),
+    }
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would create for `path`, deepest first."""
+    missing = []
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return

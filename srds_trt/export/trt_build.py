@@ -1,0 +1,129 @@
+"""ONNX → TensorRT plan with the TensorRT builder API that `tensorrt` (11.x) and `tensorrt_rtx` share.
+
+Builder, strongly typed network, OnnxParser, optimization profiles, build_serialized_network. Precision comes from
+the ONNX (strong typing), so no precision flags are set. The timing cache is used only by `tensorrt`: in
+TensorRT-RTX its calls are deprecated no-ops (kernels are specialised at load time there instead).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .io_contract import IOContract
+
+
+class BuildError(RuntimeError):
+    """TensorRT could not parse the ONNX or build a plan."""
+
+
+@dataclass(frozen=True)
+class BuildTarget:
+    """The GPUs a plan is built for; a plan is refused on any other compute capability."""
+
+    compute_capabilities: tuple[str, ...]
+    note: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"compute_capabilities": list(self.compute_capabilities), "note": self.note}
+
+
+def build_target(trt: ModuleType, flavour: str) -> BuildTarget:
+    if flavour == "tensorrt_rtx":
+        # Named explicitly rather than left to the builder's default, so what the manifest says is what was built.
+        # Turing (SM75) is left out as in the builder's own default; it needs its own plan.
+        members = [name for name in dir(trt.ComputeCapability) if name.startswith("SM") and name != "SM75"]
+        ccs = tuple(sorted((f"{int(n[2:-1])}.{n[-1]}" for n in members), key=lambda c: tuple(map(int, c.split(".")))))
+        return BuildTarget(ccs, "TensorRT-RTX ahead-of-time build (no GPU needed to build); runs only on these "
+                                "compute capabilities, so not on 9.0 (H100/H200)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BuildError("TensorRT 11 builds for the GPU it runs on and none is visible; "
+                         "use TensorRT-RTX (pip install 'srds_trt[tensorrt-rtx]') to build without a GPU")
+    major, minor = torch.cuda.get_device_capability()
+    return BuildTarget((f"{major}.{minor}",), f"TensorRT build on {torch.cuda.get_device_name()}")
+
+
+def _rtx_capability_enum(trt: ModuleType, capability: str) -> Any:
+    major, minor = capability.split(".")
+    return getattr(trt.ComputeCapability, f"SM{major}{minor}")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    plan: bytes
+    seconds: float
+    device_memory_bytes: int | None  # known only where the plan can be deserialised (a supported GPU)
+
+
+def build_plan(
+    trt: ModuleType,
+    flavour: str,
+    onnx_path: Path,
+    contract: IOContract,
+    batch_range: tuple[int, int, int],
+    *,
+    profiles: int,
+    target: BuildTarget,
+    timing_cache: Path | None,
+) -> BuildResult:
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    # STRONGLY_TYPED: required on TensorRT-RTX and 10.x to take precision from the ONNX; accepted (and implied) on 11.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from a file so external data resolves next to it
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+
+    config = builder.create_builder_config()
+    if flavour == "tensorrt_rtx":
+        config.num_compute_capabilities = len(target.compute_capabilities)
+        for index, capability in enumerate(target.compute_capabilities):
+            config.set_compute_capability(_rtx_capability_enum(trt, capability), index)
+    for _ in range(profiles):
+        # Identical profiles: one per concurrent execution context (a context owns a profile while it runs).
+        profile = builder.create_optimization_profile()
+        for spec in contract.inputs:
+            profile.set_shape(spec.name, *(spec.concrete(rows) for rows in batch_range))
+        config.add_optimization_profile(profile)
+
+    cache = None
+    if timing_cache is not None and flavour == "tensorrt":
+        blob = timing_cache.read_bytes() if timing_cache.exists() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, False)  # False: refuse a cache from another device/version
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise BuildError("TensorRT failed to build a plan (see its log above)")
+    if cache is not None:
+        _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    plan_bytes = bytes(plan)
+    return BuildResult(plan_bytes, seconds, _device_memory(trt, logger, plan_bytes, target))
+
+
+def _device_memory(trt: ModuleType, logger: Any, plan: bytes, target: BuildTarget) -> int | None:
+    """Deserialise once to read the activation memory a context needs, where this machine can run the plan."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if f"{major}.{minor}" not in target.compute_capabilities:
+        return None
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    return int(engine.device_memory_size_v2) if engine is not None else None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
