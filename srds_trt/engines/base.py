@@ -1,0 +1,134 @@
+"""One engine interface for every backend: static buffers per batch bucket, enqueue on a given stream.
+
+An engine is a conditional UNet call `engine(x[rows], t[rows], cond[rows, ...]) -> output[rows]` whose buffers
+never move: for every bucket (a row capacity, e.g. 1, 2, 4, ... 64) it owns input and output tensors, and a
+call copies its rows in, pads to the bucket, and enqueues the backend on those buffers. Because the addresses
+are fixed, the whole call can live inside a CUDA graph (the backend's own, per bucket, or a caller's that
+captures more work around `enqueue`).
+
+Output ownership: `io(bucket).output` is overwritten by the next enqueue of that bucket; `__call__` returns a
+copy, `enqueue` users copy out themselves.
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or run as asked."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a caller must know to feed an engine."""
+
+    sample_shape: tuple[int, ...]  # (C, H, W)
+    cond_shape: tuple[int, ...]  # () for class labels, (L, D) for text embeddings
+    cond_dtype: torch.dtype  # torch.long for class labels
+    dtype: torch.dtype  # the engine's float precision (inputs and output)
+    timestep_dtype: torch.dtype = torch.float32  # exported engines take fp32 timesteps
+
+
+@dataclass
+class BucketIO:
+    """The static buffers of one bucket."""
+
+    sample: Tensor
+    timestep: Tensor
+    cond: Tensor
+    output: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.sample.shape[0]
+
+
+def default_buckets(max_rows: int, min_rows: int = 1) -> tuple[int, ...]:
+    """Powers of two from min_rows up, and max_rows itself (as vLLM captures a ladder of batch sizes)."""
+    if not 1 <= min_rows <= max_rows:
+        raise ValueError(f"need 1 <= min_rows <= max_rows, got {min_rows}, {max_rows}")
+    buckets, b = [], 1
+    while b < max_rows:
+        if b >= min_rows:
+            buckets.append(b)
+        b *= 2
+    return tuple(buckets + [max_rows])
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `rows`."""
+    i = bisect.bisect_left(buckets, rows)
+    if i == len(buckets):
+        raise EngineError(f"{rows} rows exceed the largest bucket ({buckets[-1]}); raise max rows (re-export for TensorRT)")
+    return buckets[i]
+
+
+def allocate_io(spec: EngineSpec, rows: int, device: torch.device) -> BucketIO:
+    return BucketIO(
+        sample=torch.zeros(rows, *spec.sample_shape, dtype=spec.dtype, device=device),
+        timestep=torch.zeros(rows, dtype=spec.timestep_dtype, device=device),
+        cond=torch.zeros(rows, *spec.cond_shape, dtype=spec.cond_dtype, device=device),
+        output=torch.zeros(rows, *spec.sample_shape, dtype=spec.dtype, device=device),
+    )
+
+
+class Engine(ABC):
+    """Base class: subclasses allocate `self._io` per bucket and implement `enqueue`."""
+
+    name: str = "engine"
+
+    def __init__(self, spec: EngineSpec, buckets: tuple[int, ...], device: torch.device | str, lanes: int = 1):
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive row counts, got {buckets}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        self.spec = spec
+        self.buckets = tuple(buckets)
+        self.device = torch.device(device)
+        self.lanes = lanes
+        # A lane is one set of buffers (and, for TensorRT, one execution context with its own profile):
+        # two calls in flight on two streams need two lanes.
+        self._io = {(lane, b): allocate_io(spec, b, self.device) for lane in range(lanes) for b in self.buckets}
+
+    @property
+    def max_rows(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, rows: int) -> int:
+        return bucket_for(rows, self.buckets)
+
+    def io(self, bucket: int, lane: int = 0) -> BucketIO:
+        return self._io[(lane, bucket)]
+
+    @abstractmethod
+    def enqueue(self, bucket: int, lane: int = 0, stream: torch.cuda.Stream | None = None, *, replay: bool = True) -> None:
+        """Run the model on io(bucket, lane)'s buffers, on `stream` (the current one if None).
+
+        replay=False forces a plain launch: a caller capturing its own CUDA graph around this call cannot
+        replay another graph inside it.
+        """
+
+    def load(self, x: Tensor, t: Tensor, cond: Tensor, lane: int = 0) -> BucketIO:
+        """Copy rows into the smallest bucket's buffers; padding rows repeat row 0 (finite, discarded)."""
+        rows = x.shape[0]
+        io = self.io(self.bucket_for(rows), lane)
+        io.sample[:rows].copy_(x)
+        io.timestep[:rows].copy_(t)
+        io.cond[:rows].copy_(cond)
+        if rows < io.rows:
+            io.sample[rows:].copy_(x[:1].expand_as(io.sample[rows:]))
+            io.timestep[rows:].copy_(t[:1].expand_as(io.timestep[rows:]))
+            io.cond[rows:].copy_(cond[:1].expand_as(io.cond[rows:]))
+        return io
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The conditional-model contract of guidance.py; returns a copy of the output rows."""
+        io = self.load(x, t, cond)
+        self.enqueue(io.rows)
+        return io.output[: x.shape[0]].clone()
