@@ -18,14 +18,37 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 SOLVERS = ("ddim",)
 
 
+def as_grid(timesteps) -> Tensor:
+    """A timestep grid on the CPU: long when every point is an integer, else float64 (fractional timesteps)."""
+    grid = torch.as_tensor(timesteps).cpu()
+    if grid.is_floating_point():
+        grid = grid.to(torch.float64)
+        if bool((grid == grid.round()).all()):
+            grid = grid.long()
+    return grid.long() if not grid.is_floating_point() else grid
+
+
 def alphas_at(timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """alpha_cumprod at each timestep, float64; timestep -1 is the clean end (alpha = 1)."""
-    timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+    """alpha_cumprod at each timestep, float64; timestep -1 is the clean end (alpha = 1).
+
+    Integer timesteps index the training table. Fractional ones (grids finer than the training schedule, e.g.
+    1024 steps over 1000 training timesteps) interpolate log(alpha_cumprod) linearly between the neighbours,
+    i.e. geometrically, like the cumulative product it is.
+    """
+    timesteps = as_grid(timesteps)
     table = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-    if timesteps.numel() and (timesteps.min() < -1 or timesteps.max() >= table.numel()):
+    if timesteps.numel() and (timesteps.min() < -1 or timesteps.max() > table.numel() - 1):
         raise ValueError(f"timesteps must lie in [-1, {table.numel() - 1}], got {timesteps.tolist()}")
     clean = timesteps < 0
-    alphas = table[timesteps.clamp(min=0)]
+    if not timesteps.is_floating_point():
+        alphas = table[timesteps.clamp(min=0)]
+    else:
+        t = timesteps.clamp(min=0)
+        lo = t.floor().long()
+        hi = t.ceil().long()
+        w = t - lo
+        log_table = table.log()
+        alphas = torch.where(w == 0, table[lo], ((1 - w) * log_table[lo] + w * log_table[hi]).exp())
     return torch.where(clean, torch.ones_like(alphas), alphas)
 
 

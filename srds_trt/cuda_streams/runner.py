@@ -34,7 +34,7 @@ from torch import Tensor
 from ..engines.base import Engine, EngineError
 from ..sampling import DEFAULT_TOL, error_estimate
 from ..schedule import Plan, build_plan
-from ..solvers import alphas_at, check_solver, ddim_coefficients
+from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients
 from .slots import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tick_formations, tick_rows
 
 COARSE_MODES = ("merged", "serial", "overlap")
@@ -103,7 +103,7 @@ class SRDSRunner:
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs a CUDA engine")
-        timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+        timesteps = as_grid(timesteps)
         self.timesteps = timesteps
         self.plan: Plan = build_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
         self.slots: SlotMap = slot_map(self.plan)
@@ -322,12 +322,11 @@ class SRDSRunner:
             stop = self._poll(pending, residuals, estimates, progress, tol, block=True)
         if stop is None:  # only with max_iters = 0
             stop = 0
-        rows = self.pool.view(self.slots.count, self.batch, *x.shape[1:])
-        sample = rows[self.slots.U[(stop, self.plan.num_blocks)]].clone()
-        if on_cuda:
+        if on_cuda:  # speculative ticks may still run; the returned iterate's slot is never written again
             torch.cuda.current_stream(self.device).wait_stream(main)
             torch.cuda.current_stream(self.device).wait_stream(self._streams[1])
-            sample = rows[self.slots.U[(stop, self.plan.num_blocks)]].clone()
+        rows = self.pool.view(self.slots.count, self.batch, *x.shape[1:])
+        sample = rows[self.slots.U[(stop, self.plan.num_blocks)]].clone()
         exact = stop == self.plan.num_blocks
         return RunResult(
             sample=sample.to(x.dtype),

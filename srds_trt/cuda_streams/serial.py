@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..engines.base import Engine
-from ..solvers import alphas_at, check_solver, ddim_coefficients
+from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients
 
 
 class SerialRunner:
@@ -31,7 +31,7 @@ class SerialRunner:
         self.device = engine.device
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
-        timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+        timesteps = as_grid(timesteps)
         alphas = alphas_at(timesteps, alphas_cumprod)
         c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
         # Per-step meta rows: (timestep, c_x, c_out), copied into the static buffer before each replay.

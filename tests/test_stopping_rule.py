@@ -1,0 +1,189 @@
+"""The stopping rule on the analytic Gaussian mixture (exact model: every error is the sampler's own).
+
+The brief: a naive rule (stop when the final sample changes by < 0.1 between consecutive iterations) stops
+on images whose true error is > 1. srds_sample's rule (sampling.py) must not, and `tol` must bound the
+distance of the returned sample to the serial sample (or the sample must be the exact one, p = B).
+
+Images are found by search, never hard-coded: a batched textbook Parareal (helpers_core.parareal_ref, which
+is row-wise, so each row is an independent image) gives every iterate of every row; candidate images are then
+re-run alone (batch = 1) through srds_sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_core import SD_CONFIG, CountingModel, gaussian_mixture, max_abs, parareal_ref
+from helpers_core import single_thread  # noqa: F401  (fixture)
+from srds_trt.noise_schedule import ddim_grid
+from srds_trt.sampling import DEFAULT_TOL, error_estimate, serial_sample, srds_sample
+from srds_trt.schedule import block_bounds
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NAIVE_TOL = 0.1
+_CACHE: dict = {}
+
+
+def _grid(n: int):
+    if n not in _CACHE:
+        _CACHE[n] = ddim_grid(SD_CONFIG, n)
+    return _CACHE[n]
+
+
+def _images(seed: int, dim: int, rows: int) -> torch.Tensor:
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _iterates(n: int, seed: int, dim: int, rows: int):
+    """(gmm, x, U) with U[p][b] for every Parareal iteration p = 0..B, batched over independent rows."""
+    key = ("it", n, seed, dim, rows)
+    if key not in _CACHE:
+        grid, alphas = _grid(n)
+        gmm = gaussian_mixture(alphas, dim, seed)
+        x = _images(seed, dim, rows)
+        bounds = list(block_bounds(n))
+        _CACHE[key] = gmm, x, parareal_ref(gmm, x, grid.tolist(), alphas, bounds, len(bounds) - 1)
+    return _CACHE[key]
+
+
+def _naive_traps(n: int, configs, rows: int):
+    """(seed, dim, row, k, change, error): the naive rule would stop after iteration k at an error > 1."""
+    traps = []
+    for seed, dim in configs:
+        _, _, U = _iterates(n, seed, dim, rows)
+        blocks = len(U) - 1
+        serial = U[blocks][blocks]
+        for r in range(rows):
+            for k in range(1, blocks):
+                change = float((U[k][blocks][r] - U[k - 1][blocks][r]).abs().max())
+                error = float((U[k][blocks][r] - serial[r]).abs().max())
+                if change < NAIVE_TOL and error > 1.0:
+                    traps.append((seed, dim, r, k, change, error))
+                    break
+    return traps
+
+
+SEARCH = [(0, 2), (0, 3), (0, 4), (1, 4), (3, 4)]  # (seed, dim) of the hard mixture family of the brief
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_naive_rule_stops_far_from_serial_but_srds_rule_does_not(pipelined):
+    n = 100
+    grid, alphas = _grid(n)
+    traps = _naive_traps(n, SEARCH, rows=16)
+    assert traps, "the search found no image on which the naive rule fails: the test would be vacuous"
+    for seed, dim, row, k, change, error in traps:
+        gmm, x, U = _iterates(n, seed, dim, 16)
+        image = x[row: row + 1]
+        serial = serial_sample(gmm, image, grid, alphas)
+        # Confirm the trap with the sampler itself, batch = 1: iterates k-1 and k are close, k is far.
+        prev = srds_sample(gmm, image, grid, alphas, tol=0.0, max_iters=k - 1, pipelined=pipelined).sample
+        at_k = srds_sample(gmm, image, grid, alphas, tol=0.0, max_iters=k, pipelined=pipelined).sample
+        assert max_abs(at_k, prev) < NAIVE_TOL and max_abs(at_k, serial) > 1.0
+        res = srds_sample(gmm, image, grid, alphas, tol=NAIVE_TOL, pipelined=pipelined)
+        assert res.iterations != k, (seed, dim, row, k, res.residuals)
+        err = max_abs(res.sample, serial)
+        assert err <= NAIVE_TOL or (res.iterations == res.num_blocks and err <= 1e-9), (seed, dim, row, res.iterations, err)
+
+
+# (N, seed, dim) searched image by image (64 images each) for the promise "error <= tol, or exact".
+PROMISE_SEARCH = [(25, 1, 4), (25, 2, 3), (100, 0, 3), (100, 2, 1)]
+
+
+@pytest.mark.parametrize("n, seed, dim, tol", [c + (0.1,) for c in PROMISE_SEARCH] + [(100, 0, 3, 1e-2)])
+def test_tol_bounds_the_error_image_by_image(n, seed, dim, tol):
+    """Every image run alone: the returned sample is within tol of the serial one, or is the serial one.
+
+    FAILS with the core's rule at tol=0.1 (N=25 seed 1 dim 4, N=100 seed 0 dim 3, ...): residuals like
+    [0.35, 0.07, 2.34] make rho_2 = 0.2, so err_2 ~ 0.07 <= tol, while the true error is 2.4 — two consecutive
+    iterates agree because both are wrong the same way. See the report for the proposed fix.
+    """
+    grid, alphas = _grid(n)
+    gmm, x, U = _iterates(n, seed, dim, 64)
+    blocks = len(U) - 1
+    serial = U[blocks][blocks]
+    failures = []
+    for r in range(x.shape[0]):
+        res = srds_sample(gmm, x[r: r + 1], grid, alphas, tol=tol)
+        err = max_abs(res.sample, serial[r: r + 1])
+        if not (err <= tol or (res.iterations == blocks and err <= 1e-9)):
+            failures.append((r, res.iterations, round(err, 4), [round(v, 4) for v in res.residuals]))
+    assert not failures, f"false stops (row, iteration, true error, residuals): {failures}"
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("n", [25, 100])
+def test_default_tol_holds_over_a_batch_of_images(n, pipelined):
+    grid, alphas = _grid(n)
+    for seed, dim in [(0, 2), (1, 4)]:
+        gmm = gaussian_mixture(alphas, dim, seed)
+        x = _images(100 + seed, dim, 64)
+        serial = serial_sample(gmm, x, grid, alphas)
+        res = srds_sample(gmm, x, grid, alphas, pipelined=pipelined)  # default tol
+        assert res.converged
+        assert max_abs(res.sample, serial) <= DEFAULT_TOL, (seed, dim, res.iterations, res.residuals)
+        assert res.error_estimates[-1] <= DEFAULT_TOL or res.iterations == res.num_blocks
+
+
+@pytest.mark.parametrize("n, seed, dim", [(25, 0, 2), (100, 0, 3)])
+def test_last_residual_is_the_true_error_of_the_previous_iterate(n, seed, dim):
+    """r_B compares iterate B (exact) with iterate B-1 at the final boundary and beyond: it is exactly the
+    error iterate B-1 had; the recorded residuals are the max boundary changes of the textbook iterates."""
+    grid, alphas = _grid(n)
+    gmm, x, U = _iterates(n, seed, dim, 64)
+    blocks = len(U) - 1
+    res = srds_sample(gmm, x, grid, alphas, tol=0.0)
+    assert res.iterations == blocks
+    before_last = srds_sample(gmm, x, grid, alphas, tol=0.0, max_iters=blocks - 1).sample
+    assert res.residuals[-1] == pytest.approx(max_abs(before_last, res.sample), abs=1e-12)
+    expected = [max(max_abs(U[p][b], U[p - 1][b]) for b in range(p, blocks + 1)) for p in range(1, blocks + 1)]
+    assert res.residuals == pytest.approx(expected, abs=1e-10)
+    assert res.residuals[-1] < 1e-2 * max(res.residuals)  # converged: the last change is tiny
+
+
+def test_zero_residual_stops_at_once_and_is_exact():
+    """B = N makes the coarse solver the fine solver: iteration 1 changes nothing (bit for bit with an
+    elementwise model), the estimate is 0, and tol = 0 stops after one iteration with the serial sample."""
+    n = 6
+    grid, alphas = _grid(n)
+
+    def model(x, t):
+        return torch.sin(x * 1.3 + t.to(x.dtype).view(-1, 1) / 500.0)
+
+    counting = CountingModel(model)
+    x = _images(0, 3, 4)
+    res = srds_sample(counting, x, grid, alphas, tol=0.0, num_blocks=n)
+    assert res.residuals[0] == 0.0 and res.error_estimates == [0.0]
+    assert res.iterations == 1 and res.converged
+    assert max_abs(res.sample, serial_sample(model, x, grid, alphas)) <= 1e-12
+
+
+def test_error_estimate_rule_properties():
+    """What any sound estimate must do (kept formula-agnostic so a stricter rule still passes)."""
+    import math
+
+    assert error_estimate([0.5]) == math.inf  # one residual says nothing about contraction
+    assert error_estimate([0.0]) == 0.0  # nothing moved: the fixed point (exact)
+    assert error_estimate([0.3, 0.0]) == 0.0
+    assert error_estimate([0.1, 0.2]) == math.inf  # growing residual: no estimate
+    assert error_estimate([0.0, 0.3]) == math.inf
+    for res in ([1.0, 0.1], [1.0, 0.8], [1.0, 0.1, 0.01], [2.0, 0.5, 0.4], [0.3, 0.1, 0.09, 1e-4]):
+        assert error_estimate(res) >= res[-1]  # never below the change still observed
+    assert math.isfinite(error_estimate([1.0, 0.1, 0.01]))  # fast contraction gives a finite estimate
+    # slower contraction at the same last residual never lowers the estimate
+    assert error_estimate([0.2, 0.1, 0.09]) > error_estimate([0.2, 0.1, 0.01])
+    assert error_estimate([0.2, 0.1, 0.09]) > 0.09 * 2  # rho = 0.9: well above the last change
+
+
+def test_tol_stops_earlier_than_tol_zero_and_reports_what_it_compared():
+    grid, alphas = _grid(100)
+    gmm = gaussian_mixture(alphas, 2, 0)
+    x = _images(7, 2, 16)
+    exact = srds_sample(gmm, x, grid, alphas, tol=0.0)
+    loose = srds_sample(gmm, x, grid, alphas, tol=0.5)
+    assert loose.iterations < exact.iterations == exact.num_blocks
+    assert loose.converged and loose.error_estimates[-1] <= 0.5
+    assert all(e > 0.5 for e in loose.error_estimates[:-1])
+    assert loose.serial_evals < exact.serial_evals and loose.model_evals < exact.model_evals
