@@ -61,17 +61,7 @@ def bucket_latency(engine, buckets, device, replay, iters=20):
 
 
 def noise_floor(engine, loaded, device, rows):
-    """Max |row evaluated alone - same row inside a batch of `rows`|: batched kernels are not batch-invariant."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, *engine.spec.sample_shape, generator=gen).to(device, engine.spec.dtype)
-    t = torch.linspace(999, 0, rows).to(device)
-    if engine.spec.cond_dtype == torch.long:
-        cond = (torch.arange(rows) % 10).to(device)
-    else:
-        cond = torch.randn(rows, *engine.spec.cond_shape, generator=gen).to(device, engine.spec.dtype)
-    batched = engine(x, t, cond).float()
-    single = torch.cat([engine(x[i : i + 1], t[i : i + 1], cond[i : i + 1]) for i in range(rows)]).float()
-    return float((batched - single).abs().max())
+    return engine.measure_noise_floor(rows)
 
 
 def conditioning(loaded, batch, device, dtype):
@@ -140,11 +130,32 @@ def section_digits(args, device, out):
     out["digits"]["latency_ms_graph"] = bucket_latency(engine, buckets, device, True)
     out["digits"]["latency_ms_eager"] = bucket_latency(engine, buckets, device, False)
     out["digits"]["noise_floor_fp32_64rows"] = noise_floor(engine, loaded, device, 64 if not smoke else 4)
+    tf32 = torch_engine(loaded, device=device, dtype=torch.float32, max_rows=64, lanes=1)
+    tf32.tf32 = True  # PyTorch's default for cuDNN convolutions: how much batch noise it adds
+    out["digits"]["noise_floor_fp32_tf32_64rows"] = noise_floor(tf32, loaded, device, 64 if not smoke else 4)
+    del tf32
+    release(device)
     rows: list = []
     steps = 1024 if not smoke else 16
     modes = [(True, "merged"), (True, "overlap"), (True, "serial"), (False, "merged")]
     result, serial_s = srds_vs_serial(engine, loaded, device, steps=steps, iters=[1, 2, 3], batch=1, scale=3.0,
                                       modes=modes, repeats=3 if not smoke else 1, record=rows.append)
+    # the stopping rule at work: pipelined, no iteration cap
+    ts, ac = ddim_grid(loaded.scheduler_config, steps)
+    x = torch.randn(1, *loaded.sample_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    cond, uncond = conditioning(loaded, 1, device, torch.float32)
+    runner = SRDSRunner(engine, batch=1, timesteps=ts, alphas_cumprod=ac, pipelined=True)
+    serial = SerialRunner(engine, batch=1, timesteps=ts, alphas_cumprod=ac).run(x, cond, uncond, guidance_scale=3.0)
+    for tol in (1e-2, 1e-3):
+        wall, res = timed(lambda: runner.run(x, cond, uncond, guidance_scale=3.0, tol=tol), device, 3 if not smoke else 1)
+        rows.append({"sampler": "srds", "pipelined": True, "coarse": "merged", "steps": steps, "tol": tol,
+                     "blocks": res.num_blocks, "iterations": res.iterations, "wall_ms": wall * 1e3,
+                     "speedup_vs_serial": serial_s / wall, "serial_evals": res.serial_evals,
+                     "ticks_launched": res.ticks_launched, "residuals": res.residuals,
+                     "max_abs_err_vs_serial": float((res.sample - serial).abs().max()),
+                     "engine_calls": {str(b): n for b, n in sorted(res.engine_calls.items())}})
+    del runner
+    release(device)
     latency = bucket_latency(engine, engine.buckets, device, True)
     overhead(rows, latency)
     out["digits"]["N1024"] = rows

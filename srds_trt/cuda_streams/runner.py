@@ -40,6 +40,14 @@ from .slots import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tic
 COARSE_MODES = ("merged", "serial", "overlap")
 
 
+NOISE_MARGIN = 4.0  # residuals plateau at about twice the per-call floor (seen on an H200); stop above that
+
+
+def effective_tol(tol: float, noise_floor: float) -> float:
+    """The tolerance actually used: never below NOISE_MARGIN x the engine's batch-noise floor (tol = 0 stays 0)."""
+    return max(tol, NOISE_MARGIN * noise_floor) if tol > 0 else 0.0
+
+
 class NonFiniteError(FloatingPointError):
     """NaN or Inf appeared in the SRDS state (typically fp16 overflow): never returned as an image."""
 
@@ -56,6 +64,7 @@ class RunResult:
     residuals: list[float] = field(default_factory=list)
     error_estimates: list[float] = field(default_factory=list)
     converged: bool = False
+    tol: float = 0.0  # the tolerance used (effective_tol)
 
 
 class _Program:
@@ -87,6 +96,7 @@ class SRDSRunner:
         coarse: str = "merged",
         cuda_graphs: bool | None = None,
         state_dtype: torch.dtype = torch.float32,
+        noise_floor: float = 0.0,
     ):
         check_solver("ddim", prediction_type)
         if coarse not in COARSE_MODES:
@@ -99,6 +109,10 @@ class SRDSRunner:
         if coarse == "overlap" and engine.lanes < 2:
             raise EngineError("coarse='overlap' needs an engine with 2 lanes (buffers/contexts for two streams)")
         self.engine, self.batch, self.guided, self.coarse = engine, batch, guided, coarse
+        # Batched kernels are not batch-invariant: a row differs by up to `noise_floor` between batch sizes
+        # (engines.measure_noise_floor). Residuals cannot fall below that, so a positive tol is raised to a
+        # margin above it; tol = 0 keeps its meaning (run all B iterations).
+        self.noise_floor = noise_floor
         self.device = engine.device
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not on_cuda:
@@ -290,6 +304,7 @@ class SRDSRunner:
             raise ValueError("this runner was built for guidance: pass uncond")
         if not (tol >= 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+        tol = effective_tol(tol, self.noise_floor)
         self.capture()
         self.scale.fill_(guidance_scale)
         self._load_conditioning(cond, uncond)
@@ -339,6 +354,7 @@ class SRDSRunner:
             residuals=residuals,
             error_estimates=estimates,
             converged=exact or bool(estimates and estimates[-1] <= tol),
+            tol=tol,
         )
 
     def _load_conditioning(self, cond: Tensor, uncond: Tensor | None) -> None:

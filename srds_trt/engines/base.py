@@ -130,6 +130,24 @@ class Engine(ABC):
             io.cond[rows:].copy_(cond[:1].expand_as(io.cond[rows:]))
         return io
 
+    def measure_noise_floor(self, rows: int | None = None, seed: int = 0) -> float:
+        """Max |a row evaluated alone - the same row inside a batch of `rows`| over random inputs.
+
+        Batched kernels pick other algorithms (and reduction orders) per batch size, so SRDS, whose rows move
+        between batches, sees this much noise per call; a convergence tolerance must sit above it.
+        """
+        rows = min(rows or self.max_rows, self.max_rows)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, *self.spec.sample_shape, generator=gen).to(self.device, self.spec.dtype)
+        t = torch.linspace(999, 0, rows).to(self.device, self.spec.timestep_dtype)
+        if self.spec.cond_dtype == torch.long:
+            cond = (torch.arange(rows) % 10).to(self.device)
+        else:
+            cond = torch.randn(rows, *self.spec.cond_shape, generator=gen).to(self.device, self.spec.cond_dtype)
+        batched = self(x, t, cond).float()
+        single = torch.cat([self(x[i : i + 1], t[i : i + 1], cond[i : i + 1]) for i in range(rows)]).float()
+        return float((batched - single).abs().max())
+
     def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The conditional-model contract of guidance.py; returns a copy of the output rows."""
         io = self.load(x, t, cond)
