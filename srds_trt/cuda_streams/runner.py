@@ -17,8 +17,10 @@ coarse = "overlap": coarse rows get their own call on a second stream and engine
 
 Convergence is read without a host sync on the critical path: when an iteration completes, its residual is
 reduced on the device, copied to pinned memory with an event, and the host looks at it when the event has
-fired (a tick or two later); ticks launched meanwhile are speculative and harmless, because slots are never
-reused. On CPU the same programs run eagerly, without streams or graphs, and give `srds_sample`'s results.
+fired; ticks launched meanwhile are speculative and harmless, because slots are never reused. The host runs
+ahead of the GPU, though (on an H100 it had queued all 35 remaining ticks before a digits residual landed), so
+it waits for a pending residual once it is `lookahead` ticks ahead of it: the GPU still has those ticks queued
+while the host reads the value, and the speculation is bounded. On CPU the same programs run eagerly, without streams or graphs, and give `srds_sample`'s results.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class SRDSRunner:
         cuda_graphs: bool | None = None,
         state_dtype: torch.dtype = torch.float32,
         noise_floor: float = 0.0,
+        lookahead: int = 2,
     ):
         check_solver("ddim", prediction_type)
         if coarse not in COARSE_MODES:
@@ -113,6 +116,9 @@ class SRDSRunner:
         # (engines.measure_noise_floor). Residuals cannot fall below that, so a positive tol is raised to a
         # margin above it; tol = 0 keeps its meaning (run all B iterations).
         self.noise_floor = noise_floor
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 tick, got {lookahead}")
+        self.lookahead = lookahead
         self.device = engine.device
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not on_cuda:
@@ -318,7 +324,7 @@ class SRDSRunner:
             self._streams[1].wait_stream(torch.cuda.current_stream(self.device))
         residuals: list[float] = []
         estimates: list[float] = []
-        pending: list[int] = []
+        pending: list[tuple[int, int]] = []  # (iteration, tick its residual was launched at)
         calls: dict[int, int] = {}
         model_evals = 0
         stop: int | None = None
@@ -329,12 +335,12 @@ class SRDSRunner:
             launched = i + 1
             for p in tick.completes:
                 self._launch_residual(p)
-                pending.append(p)
-            stop = self._poll(pending, residuals, estimates, progress, tol, block=not on_cuda)
+                pending.append((p, i))
+            stop = self._poll(pending, residuals, estimates, progress, tol, now=i)
             if stop is not None:
                 break
         if stop is None:
-            stop = self._poll(pending, residuals, estimates, progress, tol, block=True)
+            stop = self._poll(pending, residuals, estimates, progress, tol, now=None)
         if stop is None:  # only with max_iters = 0
             stop = 0
         if on_cuda:  # speculative ticks may still run; the returned iterate's slot is never written again
@@ -423,13 +429,17 @@ class SRDSRunner:
                 event.record(self._streams[0])
                 self._pending_events[p] = event
 
-    def _poll(self, pending, residuals, estimates, progress, tol, *, block: bool) -> int | None:
-        """Consume residuals whose copies have landed; return the iteration to stop at, if any."""
+    def _poll(self, pending, residuals, estimates, progress, tol, *, now: int | None) -> int | None:
+        """Consume residuals whose copies have landed; return the iteration to stop at, if any.
+
+        now: the tick just launched (None: the plan is done, wait for everything). A residual launched at tick j
+        is waited for once now - j >= lookahead.
+        """
         while pending:
-            p = pending[0]
+            p, launched_at = pending[0]
             if self.device.type == "cuda":
                 event = self._pending_events[p]
-                if block:
+                if now is None or now - launched_at >= self.lookahead:
                     event.synchronize()
                 elif not event.query():
                     return None

@@ -24,12 +24,14 @@ def engine_spec(loaded, dtype: torch.dtype) -> EngineSpec:
     )
 
 
-def torch_engine(loaded, *, device, dtype: torch.dtype, max_rows: int = 64, cuda_graphs: bool | None = None, lanes: int = 1) -> TorchEngine:
+def torch_engine(loaded, *, device, dtype: torch.dtype, max_rows: int = 64, cuda_graphs: bool | None = None, lanes: int = 1,
+                 tf32: bool = False) -> TorchEngine:
     from ..models import unet_model_fn
 
     device = torch.device(device)
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    return TorchEngine(unet_model_fn(loaded), engine_spec(loaded, dtype), device=device, max_rows=max_rows, cuda_graphs=graphs, lanes=lanes)
+    return TorchEngine(unet_model_fn(loaded), engine_spec(loaded, dtype), device=device, max_rows=max_rows,
+                       cuda_graphs=graphs, lanes=lanes, tf32=tf32)
 
 
 def build_engine(
