@@ -44,6 +44,13 @@ def ddim_grid(scheduler_config: Mapping[str, Any], num_steps: int) -> tuple[Tens
         return torch.cat([fine, torch.tensor([end], dtype=torch.float64)]), scheduler.alphas_cumprod.to(torch.float64)
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.to(torch.long)
+    # diffusers' float rounding can return N+1 points (e.g. "trailing", T=1024, N=196) or repeat one: refuse that
+    # grid rather than sample a different N than asked.
+    if len(timesteps) != num_steps or bool((timesteps < 0).any()) or bool((timesteps[1:] >= timesteps[:-1]).any()):
+        raise ValueError(
+            f"diffusers' {scheduler.config.timestep_spacing!r} spacing gives an invalid {num_steps}-step grid for "
+            f"T={train_steps} ({timesteps.tolist()[:4]}...); choose another --steps or timestep_spacing"
+        )
     # The point each step lands on, as DDIMScheduler.step computes it; the last one is the clean end.
     step_ratio = scheduler.config.num_train_timesteps // num_steps
     end = int(timesteps[-1]) - step_ratio
