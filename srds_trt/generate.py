@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the serial sampler and report the difference (default: on for digits, off for SD)")
     p.add_argument("--random-weights", action="store_true", help="real architecture, seeded random weights (timing)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (SD; default: the model's)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="torch (PyTorch UNet; CUDA graphs on a GPU), onnxruntime (exported ONNX, CPU), tensorrt (exported plan, GPU)")
+    p.add_argument("--engine-dir", type=Path, default=Path("engines"),
+                   help="python -m srds_trt.export output (a model's export folder, or the folder above it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     return p
 
@@ -75,7 +79,29 @@ def check_args(args: argparse.Namespace):
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     check_writable(args.out)
+    check_backend(args, spec)
     return spec
+
+
+def check_backend(args: argparse.Namespace, spec) -> None:
+    """Exported backends need their artifacts (and TensorRT a GPU): refuse before loading anything."""
+    if args.backend == "torch":
+        return
+    if args.backend == "tensorrt":
+        import torch
+
+        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+            raise UsageError("--backend tensorrt needs a CUDA GPU; use --backend onnxruntime or torch on a CPU")
+    elif args.device not in (None, "cpu"):
+        raise UsageError("--backend onnxruntime runs on the CPU (drop --device or use --device cpu)")
+    from .export.artifacts import ArtifactError
+    from .export.trt_import import TensorRTUnavailableError
+    from .runtime import artifact_folder
+
+    try:
+        artifact_folder(args.engine_dir, spec.name, args.backend)
+    except (ArtifactError, TensorRTUnavailableError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_writable(out: Path) -> None:
@@ -138,21 +164,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import SRDSPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
     compare = args.compare_serial if args.compare_serial is not None else spec.family == "digits"
+    from .engines.base import EngineError
     from .models import WeightsUnavailableError
 
     try:
         pipe = SRDSPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype),
                                             random_weights=args.random_weights, seed=args.seed,
-                                            resolution=args.resolution)
-    except WeightsUnavailableError as exc:
+                                            resolution=args.resolution, backend=args.backend,
+                                            engine_dir=args.engine_dir)
+    except (WeightsUnavailableError, EngineError) as exc:
         print(f"srds_trt.generate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    output = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  generator=torch.Generator().manual_seed(args.seed), sampler=args.sampler, tol=args.tol,
-                  num_blocks=args.blocks, pipelined=args.pipelined, num_images_per_prompt=args.num_images,
-                  compare_serial=compare, progress_bar=not args.quiet)
+    try:
+        output = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      generator=torch.Generator().manual_seed(args.seed), sampler=args.sampler, tol=args.tol,
+                      num_blocks=args.blocks, pipelined=args.pipelined, num_images_per_prompt=args.num_images,
+                      compare_serial=compare, progress_bar=not args.quiet)
+    except EngineError as exc:  # e.g. the export holds fewer rows than this run needs
+        print(f"srds_trt.generate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     write_outputs(args.out, output, {"seed": args.seed, "random_weights": args.random_weights})
     if not args.quiet:
         print(summary_table(output.stats))

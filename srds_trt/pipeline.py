@@ -53,7 +53,8 @@ class TextStack:
 
 
 class SRDSPipeline:
-    def __init__(self, loaded: LoadedUNet, *, text: TextStack | None = None, default_guidance_scale: float | None = None):
+    def __init__(self, loaded: LoadedUNet, *, text: TextStack | None = None, default_guidance_scale: float | None = None,
+                 backend: str = "torch", engine_dir: str | Path | None = None):
         if loaded.conditioning == "text" and text is None:
             raise ValueError("a text-conditioned UNet needs a TextStack (text encoder and VAE)")
         self.loaded = loaded
@@ -62,19 +63,33 @@ class SRDSPipeline:
         self.default_guidance_scale = default_guidance_scale or DEFAULT_GUIDANCE[loaded.spec.family]
         param = next(loaded.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.backend = backend
+        # torch on a CPU keeps the pure reference sampler (the runtime gives the same samples there, tested);
+        # everything else samples through the runtime: static buffers, per-bucket programs, CUDA graphs.
+        self.runtime = None
+        if backend != "torch" or self.device.type == "cuda":
+            from .runtime import RuntimeSampler
+
+            self.runtime = RuntimeSampler(backend, loaded, device=self.device, dtype=self.dtype, engine_dir=engine_dir)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "digits", *, device="cpu", dtype=torch.float32,
-                        random_weights: bool = False, seed: int = 0, resolution: int | None = None) -> "SRDSPipeline":
-        """Load a registry model, local diffusers folder or cached hub id (see srds_trt.models)."""
+                        random_weights: bool = False, seed: int = 0, resolution: int | None = None,
+                        backend: str = "torch", engine_dir: str | Path | None = None) -> "SRDSPipeline":
+        """Load a registry model, local diffusers folder or cached hub id (see srds_trt.models).
+
+        backend: "torch" (the PyTorch UNet; on a GPU through the CUDA-graph runtime), "onnxruntime" (the exported
+        ONNX, CPU) or "tensorrt" (the exported plan, GPU); engine_dir holds `python -m srds_trt.export` output.
+        """
         loaded = load_unet(name_or_path, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
                            resolution=resolution)
+        options = dict(backend=backend, engine_dir=engine_dir)
         if loaded.spec.family == "digits":
             meta_file = Path(loaded.spec.source) / "digits_meta.json"
             scale = read_json(meta_file).get("default_guidance_scale") if meta_file.is_file() else None
-            return cls(loaded, default_guidance_scale=scale)
+            return cls(loaded, default_guidance_scale=scale, **options)
         text = _random_text_stack(loaded, seed) if random_weights else _text_stack(loaded)
-        return cls(loaded, text=text)
+        return cls(loaded, text=text, **options)
 
     @property
     def family(self) -> str:
@@ -135,12 +150,15 @@ class SRDSPipeline:
         alphas_cumprod = alphas_cumprod.to(self.device)
         prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)
         run = dict(model=model, x=x, timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+        if self.runtime is not None:
+            run["engine_inputs"] = dict(x=x, cond=cond, uncond=uncond, scale=scale, timesteps=timesteps,
+                                        alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
 
         stats: dict[str, Any] = {
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
             "steps": num_inference_steps, "images": len(prompts), "prompts": prompts, "guidance_scale": scale,
             "cfg_rows_per_image": 1 if scale == 1.0 else 2, "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__,
+            "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
         }
         if sampler == "srds":
             samples, srds_stats = self._srds(run, tol, num_blocks, pipelined, max_iters, progress_bar)
@@ -166,11 +184,25 @@ class SRDSPipeline:
                 bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
                 bar.update(1)
 
-            start = _now(self.device)
-            result = srds_sample(**run, tol=tol, num_blocks=num_blocks, pipelined=pipelined, max_iters=max_iters,
-                                 progress=progress)
-            elapsed = _now(self.device) - start
-        return result.sample, {
+            extra = {}
+            if self.runtime is not None:
+                engine_run = run["engine_inputs"]
+                self.runtime.srds(**engine_run, tol=tol, num_blocks=num_blocks, max_iters=max_iters,
+                                  pipelined=pipelined, progress=None)  # warm-up: builds the engine, captures graphs
+                bar.reset()
+                start = _now(self.device)
+                result = self.runtime.srds(**engine_run, tol=tol, num_blocks=num_blocks, max_iters=max_iters,
+                                           pipelined=pipelined, progress=progress)
+                elapsed = _now(self.device) - start
+                extra = {"engine": self.runtime.engine.name, "engine_dtype": str(self.runtime.engine.spec.dtype).replace("torch.", ""),
+                         "engine_noise_floor": self.runtime.noise_floor,
+                         "tol_used": result.tol, "ticks_launched": result.ticks_launched}
+            else:
+                start = _now(self.device)
+                result = srds_sample(**{k: v for k, v in run.items() if k != "engine_inputs"}, tol=tol,
+                                     num_blocks=num_blocks, pipelined=pipelined, max_iters=max_iters, progress=progress)
+                elapsed = _now(self.device) - start
+        return result.sample, {**extra,
             "blocks": result.num_blocks, "iterations": result.iterations, "model_evals": result.model_evals,
             "serial_evals": result.serial_evals, "converged": result.converged, "residuals": result.residuals,
             "error_estimates": [e if math.isfinite(e) else None for e in result.error_estimates],
@@ -187,8 +219,15 @@ class SRDSPipeline:
                 bar.update(1)
                 return out
 
+            if self.runtime is not None:
+                self.runtime.serial(**run["engine_inputs"])  # warm-up: builds the engine, captures the step graph
+                start = _now(self.device)
+                sample = self.runtime.serial(**run["engine_inputs"])
+                elapsed = _now(self.device) - start
+                bar.update(steps)
+                return sample, elapsed
             start = _now(self.device)
-            sample = serial_sample(**{**run, "model": counted})
+            sample = serial_sample(**{**{k: v for k, v in run.items() if k != "engine_inputs"}, "model": counted})
             return sample, _now(self.device) - start
 
 
