@@ -2,7 +2,7 @@
 
 - gmm: the analytic Gaussian mixture (srds_trt.analytic.hard_mixture): its model is exact, so serial DDIM is
   the exact solution of the sampler's ODE and every difference is the parallel sampler's own error. Its schedule is
-  the digits model's cosine (squaredcos_cap_v2) over 1024 training steps, so N = 1024 is a valid grid, with
+  a cosine one (squaredcos_cap_v2) over 1024 training steps, so N = 1024 is a valid grid, with
   "linspace" spacing (t_0 = 1023 down to 0, then the clean end): diffusers' "trailing" spacing returns N + 1
   timesteps, one of them -1, for 1024 training steps at N = 196 (float arange overshoot).
 - digits: the embedded class-conditional digits UNet (srds_trt.models, "digits") with classifier-free guidance,
@@ -28,7 +28,7 @@ from srds_trt.noise_schedule import ddim_grid
 
 CASES = ("gmm", "digits", "digits-random")
 
-# The digits model's cosine training schedule over 1024 steps, linspace spacing (see the module docstring).
+# A cosine training schedule over 1024 steps, linspace spacing (see the module docstring).
 GMM_SCHEDULER = {"num_train_timesteps": 1024, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
                  "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "linspace", "steps_offset": 0}
 # Fallback architecture for digits-random when srds_trt/models/digits/config.json is absent

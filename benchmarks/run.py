@@ -52,10 +52,8 @@ class BenchConfig:
     targets: tuple[float, ...] = (1e-2, 1e-3)
     device: str = "cpu"
     threads: int | None = None
-    # The digits model's 1000-step schedule: N >= 500 starts its grid at t = 998..999 (N = 1024: fractional, from 999),
-    # alpha_cumprod 2.4e-6..2.4e-9, where one eps error is amplified by 1/sqrt(alpha) ~ 640..20000. Measured at
-    # N = 1000 on CPU: serial DDIM scores 4/10, and plain SRDS ran all 32 iterations (396 s) to an error of 1.75e-2
-    # vs serial. That is a model/schedule problem, not a sampler comparison, so the default stops at 196.
+    # Digits at N = 1024 means ticks of 33 segments x 10 images x 2 rows: minutes per SRDS run on 2 CPU cores, so
+    # the default stops at 196 (N = 1024 digits is measured on the GPU, benchmarks/gpu_runtime.py).
     digits_max_steps: int = 196
     srds_oracle: bool = True  # also run pipelined SRDS for a fixed p = 1, 2, ... iterations (see bench_case)
     quick: bool = False
