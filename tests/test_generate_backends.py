@@ -45,3 +45,22 @@ def test_backend_refusals_are_one_line_and_exit_2(digits_export, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_pipeline_runtime_path_equals_reference_path():
+    """The glue a GPU uses (pipeline -> RuntimeSampler -> torch engine -> runners), exercised on the CPU."""
+    import torch
+
+    from srds_trt import SRDSPipeline
+    from srds_trt.runtime import RuntimeSampler
+
+    reference = SRDSPipeline.from_pretrained("digits")
+    fast = SRDSPipeline.from_pretrained("digits")
+    fast.runtime = RuntimeSampler("torch", fast.loaded, device=torch.device("cpu"), dtype=torch.float32)
+    kwargs = dict(num_inference_steps=16, generator=3, tol=0.0, pipelined=True, compare_serial=True, progress_bar=False)
+    a = reference(["1", "8"], **kwargs)
+    b = fast(["1", "8"], **kwargs)
+    assert b.stats["engine"] == "torch" and b.stats["iterations"] == a.stats["iterations"] == 4
+    assert a.stats["serial_evals"] == b.stats["serial_evals"] and a.stats["model_evals"] == b.stats["model_evals"]
+    torch.testing.assert_close(b.samples, a.samples, rtol=0, atol=1e-4)
+    assert b.stats["max_abs_diff_vs_serial"] <= 1e-4
