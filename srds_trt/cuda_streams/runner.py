@@ -70,10 +70,15 @@ class RunResult:
 
 
 class _Program:
-    """A fixed-shape piece of tick work with its static meta buffer, optionally captured as a CUDA graph."""
+    """A fixed-shape piece of tick work with its static meta buffer(s), optionally captured as a CUDA graph.
 
-    def __init__(self, fn: Callable[[], None], meta: Tensor):
-        self.fn, self.meta, self.graph = fn, meta, None
+    Call programs also carry the engine bucket they fill and, when formations ride along (coarse="merged"),
+    the formation meta buffer; the formation-only program has neither.
+    """
+
+    def __init__(self, fn: Callable[[], None], meta: Tensor, *, bucket: int | None = None, form_meta: Tensor | None = None):
+        self.fn, self.meta, self.bucket, self.form_meta = fn, meta, bucket, form_meta
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     def run(self) -> None:
         if self.graph is not None:
@@ -238,10 +243,7 @@ class SRDSRunner:
             if form_meta is not None:
                 self._form(form_meta)
 
-        program = _Program(fn, meta)
-        program.form_meta = form_meta
-        program.bucket = bucket
-        return program
+        return _Program(fn, meta, bucket=bucket, form_meta=form_meta)
 
     def _form(self, form_meta: Tensor) -> None:
         out, a, b, c = (form_meta[k].long() for k in range(4))
@@ -266,10 +268,9 @@ class SRDSRunner:
             else:
                 program.meta.zero_()
                 program.meta[0].fill_(SINK * self.batch)
-            form_meta = getattr(program, "form_meta", None)
-            if form_meta is not None:
-                form_meta.zero_()
-                form_meta[0].fill_(SINK * self.batch)
+            if program.form_meta is not None:
+                program.form_meta.zero_()
+                program.form_meta[0].fill_(SINK * self.batch)
 
     def capture(self) -> None:
         """Warm up every program, then capture each as a CUDA graph; one memory pool per stream lane."""
@@ -367,9 +368,9 @@ class SRDSRunner:
         """Fill every bucket's static cond buffer: row r of each half belongs to image r % batch."""
         factor = 2 if self.guided else 1
         for program in self._programs.values():
-            bucket = getattr(program, "bucket", None)
-            if bucket is None:
+            if program.bucket is None:
                 continue
+            bucket = program.bucket
             cap = bucket // factor
             for lane in set(self._lane.values()):
                 io = self.engine.io(bucket, lane)
