@@ -60,10 +60,6 @@ def bucket_latency(engine, buckets, device, replay, iters=20):
     return result
 
 
-def noise_floor(engine, loaded, device, rows):
-    return engine.measure_noise_floor(rows)
-
-
 def conditioning(loaded, batch, device, dtype):
     if loaded.conditioning == "class":
         cond = torch.arange(batch) % 10
@@ -129,10 +125,10 @@ def section_digits(args, device, out):
     buckets = [1, 2, 8, 16, 32, 64, 128] if not smoke else [1, 2]
     out["digits"]["latency_ms_graph"] = bucket_latency(engine, buckets, device, True)
     out["digits"]["latency_ms_eager"] = bucket_latency(engine, buckets, device, False)
-    out["digits"]["noise_floor_fp32_64rows"] = noise_floor(engine, loaded, device, 64 if not smoke else 4)
+    out["digits"]["noise_floor_fp32_64rows"] = engine.measure_noise_floor(64 if not smoke else 4)
     # PyTorch's default for cuDNN convolutions: how much batch noise TF32 adds
     tf32 = torch_engine(loaded, device=device, dtype=torch.float32, max_rows=64, lanes=1, tf32=True)
-    out["digits"]["noise_floor_fp32_tf32_64rows"] = noise_floor(tf32, loaded, device, 64 if not smoke else 4)
+    out["digits"]["noise_floor_fp32_tf32_64rows"] = tf32.measure_noise_floor(64 if not smoke else 4)
     del tf32
     release(device)
     rows: list = []
@@ -164,7 +160,7 @@ def section_digits(args, device, out):
     half = torch.float16 if device.type == "cuda" else torch.float32  # CPU half convolutions are a slow path
     loaded16 = load_unet("digits", device=device, dtype=half)
     engine16 = torch_engine(loaded16, device=device, dtype=half, max_rows=128, lanes=1)
-    out["digits"]["noise_floor_fp16_64rows"] = noise_floor(engine16, loaded16, device, 64 if not smoke else 4)
+    out["digits"]["noise_floor_fp16_64rows"] = engine16.measure_noise_floor(64 if not smoke else 4)
     rows16: list = []
     srds_vs_serial(engine16, loaded16, device, steps=100 if not smoke else 9, iters=[10 if not smoke else 3], batch=4,
                    scale=3.0, modes=[(True, "merged")], repeats=1, record=rows16.append)
@@ -185,7 +181,7 @@ def section_sd2(args, device, out):
     buckets = [1, 2, 4, 8, 16, 32] if not smoke else [1, 2]
     out["sd2"]["latency_ms_graph"] = bucket_latency(engine, buckets, device, True, iters=5)
     out["sd2"]["latency_ms_eager"] = bucket_latency(engine, buckets, device, False, iters=5)
-    out["sd2"]["noise_floor_fp16_8rows"] = noise_floor(engine, loaded, device, 8 if not smoke else 2)
+    out["sd2"]["noise_floor_fp16_8rows"] = engine.measure_noise_floor(8 if not smoke else 2)
     rows: list = []
     for steps in ([25, 100] if not smoke else [4]):
         modes = [(False, "merged"), (True, "merged"), (True, "overlap"), (True, "serial")] if not smoke else [(True, "serial")]

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .sampling import Model, _check_grid, _state_dtype
+from .sampling import Model, check_grid, state_dtype
 from .schedule import default_num_blocks
 from .solvers import alphas_at, check_solver, ddim_coefficients, ddim_update
 
@@ -95,7 +95,7 @@ def paradigms_sample(
     progress(sweep, residual) is called after every sweep.
     """
     check_solver("ddim", prediction_type)
-    timesteps = _check_grid(x, timesteps)
+    timesteps = check_grid(x, timesteps)
     steps = len(timesteps) - 1
     w = default_window(steps) if window is None else int(window)
     if not 1 <= w:
@@ -106,7 +106,7 @@ def paradigms_sample(
     if max_iters is not None and max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
 
-    batch, dtype, device = x.shape[0], _state_dtype(x), x.device
+    batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
     c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
     drift_x = c_x - 1  # d_j(x) = (c_x - 1) x + c_out eps: the update, not the next state

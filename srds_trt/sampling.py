@@ -56,11 +56,11 @@ class SRDSResult:
     converged: bool = False  # stopped by the rule or by exactness (p = B), not by max_iters
 
 
-def _state_dtype(x: Tensor) -> torch.dtype:
+def state_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check_grid(x: Tensor, timesteps: Tensor) -> Tensor:
+def check_grid(x: Tensor, timesteps: Tensor) -> Tensor:
     timesteps = as_grid(timesteps)
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError("timesteps must be a 1-D tensor of N+1 >= 2 grid points t_0 > ... > t_N")
@@ -82,10 +82,10 @@ def serial_sample(
 ) -> Tensor:
     """The reference: N sequential DDIM steps t_0 -> t_1 -> ... -> t_N."""
     check_solver(solver, prediction_type)
-    timesteps = _check_grid(x, timesteps)
+    timesteps = check_grid(x, timesteps)
     alphas = alphas_at(timesteps, alphas_cumprod)
     c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
-    state = x.to(_state_dtype(x))
+    state = x.to(state_dtype(x))
     for i in range(len(timesteps) - 1):
         out = model(state, timesteps[i].expand(x.shape[0]).to(x.device))
         state = ddim_update(state, out, c_x[i].expand(x.shape[0]), c_out[i].expand(x.shape[0]))
@@ -134,7 +134,7 @@ def srds_sample(
     fewer sequential calls. progress(iteration, residual) is called after each Parareal iteration.
     """
     check_solver(solver, prediction_type)
-    timesteps = _check_grid(x, timesteps)
+    timesteps = check_grid(x, timesteps)
     if not (tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     plan = build_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
@@ -158,7 +158,7 @@ def _run_plan(
     starts, ends = list(bounds[:-1]), list(bounds[1:])
     coarse_cx, coarse_cout = ddim_coefficients(alphas[starts], alphas[ends], prediction_type)
 
-    x0 = x.to(_state_dtype(x))
+    x0 = x.to(state_dtype(x))
     U: dict[tuple[int, int], Tensor] = {}  # boundary states U[p][b] (b >= 1)
     F: dict[tuple[int, int], Tensor] = {}  # fine segment states: running, then final
     G: dict[tuple[int, int], Tensor] = {}  # coarse outputs G(p, b)

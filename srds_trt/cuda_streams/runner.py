@@ -36,7 +36,8 @@ from torch import Tensor
 from ..engines.base import Engine, EngineError
 from ..sampling import DEFAULT_TOL, error_estimate
 from ..schedule import Plan, build_plan
-from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients
+from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .engine_call import guided_call, load_conditioning
 from .slots import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tick_formations, tick_rows
 
 COARSE_MODES = ("merged", "serial", "overlap")
@@ -221,25 +222,14 @@ class SRDSRunner:
         engine, lane = self.engine, self._lane[kind]
         factor = 2 if self.guided else 1
         bucket = cap * factor
-        io = engine.io(bucket, lane)
         meta = torch.zeros(5, cap, dtype=torch.float64, device=self.device)
         form_meta = torch.zeros(4, self._form_cap, dtype=torch.float64, device=self.device) if with_formation else None
 
         def fn() -> None:
             src, dst = meta[0].long(), meta[1].long()
             x = self.pool.index_select(0, src)
-            t = meta[2].to(io.timestep.dtype)
-            for k in range(factor):
-                io.sample[k * cap : (k + 1) * cap].copy_(x)
-                io.timestep[k * cap : (k + 1) * cap].copy_(t)
-            engine.enqueue(bucket, lane, self._current_stream(), replay=False)
-            out = io.output.to(self.pool.dtype)
-            if self.guided:
-                uncond, cond = out[:cap], out[cap:]
-                out = uncond + self.scale * (cond - uncond)
-            shape = (cap,) + (1,) * (x.dim() - 1)
-            new = meta[3].to(x.dtype).view(shape) * x + meta[4].to(x.dtype).view(shape) * out
-            self.pool.index_copy_(0, dst, new)
+            out = guided_call(engine, bucket, lane, x, meta[2], self.scale if self.guided else None)
+            self.pool.index_copy_(0, dst, ddim_update(x, out, meta[3], meta[4]))
             if form_meta is not None:
                 self._form(form_meta)
 
@@ -253,9 +243,6 @@ class SRDSRunner:
     def _form_program(self) -> _Program:
         meta = torch.zeros(4, self._form_cap, dtype=torch.float64, device=self.device)
         return _Program(lambda: self._form(meta), meta)
-
-    def _current_stream(self):
-        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _set_neutral_meta(self) -> None:
         """Meta that only reads ZERO and writes SINK: safe for warm-up and capture."""
@@ -365,19 +352,13 @@ class SRDSRunner:
         )
 
     def _load_conditioning(self, cond: Tensor, uncond: Tensor | None) -> None:
-        """Fill every bucket's static cond buffer: row r of each half belongs to image r % batch."""
+        """Fill the static cond buffer of every bucket (and lane) a program uses."""
         factor = 2 if self.guided else 1
-        for program in self._programs.values():
-            if program.bucket is None:
-                continue
-            bucket = program.bucket
-            cap = bucket // factor
+        halves = [uncond, cond] if self.guided else [cond]
+        buckets = {p.bucket for p in self._programs.values() if p.bucket is not None}
+        for bucket in buckets:
             for lane in set(self._lane.values()):
-                io = self.engine.io(bucket, lane)
-                image = torch.arange(cap, device=self.device) % self.batch
-                halves = [uncond, cond] if self.guided else [cond]
-                for k, per_image in enumerate(halves):
-                    io.cond[k * cap : (k + 1) * cap].copy_(per_image.to(self.device)[image])
+                load_conditioning(self.engine, bucket, lane, bucket // factor, self.batch, halves)
 
     def _launch_tick(self, i: int, calls: dict[int, int]) -> None:
         on_cuda = self.device.type == "cuda"

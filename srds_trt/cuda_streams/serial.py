@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..engines.base import Engine
-from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients
+from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .engine_call import guided_call, load_conditioning
 
 
 class SerialRunner:
@@ -36,9 +37,7 @@ class SerialRunner:
         c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
         # Per-step meta rows: (timestep, c_x, c_out), copied into the static buffer before each replay.
         self._table = torch.stack([timesteps[:-1].to(torch.float64), c_x, c_out], 1).to(self.device)
-        self.factor = 2 if guided else 1
-        self.bucket = engine.bucket_for(batch * self.factor)
-        self.io = engine.io(self.bucket)
+        self.bucket = engine.bucket_for(batch * (2 if guided else 1))
         self.state = torch.zeros(batch, *engine.spec.sample_shape, dtype=state_dtype, device=self.device)
         self.meta = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.scale = torch.ones((), dtype=state_dtype, device=self.device)
@@ -46,17 +45,9 @@ class SerialRunner:
         self.steps = len(timesteps) - 1
 
     def _step(self) -> None:
-        io, batch = self.io, self.batch
-        for k in range(self.factor):
-            io.sample[k * batch : (k + 1) * batch].copy_(self.state)
-            io.timestep[k * batch : (k + 1) * batch].fill_(0).add_(self.meta[0].to(io.timestep.dtype))
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        self.engine.enqueue(self.bucket, 0, stream, replay=False)
-        out = io.output[: batch * self.factor].to(self.state.dtype)
-        if self.guided:
-            uncond, cond = out[:batch], out[batch:]
-            out = uncond + self.scale * (cond - uncond)
-        self.state.copy_(self.meta[1].to(self.state.dtype) * self.state + self.meta[2].to(self.state.dtype) * out)
+        rows = self.meta[0].expand(self.batch)
+        out = guided_call(self.engine, self.bucket, 0, self.state, rows, self.scale if self.guided else None)
+        self.state.copy_(ddim_update(self.state, out, self.meta[1].expand(self.batch), self.meta[2].expand(self.batch)))
 
     def capture(self) -> None:
         if self.graph is not None or not self.cuda_graphs:
@@ -75,9 +66,7 @@ class SerialRunner:
     def run(self, x: Tensor, cond: Tensor, uncond: Tensor | None = None, *, guidance_scale: float = 1.0) -> Tensor:
         self.capture()
         self.scale.fill_(guidance_scale)
-        halves = [uncond, cond] if self.guided else [cond]
-        for k, per_image in enumerate(halves):
-            self.io.cond[k * self.batch : (k + 1) * self.batch].copy_(per_image)
+        load_conditioning(self.engine, self.bucket, 0, self.batch, self.batch, [uncond, cond] if self.guided else [cond])
         self.state.copy_(x)
         for i in range(self.steps):
             self.meta.copy_(self._table[i], non_blocking=True)

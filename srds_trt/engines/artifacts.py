@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from ..export.artifacts import ArtifactError, check_external_data, read_manifest
-from ..export.manifest import sha256_file
+from ..export.artifacts import ArtifactError, check_external_data, check_files, read_manifest
 from .base import EngineSpec
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.long}
@@ -39,12 +38,6 @@ def verify_onnx(artifact_dir: str | Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     onnx_name = manifest["onnx"]["file"]
     names = [onnx_name] + ([manifest["onnx"]["external_data"]] if manifest["onnx"].get("external_data") else [])
-    for name in names:
-        entry = manifest["files"].get(name)
-        path = folder / name
-        if entry is None or Path(name).name != name or path.is_symlink() or not path.is_file():
-            raise ArtifactError(f"{folder}: {name} is missing, unlisted or not a regular file; refused")
-        if sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest (modified?); refused")
+    check_files(folder, manifest, names)
     check_external_data(folder / onnx_name, folder, set(manifest["files"]))
     return manifest

@@ -16,7 +16,7 @@ from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file
 from .trt_import import tensorrt_module  # re-exported: the loading side's one import point
 
 __all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
-           "check_external_data", "normalise_capability"]
+           "check_external_data", "check_files", "normalise_capability"]
 
 
 class ArtifactError(RuntimeError):
@@ -71,6 +71,21 @@ def check_external_data(onnx_path: Path, artifact_dir: Path, allowed: set[str]) 
             raise ArtifactError(f"{onnx_path.name}: external data {location!r} is not listed in the manifest; refused")
 
 
+def check_files(folder: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """Each named file is listed in the manifest, a regular file inside `folder`, and matches its sha256."""
+    for name in names:
+        entry = manifest["files"].get(name)
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{folder}: manifest lists {name!r}, which is not a file of this folder; refused")
+        if entry is None:
+            raise ArtifactError(f"{folder}: {name} is not listed in the manifest; refused")
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is missing or not a regular file")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest (modified?); refused")
+
+
 def verify_artifacts(
     artifact_dir: str | os.PathLike, *, flavour: str, version: str, target: str | None
 ) -> dict[str, Any]:
@@ -92,14 +107,7 @@ def verify_artifacts(
         if capability not in supported:
             raise ArtifactError(f"{folder}: plan built for compute capabilities {supported}, this GPU is {capability}; "
                                 "re-export on (or for) this GPU")
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise ArtifactError(f"{folder}: manifest lists {name!r}, which is not a file of this folder; refused")
-        if path.is_symlink() or not path.is_file():
-            raise ArtifactError(f"{folder}: {name} is missing or not a regular file")
-        if sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest (modified?); refused")
+    check_files(folder, manifest, list(manifest["files"]))
     onnx_name = manifest["onnx"]["file"]
     if onnx_name in manifest["files"]:
         check_external_data(folder / onnx_name, folder, set(manifest["files"]))
