@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from srds_trt.cuda_streams import SerialRunner, SRDSRunner
-from srds_trt.engines.factory import torch_engine
+from srds_trt.runtime import SerialRunner, SRDSRunner
+from srds_trt.runtime.engines.factory import torch_engine
 from srds_trt.noise_schedule import ddim_grid
 
 
@@ -77,7 +77,7 @@ def srds_vs_serial(engine, loaded, device, *, steps, iters, batch, scale, modes,
     cond, uncond = conditioning(loaded, batch, device, engine.spec.dtype)
     serial = SerialRunner(engine, batch=batch, timesteps=ts, alphas_cumprod=ac, prediction_type=pred)
     serial_s, reference = timed(lambda: serial.run(x, cond, uncond, guidance_scale=scale), device, repeats)
-    rows = [{"sampler": "serial", "steps": steps, "wall_ms": serial_s * 1e3, "serial_evals": steps, "model_evals": steps * batch}]
+    rows = [{"sampler": "serial", "steps": steps, "wall_ms": serial_s * 1e3, "sequential_calls": steps, "model_evals": steps * batch}]
     record(rows[-1])
     for pipelined, coarse in modes:
         for k in iters:
@@ -87,7 +87,7 @@ def srds_vs_serial(engine, loaded, device, *, steps, iters, batch, scale, modes,
             row = {
                 "sampler": "srds", "pipelined": pipelined, "coarse": coarse, "steps": steps, "blocks": res.num_blocks,
                 "iterations": res.iterations, "wall_ms": wall * 1e3, "speedup_vs_serial": serial_s / wall,
-                "serial_evals": res.serial_evals, "ticks_launched": res.ticks_launched, "model_evals": res.model_evals,
+                "sequential_calls": res.sequential_calls, "ticks_launched": res.ticks_launched, "model_evals": res.model_evals,
                 "max_abs_err_vs_serial": float((res.sample - reference).abs().max()),
                 "engine_calls": {str(b): n for b, n in sorted(res.engine_calls.items())},
             }
@@ -133,7 +133,7 @@ def section_digits(args, device, out):
     release(device)
     rows: list = []
     steps = 1024 if not smoke else 16
-    modes = [(True, "merged"), (True, "overlap"), (True, "serial"), (False, "merged")]
+    modes = [(True, "merged"), (True, "overlap"), (True, "separate"), (False, "merged")]
     result, serial_s = srds_vs_serial(engine, loaded, device, steps=steps, iters=[1, 2, 3], batch=1, scale=3.0,
                                       modes=modes, repeats=3 if not smoke else 1, record=rows.append)
     # the stopping rule at work: pipelined, no iteration cap
@@ -146,7 +146,7 @@ def section_digits(args, device, out):
         wall, res = timed(lambda: runner.run(x, cond, uncond, guidance_scale=3.0, tol=tol), device, 3 if not smoke else 1)
         rows.append({"sampler": "srds", "pipelined": True, "coarse": "merged", "steps": steps, "tol": tol,
                      "blocks": res.num_blocks, "iterations": res.iterations, "wall_ms": wall * 1e3,
-                     "speedup_vs_serial": serial_s / wall, "serial_evals": res.serial_evals,
+                     "speedup_vs_serial": serial_s / wall, "sequential_calls": res.sequential_calls,
                      "ticks_launched": res.ticks_launched, "residuals": res.residuals,
                      "max_abs_err_vs_serial": float((res.sample - serial).abs().max()),
                      "engine_calls": {str(b): n for b, n in sorted(res.engine_calls.items())}})
@@ -184,7 +184,7 @@ def section_sd2(args, device, out):
     out["sd2"]["noise_floor_fp16_8rows"] = engine.measure_noise_floor(8 if not smoke else 2)
     rows: list = []
     for steps in ([25, 100] if not smoke else [4]):
-        modes = [(False, "merged"), (True, "merged"), (True, "overlap"), (True, "serial")] if not smoke else [(True, "serial")]
+        modes = [(False, "merged"), (True, "merged"), (True, "overlap"), (True, "separate")] if not smoke else [(True, "separate")]
         srds_vs_serial(engine, loaded, device, steps=steps, iters=[1, 2, 3] if not smoke else [1], batch=1, scale=7.5,
                        modes=modes, repeats=1, record=rows.append)
     latency = bucket_latency(engine, engine.buckets, device, True, iters=3)

@@ -39,7 +39,7 @@ def markdown(results: dict) -> str:
             continue
         knob = f"tol {m['tol']:g}" if m["stop"] == "rule" else f"{m['iterations']} iterations (fixed)"
         lines.append(f"| {m['case']} | {m['steps']} | {m['target']:g} | {LABELS[m['sampler']]} | {knob} | "
-                     f"{m['serial_evals']} | {m['seq_speedup']:.2f} | {m['evals_per_image']:.0f} | "
+                     f"{m['sequential_calls']} | {m['seq_speedup']:.2f} | {m['evals_per_image']:.0f} | "
                      f"{m['wall_speedup']:.2f} | {m['projected_speedup']['h200_digits']:.2f} | "
                      f"{m['projected_speedup']['h200_sd2']:.2f} | {m['err_max']:.1e} |")
     lines += ["", "## All runs", "",
@@ -51,7 +51,7 @@ def markdown(results: dict) -> str:
     for r in results["runs"]:
         knob = _num(r["tol"], "g") if r.get("stop", "rule") == "rule" else "fixed"
         lines.append(f"| {r['case']} | {r['steps']} | {LABELS[r['sampler']]} | {knob} | {_num(r['width'], 'd')} | "
-                     f"{r['iterations']} | {r['evals_per_image']:.0f} | {r['serial_evals']} | {r['seq_speedup']:.2f} | "
+                     f"{r['iterations']} | {r['evals_per_image']:.0f} | {r['sequential_calls']} | {r['seq_speedup']:.2f} | "
                      f"{r['wall_s']:.2f} | {r['wall_speedup']:.2f} | {r['err_max']:.1e} ({r['err_rms']:.1e}) | "
                      f"{_num(r['accuracy'], '.2f')} |")
     lines += ["", "width: SRDS blocks B or ParaDiGMS window w."]

@@ -86,8 +86,8 @@ class Run:
     iterations: int
     model_evals: int  # rows in all calls (images x points; CFG's doubling not counted)
     evals_per_image: float  # model_evals / images: serial = N
-    serial_evals: int
-    seq_speedup: float  # N / serial_evals
+    sequential_calls: int
+    seq_speedup: float  # N / sequential_calls
     wall_s: float
     wall_speedup: float  # serial wall / this wall
     err_max: float  # max-abs vs the serial sample (0 for serial)
@@ -153,7 +153,7 @@ def bench_case(case: Case, config: BenchConfig, log=print) -> list[Run]:
         def record(sampler, tol, width, result, wall, residuals, stop="rule"):
             err_max, err_rms = _errors(result.sample, reference) if sampler != "serial" else (0.0, 0.0)
             run = Run(case.name, requested, steps, sampler, tol, width, result.iterations, result.model_evals,
-                      result.model_evals / images, result.serial_evals, steps / result.serial_evals, wall,
+                      result.model_evals / images, result.sequential_calls, steps / result.sequential_calls, wall,
                       serial_wall / wall, err_max, err_rms, case.score(result.sample) if case.score else None,
                       result.converged, list(residuals), stop, model.take())
             run.projected_ms = {name: projected_ms(run.calls, curve) for name, curve in CURVES.items()}
@@ -161,7 +161,7 @@ def bench_case(case: Case, config: BenchConfig, log=print) -> list[Run]:
             acc = "" if run.accuracy is None else f" acc {run.accuracy:.2f}"
             knob = f"tol={tol!s:<6}" if stop == "rule" else "fixed     "
             log(f"  {case.name} N={steps} {sampler:<14} {knob} it={run.iterations:<4} evals/img={run.evals_per_image:<7.0f} "
-                f"seq={run.serial_evals:<5} x{run.seq_speedup:<5.2f} wall {wall:7.2f}s err {err_max:.2e}{acc}")
+                f"seq={run.sequential_calls:<5} x{run.seq_speedup:<5.2f} wall {wall:7.2f}s err {err_max:.2e}{acc}")
 
         serial = _SerialResult(reference, steps, steps * images)
         record("serial", None, None, serial, serial_wall, [])
@@ -207,7 +207,7 @@ class CallLog:
 @dataclass
 class _SerialResult:
     sample: torch.Tensor
-    serial_evals: int
+    sequential_calls: int
     model_evals: int
     iterations: int = 0
     converged: bool = True
@@ -222,11 +222,11 @@ def matched(runs: list[Run], targets: tuple[float, ...]) -> list[dict]:
             serial = next(r.projected_ms for r in runs if (r.case, r.steps, r.sampler) == (case, steps, "serial"))
             for sampler in SAMPLERS[1:]:
                 ok = [r for r in runs if (r.case, r.steps, r.sampler) == (case, steps, sampler) and r.err_max <= target]
-                best = min(ok, key=lambda r: (r.serial_evals, r.model_evals), default=None)
+                best = min(ok, key=lambda r: (r.sequential_calls, r.model_evals), default=None)
                 rows.append({"case": case, "steps": steps, "target": target, "sampler": sampler,
                              "reached": best is not None, "tol": best.tol if best else None,
                              "stop": best.stop if best else None, "iterations": best.iterations if best else None,
-                             "serial_evals": best.serial_evals if best else None,
+                             "sequential_calls": best.sequential_calls if best else None,
                              "seq_speedup": best.seq_speedup if best else None,
                              "evals_per_image": best.evals_per_image if best else None,
                              "wall_speedup": best.wall_speedup if best else None,

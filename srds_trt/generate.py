@@ -96,7 +96,7 @@ def check_backend(args: argparse.Namespace, spec) -> None:
         raise UsageError("--backend onnxruntime runs on the CPU (drop --device or use --device cpu)")
     from .export.artifacts import ArtifactError
     from .export.trt_import import TensorRTUnavailableError
-    from .runtime import artifact_folder
+    from .runtime.sampler import artifact_folder
 
     try:
         artifact_folder(args.engine_dir, spec.name, args.backend)
@@ -138,12 +138,12 @@ def summary_table(stats: dict) -> str:
     rows = []
     serial = stats.get("serial") if stats["sampler"] == "srds" else stats
     if serial is not None:
-        rows.append(("serial", "-", "1", f"{serial['model_evals'] / images:.0f}", str(serial["serial_evals"]),
+        rows.append(("serial", "-", "1", f"{serial['model_evals'] / images:.0f}", str(serial["sequential_calls"]),
                      f"{serial['wall_time_s']:.3f}", "0"))
     if stats["sampler"] == "srds":
         diff = stats.get("max_abs_diff_vs_serial")
         rows.append(("SRDS" + (" pipelined" if stats["pipelined"] else ""), str(stats["iterations"]),
-                     str(stats["blocks"]), f"{stats['model_evals'] / images:.0f}", str(stats["serial_evals"]),
+                     str(stats["blocks"]), f"{stats['model_evals'] / images:.0f}", str(stats["sequential_calls"]),
                      f"{stats['wall_time_s']:.3f}", "-" if diff is None else f"{diff:.2e}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
     compare = args.compare_serial if args.compare_serial is not None else spec.family == "digits"
-    from .engines.base import EngineError
+    from .runtime.engines.base import EngineError
     from .models import WeightsUnavailableError
 
     try:

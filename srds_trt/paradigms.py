@@ -37,30 +37,18 @@ the serial sample up to the rounding of the cumulative sum, whatever the window.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .sampling import Model, check_grid, state_dtype
+from .sampling import Model, SampleResult, check_grid, state_dtype
+from .stopping import check_finite
 from .schedule import default_num_blocks
 from .solvers import alphas_at, check_solver, ddim_coefficients, ddim_update
 
 # diffusers' StableDiffusionParadigmsPipeline default (`tolerance=0.1`): per-step RMS change <= 0.1 sigma_j.
 DEFAULT_TOL = 0.1
-
-
-@dataclass
-class ParadigmsResult:
-    sample: Tensor
-    iterations: int  # Picard sweeps run; each is one batched model call
-    window: int  # window size w (points per sweep, at most)
-    model_evals: int  # rows evaluated, in all calls (images x window points)
-    serial_evals: int  # model calls on the critical path: one per sweep
-    residuals: list[float] = field(default_factory=list)  # max-abs change of the window's states, per sweep
-    slides: list[int] = field(default_factory=list)  # how many points the window advanced, per sweep
-    converged: bool = False  # the window slid past the last point (False: stopped by max_iters)
 
 
 def default_window(num_steps: int) -> int:
@@ -87,7 +75,7 @@ def paradigms_sample(
     tol: float = DEFAULT_TOL,
     max_iters: int | None = None,
     progress: Callable[[int, float], None] | None = None,
-) -> ParadigmsResult:
+) -> SampleResult:
     """Sliding-window Picard iteration over the N-step DDIM grid; converges to `serial_sample`.
 
     window defaults to round(sqrt(N)) (capped at N); window = N iterates the whole trajectory at once.
@@ -134,7 +122,7 @@ def paradigms_sample(
         slide = min(first_moved + 1, w)
         points[begin + 1 : end + 1] = new
         iterations += 1
-        residuals.append(float(change.abs().max()))
+        residuals.append(check_finite(float(change.abs().max()), f"ParaDiGMS sweep {iterations}"))
         slides.append(min(slide, steps - begin))
         if progress is not None:
             progress(iterations, residuals[-1])
@@ -142,13 +130,16 @@ def paradigms_sample(
         end = min(begin + w, steps)
         if end > old_end:
             points[old_end + 1 : end + 1] = points[old_end]
-    return ParadigmsResult(
+    check_finite(float(points[steps].abs().max()), f"ParaDiGMS after {iterations} sweeps")
+    return SampleResult(
         sample=points[steps].to(x.dtype),
+        sampler="paradigms",
         iterations=iterations,
         window=w,
         model_evals=model_evals,
-        serial_evals=iterations,
+        sequential_calls=iterations,
         residuals=residuals,
         slides=slides,
         converged=begin >= steps,
+        tol=tol,
     )

@@ -68,7 +68,7 @@ class SRDSPipeline:
         # everything else samples through the runtime: static buffers, per-bucket programs, CUDA graphs.
         self.runtime = None
         if backend != "torch" or self.device.type == "cuda":
-            from .runtime import RuntimeSampler
+            from .runtime.sampler import RuntimeSampler
 
             self.runtime = RuntimeSampler(backend, loaded, device=self.device, dtype=self.dtype, engine_dir=engine_dir)
 
@@ -166,11 +166,11 @@ class SRDSPipeline:
         else:
             samples, stats["wall_time_s"] = self._serial(run, progress_bar)
             stats.update(blocks=1, iterations=None, model_evals=num_inference_steps * len(prompts),
-                         serial_evals=num_inference_steps, converged=True, residuals=[])
+                         sequential_calls=num_inference_steps, converged=True, residuals=[])
         if compare_serial and sampler == "srds":
             reference, serial_time = self._serial(run, progress_bar)
             stats["serial"] = {"wall_time_s": serial_time, "model_evals": num_inference_steps * len(prompts),
-                               "serial_evals": num_inference_steps}
+                               "sequential_calls": num_inference_steps}
             stats["max_abs_diff_vs_serial"] = float((samples.double() - reference.double()).abs().max())
         pixels = self.decode(samples)
         return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples.detach().cpu())
@@ -204,7 +204,7 @@ class SRDSPipeline:
                 elapsed = _now(self.device) - start
         return result.sample, {**extra,
             "blocks": result.num_blocks, "iterations": result.iterations, "model_evals": result.model_evals,
-            "serial_evals": result.serial_evals, "converged": result.converged, "residuals": result.residuals,
+            "sequential_calls": result.sequential_calls, "converged": result.converged, "residuals": result.residuals,
             "error_estimates": [e if math.isfinite(e) else None for e in result.error_estimates],
             "tol": tol, "pipelined": pipelined, "wall_time_s": elapsed,
         }

@@ -7,53 +7,58 @@ every live segment, segment-major: row r of a call belongs to image r % batch, s
 States are kept in at least float32 whatever `x` is, and the Parareal correction G_new + (F - G_old) is
 formed there: in fp16 the difference of two close states would lose most of its digits.
 
-Stopping rule (what `tol` means)
---------------------------------
-After iteration p the sampler measures r_p = max over block boundaries b and elements of |U[p][b] - U[p-1][b]|,
-i.e. every boundary, not just the final sample. The first p boundaries are exact after p iterations, so r_p
-contains the true error that boundary p still had one iteration earlier. A small r_p alone is not enough:
-when Parareal contracts slowly, consecutive iterates stay close while far from the fixed point (a Gaussian
-mixture at N=100 showed a final-sample change of 0.07 at an error of 1.5). So the rule estimates the remaining
-error with the contraction rate rho_p = r_p / r_{p-1}, as for any contractive fixed-point iteration,
+Stopping (what `tol` means) lives in stopping.py: one StoppingRule for this reference executor and the runtime.
+`tol` is the max-abs distance to the serial sample the caller accepts; tol = 0 runs until the serial sample is
+reproduced (to float rounding). NaN/Inf anywhere in the state raises stopping.NonFiniteError.
 
-    e_p = r_p * max(1, rho_p / (1 - rho_p))      (infinite when rho_p >= 1; unknown, so infinite, at p = 1)
-
-and, because one small ratio can be luck (two iterates wrong in the same way; seen on single mixture images at
-tol = 0.1), it asks for the bound to hold twice in a row: it stops when max(e_p, e_{p-1}) <= tol, or after B
-iterations (then the result is the serial sample). `tol` is therefore an estimate of the max-abs distance
-between the returned sample and the serial sample, in the units of x. It is a heuristic (no rule that reads
-residuals alone can be certain); tol = 0 runs until the serial sample is reproduced (to float rounding).
+Every sampler returns one result type, SampleResult, and registers in SAMPLERS (name -> function with the contract
+`(model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options) -> SampleResult`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .schedule import Plan, build_plan
+from .schedule import Plan, build_tick_plan
 from .solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_finite, check_tol
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
-# Max-abs distance to the serial sample. Below half an 8-bit grey level of an image in [-1, 1]
-# (2 / 255 / 2 ~ 3.9e-3) with a margin, and above the batch-variance noise floor of fp32 engines (~1e-5).
-DEFAULT_TOL = 1e-3
+__all__ = ["DEFAULT_TOL", "Model", "NonFiniteError", "SAMPLERS", "SampleResult", "check_grid", "serial_sample",
+           "srds_sample", "state_dtype"]
 
 
 @dataclass
-class SRDSResult:
+class SampleResult:
+    """What every sampler returns (reference samplers and runtime runners alike).
+
+    iterations: parallel iterations run (SRDS: Parareal iterations, 0 = the coarse sample alone; ParaDiGMS: Picard
+    sweeps; serial: None). sequential_calls: batched model calls on the critical path (hardware-free latency).
+    model_evals: state rows evaluated in all calls (x2 engine rows under guidance). residuals: the max-abs change
+    per iteration; error_estimates: what the stopping rule compared with tol. converged: stopped by the rule or
+    by exactness, not by max_iters.
+    """
+
     sample: Tensor
-    iterations: int  # Parareal iterations run (0 = the coarse sample alone)
-    num_blocks: int
-    model_evals: int  # rows evaluated, in all calls
-    serial_evals: int  # model calls on the critical path: a batched call counts once
-    residuals: list[float] = field(default_factory=list)  # r_p for p = 1..iterations
-    error_estimates: list[float] = field(default_factory=list)  # what the stopping rule compared with tol
-    converged: bool = False  # stopped by the rule or by exactness (p = B), not by max_iters
+    sampler: str
+    iterations: int | None
+    model_evals: int
+    sequential_calls: int
+    residuals: list[float] = field(default_factory=list)
+    error_estimates: list[float] = field(default_factory=list)
+    converged: bool = False
+    tol: float = 0.0  # the tolerance used (a runtime raises a positive tol above its engine's noise floor)
+    num_blocks: int | None = None  # SRDS-family samplers
+    window: int | None = None  # ParaDiGMS: points per sweep
+    slides: list[int] = field(default_factory=list)  # ParaDiGMS: how far the window advanced per sweep
+    boundary_changes: list[list[float]] = field(default_factory=list)  # SRDS: per-boundary changes, per iteration
+    ticks_launched: int | None = None  # runtime: includes speculative ticks launched while a residual was in flight
+    engine_calls: dict[int, int] = field(default_factory=dict)  # runtime: engine bucket -> calls
 
 
 def state_dtype(x: Tensor) -> torch.dtype:
@@ -89,28 +94,8 @@ def serial_sample(
     for i in range(len(timesteps) - 1):
         out = model(state, timesteps[i].expand(x.shape[0]).to(x.device))
         state = ddim_update(state, out, c_x[i].expand(x.shape[0]), c_out[i].expand(x.shape[0]))
+    check_finite(float(state.abs().max()), "serial sample")
     return state.to(x.dtype)
-
-
-def _contraction_bound(residuals: list[float]) -> float:
-    r = residuals[-1]
-    if r == 0.0:
-        return 0.0
-    if len(residuals) < 2 or residuals[-2] == 0.0:
-        return math.inf
-    rho = r / residuals[-2]
-    if rho >= 1.0:
-        return math.inf
-    return r * max(1.0, rho / (1.0 - rho))
-
-
-def error_estimate(residuals: list[float]) -> float:
-    """Estimated remaining error after the last iteration: the contraction bound, held two iterations running."""
-    if residuals[-1] == 0.0:
-        return 0.0  # the iterate reproduced itself: it is the fixed point, to rounding
-    if len(residuals) < 2:
-        return math.inf
-    return max(_contraction_bound(residuals), _contraction_bound(residuals[:-1]))
 
 
 def srds_sample(
@@ -126,7 +111,7 @@ def srds_sample(
     max_iters: int | None = None,
     pipelined: bool = False,
     progress: Callable[[int, float], None] | None = None,
-) -> SRDSResult:
+) -> SampleResult:
     """Parareal SRDS over the N-step DDIM grid; converges to `serial_sample` (exactly after B iterations).
 
     num_blocks defaults to round(sqrt(N)); max_iters defaults to (and is capped at) the block count.
@@ -135,9 +120,8 @@ def srds_sample(
     """
     check_solver(solver, prediction_type)
     timesteps = check_grid(x, timesteps)
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    plan = build_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
+    tol = check_tol(tol)
+    plan = build_tick_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
     return _run_plan(model, x, plan, timesteps, alphas_cumprod, prediction_type, tol, progress)
 
 
@@ -150,7 +134,7 @@ def _run_plan(
     prediction_type: str,
     tol: float,
     progress: Callable[[int, float], None] | None,
-) -> SRDSResult:
+) -> SampleResult:
     """Walk the plan tick by tick: one model call per tick, then form the boundaries that became ready."""
     batch, bounds, blocks = x.shape[0], plan.bounds, plan.num_blocks
     alphas = alphas_at(timesteps, alphas_cumprod)
@@ -162,8 +146,7 @@ def _run_plan(
     U: dict[tuple[int, int], Tensor] = {}  # boundary states U[p][b] (b >= 1)
     F: dict[tuple[int, int], Tensor] = {}  # fine segment states: running, then final
     G: dict[tuple[int, int], Tensor] = {}  # coarse outputs G(p, b)
-    residuals: list[float] = []
-    estimates: list[float] = []
+    rule = StoppingRule(tol, blocks)
     model_evals = 0
 
     def boundary(p: int, b: int) -> Tensor:
@@ -204,34 +187,24 @@ def _run_plan(
 
         for p in tick.completes:
             if p == 0:
+                check_finite(float(U[(0, blocks)].abs().max()), "iteration 0 (the coarse sample)")
                 continue
-            residual = max(float((U[(p, b)] - U[(p - 1, b)]).abs().max()) for b in range(p, blocks + 1))
-            residuals.append(residual)
-            estimates.append(error_estimate(residuals))
+            changes = [0.0] * (p - 1) + [float((U[(p, b)] - U[(p - 1, b)]).abs().max()) for b in range(p, blocks + 1)]
+            stop = rule.observe(p, changes)
             _forget_iteration(p - 1, U, F, G)
             if progress is not None:
-                progress(p, residual)
-            exact = p == blocks
-            if exact or estimates[-1] <= tol or p == plan.max_iters:
-                return SRDSResult(
-                    sample=U[(p, blocks)].to(x.dtype),
-                    iterations=p,
-                    num_blocks=blocks,
-                    model_evals=model_evals,
-                    serial_evals=tick_index + 1,
-                    residuals=residuals,
-                    error_estimates=estimates,
-                    converged=exact or estimates[-1] <= tol,
-                )
+                progress(p, rule.residuals[-1])
+            if stop or p == plan.max_iters:
+                return _result(U[(p, blocks)].to(x.dtype), p, blocks, model_evals, tick_index + 1, rule)
     # Only reached with max_iters = 0: the coarse sample itself.
-    return SRDSResult(
-        sample=U[(0, blocks)].to(x.dtype),
-        iterations=0,
-        num_blocks=blocks,
-        model_evals=model_evals,
-        serial_evals=plan.ticks_until(0),
-        converged=False,
-    )
+    return _result(U[(0, blocks)].to(x.dtype), 0, blocks, model_evals, plan.ticks_until(0), rule)
+
+
+def _result(sample: Tensor, iterations: int, blocks: int, model_evals: int, calls: int, rule: StoppingRule) -> SampleResult:
+    return SampleResult(sample=sample, sampler="srds", iterations=iterations, model_evals=model_evals,
+                        sequential_calls=calls, residuals=rule.residuals, error_estimates=rule.estimates,
+                        converged=iterations > 0 and rule.converged, tol=rule.tol, num_blocks=blocks,
+                        boundary_changes=rule.boundary_changes)
 
 
 def _forget_iteration(p: int, *tables: dict[tuple[int, int], Tensor]) -> None:
@@ -239,3 +212,35 @@ def _forget_iteration(p: int, *tables: dict[tuple[int, int], Tensor]) -> None:
     for table in tables:
         for key in [k for k in table if k[0] == p]:
             del table[key]
+
+
+def serial_result(
+    model: Model,
+    x: Tensor,
+    timesteps: Tensor,
+    alphas_cumprod: Tensor,
+    *,
+    tol: float = 0.0,
+    prediction_type: str = "epsilon",
+    solver: str = "ddim",
+) -> SampleResult:
+    """serial_sample in the SAMPLERS contract (tol is accepted and meaningless: the serial sample is exact)."""
+    check_tol(tol)
+    steps = len(as_grid(timesteps)) - 1
+    sample = serial_sample(model, x, timesteps, alphas_cumprod, solver=solver, prediction_type=prediction_type)
+    return SampleResult(sample=sample, sampler="serial", iterations=None, model_evals=steps * x.shape[0],
+                        sequential_calls=steps, converged=True)
+
+
+def _paradigms(*args, **kwargs) -> SampleResult:
+    from .paradigms import paradigms_sample  # paradigms imports this module
+
+    return paradigms_sample(*args, **kwargs)
+
+
+# name -> sampler with the contract (model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options)
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
+    "serial": serial_result,
+    "srds": srds_sample,
+    "paradigms": _paradigms,
+}

@@ -100,7 +100,7 @@ class Plan:
         raise ValueError(f"iteration {iteration} is not in this plan (max_iters={self.max_iters})")
 
 
-def build_plan(num_steps: int, num_blocks: int | None = None, max_iters: int | None = None, pipelined: bool = False) -> Plan:
+def build_tick_plan(num_steps: int, num_blocks: int | None = None, max_iters: int | None = None, pipelined: bool = False) -> Plan:
     bounds = block_bounds(num_steps, num_blocks)
     blocks = len(bounds) - 1
     iters = blocks if max_iters is None else max_iters

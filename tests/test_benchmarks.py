@@ -11,17 +11,17 @@ from benchmarks import cases, run
 from benchmarks.run import BenchConfig, Run, bench_case, matched
 
 
-def _run(sampler: str, steps: int, serial_evals: int, err: float, tol: float = 1e-3) -> Run:
-    return Run("gmm", steps, steps, sampler, tol, 5, 1, 10 * steps, steps, serial_evals, steps / serial_evals,
-               1.0, 1.0, err, err, None, True, projected_ms={"h200_digits": float(serial_evals)})
+def _run(sampler: str, steps: int, sequential_calls: int, err: float, tol: float = 1e-3) -> Run:
+    return Run("gmm", steps, steps, sampler, tol, 5, 1, 10 * steps, steps, sequential_calls, steps / sequential_calls,
+               1.0, 1.0, err, err, None, True, projected_ms={"h200_digits": float(sequential_calls)})
 
 
 def test_matched_picks_the_cheapest_run_that_reaches_the_target():
     runs = [_run("serial", 100, 100, 0.0), _run("srds", 100, 80, 5e-4), _run("srds", 100, 60, 5e-3, tol=1e-2),
             _run("paradigms", 100, 30, 2e-2, tol=1e-1), _run("paradigms", 100, 40, 5e-3, tol=1e-2)]
     rows = {(m["sampler"], m["target"]): m for m in matched(runs, (1e-2, 1e-3))}
-    assert rows[("srds", 1e-2)]["serial_evals"] == 60 and rows[("srds", 1e-3)]["serial_evals"] == 80
-    assert rows[("paradigms", 1e-2)]["serial_evals"] == 40 and not rows[("paradigms", 1e-3)]["reached"]
+    assert rows[("srds", 1e-2)]["sequential_calls"] == 60 and rows[("srds", 1e-3)]["sequential_calls"] == 80
+    assert rows[("paradigms", 1e-2)]["sequential_calls"] == 40 and not rows[("paradigms", 1e-3)]["reached"]
     assert not rows[("srds-pipelined", 1e-2)]["reached"]
     assert rows[("srds", 1e-2)]["projected_speedup"]["h200_digits"] == pytest.approx(100 / 60)
 
@@ -46,16 +46,16 @@ def test_quick_gmm_run_writes_json_table_and_plots(tmp_path):
     assert sorted({s for s, _ in by}) == [25, 100]
     for steps in (25, 100):
         serial = by[(steps, "serial")][0]
-        assert serial["serial_evals"] == steps and serial["err_max"] == 0 and serial["evals_per_image"] == steps
+        assert serial["sequential_calls"] == steps and serial["err_max"] == 0 and serial["evals_per_image"] == steps
         for sampler in ("srds", "srds-pipelined", "paradigms"):
             for r in by[(steps, sampler)]:
-                assert r["serial_evals"] <= r["model_evals"]
+                assert r["sequential_calls"] <= r["model_evals"]
                 assert r["converged"] or r["stop"] == "fixed"
-                assert r["seq_speedup"] == pytest.approx(steps / r["serial_evals"])
+                assert r["seq_speedup"] == pytest.approx(steps / r["sequential_calls"])
         # plain and pipelined SRDS compute the same iterates: same error, pipelined never needs more calls
         plain, piped = by[(steps, "srds")][0], by[(steps, "srds-pipelined")][0]
         assert plain["err_max"] == pytest.approx(piped["err_max"], abs=1e-12)
-        assert piped["serial_evals"] <= min(plain["serial_evals"], steps)
+        assert piped["sequential_calls"] <= min(plain["sequential_calls"], steps)
         # the oracle sweep: fixed iteration counts 1, 2, ... below the rule's, until the tightest target (1e-3) is met
         fixed = [r for r in by[(steps, "srds-pipelined")] if r["stop"] == "fixed"]
         assert [r["iterations"] for r in fixed] == list(range(1, len(fixed) + 1))

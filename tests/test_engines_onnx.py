@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tensorrt_rtx")
 
-from srds_trt.cuda_streams import SerialRunner, SRDSRunner
-from srds_trt.engines import EngineSpec, TorchEngine
-from srds_trt.engines.onnxruntime_engine import OnnxRuntimeEngine
+from srds_trt.runtime import SerialRunner, SRDSRunner
+from srds_trt.runtime.engines import EngineSpec, TorchEngine
+from srds_trt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from srds_trt.export import ArtifactError, ExportConfig, export_unet
 from srds_trt.noise_schedule import ddim_grid
 from test_export_support import digits_like
@@ -84,8 +84,8 @@ def test_tampered_onnx_is_refused_before_onnxruntime_reads_it(exported, tmp_path
 
 
 def test_tensorrt_engine_needs_a_gpu_and_says_so(exported):
-    from srds_trt.engines.base import EngineError
-    from srds_trt.engines.tensorrt_engine import TensorRTEngine
+    from srds_trt.runtime.engines.base import EngineError
+    from srds_trt.runtime.engines.tensorrt_engine import TensorRTEngine
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CPU refusal does not apply")

@@ -85,7 +85,7 @@ def test_parity_failure_builds_nothing(stub_registry, tmp_path, capsys, monkeypa
     def no_build(*args, **kwargs):
         raise AssertionError("built a plan after a failed parity gate")
 
-    monkeypatch.setattr(pipeline, "build_plan", no_build)
+    monkeypatch.setattr(pipeline, "build_tensorrt_plan", no_build)
     out = tmp_path / "engines"
     code, lines = run_cli(capsys, "--model", "digits", "--out", str(out), "--dtype", "fp32", "--max-batch", "4",
                           "--parity-tol", "1e-12", "--quiet")

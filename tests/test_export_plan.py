@@ -94,7 +94,7 @@ def test_same_key_reuses_without_rebuilding(digits_export, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt despite an identical key")
 
-    monkeypatch.setattr(pipeline, "build_plan", no_build)
+    monkeypatch.setattr(pipeline, "build_tensorrt_plan", no_build)
     monkeypatch.setattr(pipeline, "export_onnx", no_build)
     again = export_unet(digits_like(), config, quiet=True)
     assert again.reused and again.folder == first.folder

@@ -52,7 +52,7 @@ def test_pipeline_runtime_path_equals_reference_path():
     import torch
 
     from srds_trt import SRDSPipeline
-    from srds_trt.runtime import RuntimeSampler
+    from srds_trt.runtime.sampler import RuntimeSampler
 
     reference = SRDSPipeline.from_pretrained("digits")
     fast = SRDSPipeline.from_pretrained("digits")
@@ -61,6 +61,6 @@ def test_pipeline_runtime_path_equals_reference_path():
     a = reference(["1", "8"], **kwargs)
     b = fast(["1", "8"], **kwargs)
     assert b.stats["engine"] == "torch" and b.stats["iterations"] == a.stats["iterations"] == 4
-    assert a.stats["serial_evals"] == b.stats["serial_evals"] and a.stats["model_evals"] == b.stats["model_evals"]
+    assert a.stats["sequential_calls"] == b.stats["sequential_calls"] and a.stats["model_evals"] == b.stats["model_evals"]
     torch.testing.assert_close(b.samples, a.samples, rtol=0, atol=1e-4)
     assert b.stats["max_abs_diff_vs_serial"] <= 1e-4

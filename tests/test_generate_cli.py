@@ -28,10 +28,10 @@ def test_writes_images_grid_and_stats(tmp_path, capsys):
     assert names == ["000.png", "001.png", "002.png", "003.png", "grid.png", "stats.json"]
     assert Image.open(out / "000.png").size == (16, 16)
     stats = json.loads((out / "stats.json").read_text())
-    for key in ("model", "sampler", "steps", "blocks", "iterations", "model_evals", "serial_evals", "wall_time_s",
+    for key in ("model", "sampler", "steps", "blocks", "iterations", "model_evals", "sequential_calls", "wall_time_s",
                 "max_abs_diff_vs_serial", "residuals", "seed", "device", "torch"):
         assert key in stats, key
-    assert stats["prompts"] == ["3", "3", "7", "7"] and stats["serial"]["serial_evals"] == 9
+    assert stats["prompts"] == ["3", "3", "7", "7"] and stats["serial"]["sequential_calls"] == 9
     # The table: serial vs SRDS with every column the issue names.
     for word in ("serial", "SRDS", "iterations", "blocks", "model evals", "sequential evals", "wall time", "max |diff|"):
         assert word in stdout, word
@@ -41,7 +41,7 @@ def test_quiet_serial_sampler(tmp_path, capsys):
     rc, stdout, _ = run(["--steps", "5", "--prompt", "1", "--sampler", "serial", "--quiet", "--out", str(tmp_path)], capsys)
     assert rc == 0 and stdout == ""
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert (stats["sampler"], stats["serial_evals"], stats["blocks"]) == ("serial", 5, 1)
+    assert (stats["sampler"], stats["sequential_calls"], stats["blocks"]) == ("serial", 5, 1)
     assert "serial" in summary_table(stats)
 
 

@@ -20,7 +20,7 @@ SD_LIKE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_sta
 def digits_like_engine(dtype, lanes=1, graphs=True, max_rows=64):
     from diffusers import UNet2DModel
 
-    from srds_trt.engines import EngineSpec, TorchEngine
+    from srds_trt.runtime.engines import EngineSpec, TorchEngine
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
@@ -50,7 +50,7 @@ def test_graph_replay_equals_eager(dtype):
 
 
 def _runs(dtype, coarse_modes, steps=64):
-    from srds_trt.cuda_streams import SerialRunner, SRDSRunner
+    from srds_trt.runtime import SerialRunner, SRDSRunner
     from srds_trt.noise_schedule import ddim_grid
 
     ts, ac = ddim_grid(SD_LIKE, steps)
@@ -76,8 +76,8 @@ def test_srds_on_gpu_equals_serial_at_tol_zero(dtype, bound, record_property):
 
 
 def test_two_stream_schedule_equals_single_stream():
-    _, out = _runs(torch.float32, ["merged", "serial", "overlap"])
+    _, out = _runs(torch.float32, ["merged", "separate", "overlap"])
     # serial and overlap run identical programs and differ only in the stream: bit-identical expected
-    assert torch.equal(out["serial"].sample, out["overlap"].sample)
+    assert torch.equal(out["separate"].sample, out["overlap"].sample)
     # merged batches coarse rows into the fine call: same math, other batch composition
     assert float((out["merged"].sample - out["overlap"].sample).abs().max()) <= 1e-3

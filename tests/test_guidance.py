@@ -116,7 +116,7 @@ def test_srds_with_cfg_at_tol_zero_equals_serial_with_cfg(n, batch, pipelined):
     res = srds_sample(model, x, grid, alphas, tol=0.0, pipelined=pipelined)
     assert max_abs(res.sample, serial) <= 1e-9
     # one inner call per tick, always doubled, conditioning always matching each row's image
-    assert len(inner.calls) == res.serial_evals
+    assert len(inner.calls) == res.sequential_calls
     assert sum(c[0] for c in inner.calls) == 2 * res.model_evals
     for rows, _, c in inner.calls:
         half = rows // 2

@@ -10,7 +10,8 @@ import torch
 from srds_trt.analytic import hard_mixture
 from srds_trt.guidance import classifier_free_guidance
 from srds_trt.noise_schedule import ddim_grid
-from srds_trt.paradigms import ParadigmsResult, paradigms_sample, step_noise_variance
+from srds_trt.paradigms import paradigms_sample, step_noise_variance
+from srds_trt.sampling import SampleResult
 from srds_trt.sampling import serial_sample
 
 CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
@@ -62,7 +63,7 @@ def test_tol_zero_is_the_serial_sample_on_the_gmm(window):
     gmm, x, timesteps, alphas = gmm_setup(25)
     reference = serial_sample(gmm, x, timesteps, alphas)
     result = paradigms_sample(gmm, x, timesteps, alphas, tol=0.0, window=window)
-    assert isinstance(result, ParadigmsResult) and result.converged
+    assert isinstance(result, SampleResult) and result.converged
     assert torch.allclose(result.sample, reference, atol=1e-10, rtol=0)
     assert result.window == (5 if window is None else window)
     assert sum(result.slides) == 25 and min(result.slides) >= 1
@@ -123,7 +124,7 @@ def test_counts_match_a_counting_model():
     gmm, x, timesteps, alphas = gmm_setup(40, samples=3)
     model = Counting(gmm)
     result = paradigms_sample(model, x, timesteps, alphas, tol=1e-3, window=6)
-    assert len(model.rows) == result.iterations == result.serial_evals
+    assert len(model.rows) == result.iterations == result.sequential_calls
     assert sum(model.rows) == result.model_evals
     assert all(rows % 3 == 0 and rows <= 6 * 3 for rows in model.rows)
     assert len(result.residuals) == len(result.slides) == result.iterations

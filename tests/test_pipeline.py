@@ -63,7 +63,7 @@ def test_digits_call_shapes_and_stats(digits):
     stats = out.stats
     assert stats["prompts"] == ["3", "7"] and stats["guidance_scale"] == digits.default_guidance_scale
     assert stats["blocks"] == 4 and 1 <= stats["iterations"] <= 4
-    assert stats["serial_evals"] <= 2 * 4 * stats["iterations"] + 4 and stats["max_abs_diff_vs_serial"] >= 0
+    assert stats["sequential_calls"] <= 2 * 4 * stats["iterations"] + 4 and stats["max_abs_diff_vs_serial"] >= 0
     assert digits(None, num_inference_steps=2, progress_bar=False).stats["prompts"] == [str(d) for d in range(10)]
 
 
@@ -103,7 +103,7 @@ def test_pipelined_gives_the_same_sample_in_fewer_sequential_calls(digits):
     kwargs = dict(num_inference_steps=16, progress_bar=False, tol=0.0)
     plain, pipelined = digits(["4", "9"], **kwargs), digits(["4", "9"], pipelined=True, **kwargs)
     assert (plain.samples - pipelined.samples).abs().max() <= 1e-5
-    assert pipelined.stats["serial_evals"] < plain.stats["serial_evals"] and pipelined.stats["pipelined"]
+    assert pipelined.stats["sequential_calls"] < plain.stats["sequential_calls"] and pipelined.stats["pipelined"]
 
 
 def test_half_precision_unet_under_float32_sampler_states(tiny_sd_folder):

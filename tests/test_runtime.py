@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from srds_trt.cuda_streams import NonFiniteError, SerialRunner, SRDSRunner
-from srds_trt.engines import EngineError, EngineSpec, TorchEngine, bucket_for, default_buckets
+from srds_trt.runtime import NonFiniteError, SerialRunner, SRDSRunner
+from srds_trt.runtime.engines import EngineError, EngineSpec, TorchEngine, bucket_for, default_buckets
 from srds_trt.guidance import classifier_free_guidance, conditional
 from srds_trt.noise_schedule import ddim_grid
 from srds_trt.sampling import serial_sample, srds_sample
@@ -63,8 +63,8 @@ def test_engine_call_pads_to_bucket_and_returns_only_its_rows():
     assert not torch.equal(engine.io(8).output[:5], out)
 
 
-@pytest.mark.parametrize("steps,pipelined,coarse", [(25, True, "merged"), (25, False, "merged"), (30, True, "serial"),
-                                                    (7, True, "merged"), (1, False, "merged"), (50, True, "serial")])
+@pytest.mark.parametrize("steps,pipelined,coarse", [(25, True, "merged"), (25, False, "merged"), (30, True, "separate"),
+                                                    (7, True, "merged"), (1, False, "merged"), (50, True, "separate")])
 def test_runner_equals_reference_sampler(steps, pipelined, coarse):
     ts, ac = ddim_grid(SD_LIKE, steps)
     cond_model = make_cond_model()
@@ -77,7 +77,7 @@ def test_runner_equals_reference_sampler(steps, pipelined, coarse):
     for tol in (0.0, 1e-3):
         got = runner.run(x, labels, null, guidance_scale=3.0, tol=tol)
         ref = srds_sample(model, x, ts, ac, tol=tol, pipelined=pipelined)
-        assert (got.iterations, got.serial_evals, got.model_evals) == (ref.iterations, ref.serial_evals, ref.model_evals)
+        assert (got.iterations, got.sequential_calls, got.model_evals) == (ref.iterations, ref.sequential_calls, ref.model_evals)
         torch.testing.assert_close(got.sample, ref.sample, rtol=0, atol=1e-12)
         assert got.residuals == pytest.approx(ref.residuals, rel=1e-9, abs=1e-14)
     exact = runner.run(x, labels, null, guidance_scale=3.0, tol=0.0)

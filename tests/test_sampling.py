@@ -14,7 +14,7 @@ from helpers_core import SD_CONFIG, CountingModel, RowwiseMLP, gaussian_mixture,
 from helpers_core import single_thread  # noqa: F401  (fixture)
 from srds_trt.noise_schedule import ddim_grid
 from srds_trt.sampling import serial_sample, srds_sample
-from srds_trt.schedule import block_bounds, build_plan
+from srds_trt.schedule import block_bounds, build_tick_plan
 
 NS = [1, 2, 3, 7, 10, 25, 36, 50, 100]  # squares and non-squares
 SHAPE = (3, 2, 3)  # [images, ...]: 3 images of 6 features
@@ -94,8 +94,8 @@ def test_every_iteration_equals_textbook_parareal_and_pipelined_equals_plain(n, 
         assert max_abs(plain.sample, ref[k][blocks]) <= 1e-10
         assert plain.residuals == pytest.approx(piped.residuals, abs=1e-12)
         if blocks >= 3 and k >= 2:
-            assert piped.serial_evals < plain.serial_evals
-        assert piped.serial_evals <= plain.serial_evals
+            assert piped.sequential_calls < plain.sequential_calls
+        assert piped.sequential_calls <= plain.sequential_calls
         finals.append(plain.sample)
     # the iterates really differ before convergence: the equalities above are not vacuous
     assert max_abs(finals[0], finals[-1]) > 1e-3
@@ -127,7 +127,7 @@ def test_max_iters_beyond_blocks_never_runs_more_iterations_than_blocks():
     for pipelined in (False, True):
         res = srds_sample(model, x, grid, alphas, tol=0.0, max_iters=50, pipelined=pipelined)
         assert res.num_blocks == 3 and res.iterations == 3 and res.converged
-        assert res.serial_evals == len(build_plan(10, pipelined=pipelined).ticks)
+        assert res.sequential_calls == len(build_tick_plan(10, pipelined=pipelined).ticks)
 
 
 def test_max_iters_zero_is_the_coarse_sample():
@@ -136,7 +136,7 @@ def test_max_iters_zero_is_the_coarse_sample():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     coarse_grid = grid[list(block_bounds(9))]  # every block boundary: a sqrt(N)-step DDIM sample
     res = srds_sample(model, x, grid, alphas, max_iters=0)
-    assert res.iterations == 0 and not res.converged and res.serial_evals == 3 and res.model_evals == 9
+    assert res.iterations == 0 and not res.converged and res.sequential_calls == 3 and res.model_evals == 9
     assert max_abs(res.sample, serial_sample(model, x, coarse_grid, alphas)) <= 1e-12
 
 
@@ -195,13 +195,13 @@ def test_counters_equal_what_the_model_saw(n, blocks, batch, pipelined, tol, max
     model = CountingModel(RowwiseMLP(features=2, seed=1))
     x = torch.randn(batch, 2, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     res = srds_sample(model, x, grid, alphas, tol=tol, num_blocks=blocks, max_iters=max_iters, pipelined=pipelined)
-    plan = build_plan(n, blocks, max_iters, pipelined)
+    plan = build_tick_plan(n, blocks, max_iters, pipelined)
     assert res.model_evals == sum(model.rows)
-    assert res.serial_evals == len(model.rows)
+    assert res.sequential_calls == len(model.rows)
     assert all(r % batch == 0 and r > 0 for r in model.rows)
     # the calls are exactly the plan's ticks, in order, until the stop
     assert model.rows == [tick.rows * batch for tick in plan.ticks[: len(model.rows)]]
-    assert res.serial_evals == plan.ticks_until(res.iterations)
+    assert res.sequential_calls == plan.ticks_until(res.iterations)
     assert res.iterations <= min(plan.max_iters, blocks)
     if res.converged:
         assert res.iterations == blocks or res.error_estimates[-1] <= tol

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srds_trt.schedule import CoarseRow, FineRow, block_bounds, build_plan, default_num_blocks
+from srds_trt.schedule import CoarseRow, FineRow, block_bounds, build_tick_plan, default_num_blocks
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,7 +30,7 @@ def test_default_blocks_is_rounded_sqrt_clipped(n):
     expected = min(n, max(1, round(math.sqrt(n))))
     assert default_num_blocks(n) == expected
     assert len(block_bounds(n)) - 1 == expected
-    assert build_plan(n).num_blocks == expected
+    assert build_tick_plan(n).num_blocks == expected
 
 
 def test_block_bounds_rejects_bad_counts():
@@ -40,7 +40,7 @@ def test_block_bounds_rejects_bad_counts():
     with pytest.raises(ValueError, match="num_steps"):
         default_num_blocks(0)
     with pytest.raises(ValueError, match="max_iters"):
-        build_plan(9, 3, -1)
+        build_tick_plan(9, 3, -1)
 
 
 def simulate(plan) -> dict:
@@ -103,7 +103,7 @@ def expected_plain_ticks(sizes: list[int], iters: int) -> int:
 def test_plan_invariants(n, data, pipelined):
     blocks = data.draw(st.integers(1, n), label="blocks")
     max_iters = data.draw(st.one_of(st.none(), st.integers(0, blocks + 3)), label="max_iters")
-    plan = build_plan(n, blocks, max_iters, pipelined)
+    plan = build_tick_plan(n, blocks, max_iters, pipelined)
     iters = blocks if max_iters is None else min(max_iters, blocks)
     assert plan.max_iters == iters and plan.num_blocks == blocks and plan.pipelined == pipelined
     sim = simulate(plan)
@@ -134,8 +134,8 @@ def test_plan_invariants(n, data, pipelined):
 def test_cost_formulas(n, data):
     blocks = data.draw(st.integers(1, n), label="blocks")
     k = data.draw(st.integers(0, blocks), label="max_iters")
-    plain = build_plan(n, blocks, k, pipelined=False)
-    piped = build_plan(n, blocks, k, pipelined=True)
+    plain = build_tick_plan(n, blocks, k, pipelined=False)
+    piped = build_tick_plan(n, blocks, k, pipelined=True)
     sizes = [plain.block_size(b) for b in range(blocks)]
     # plain: the coarse sweep, then per iteration its longest live segment plus the correction sweep
     assert len(plain.ticks) == expected_plain_ticks(sizes, k)
@@ -143,12 +143,12 @@ def test_cost_formulas(n, data):
     for p in range(k + 1):
         assert piped.ticks_until(p) <= plain.ticks_until(p)
     assert len(piped.ticks) <= len(plain.ticks)
-    assert len(build_plan(n, blocks, None, pipelined=True).ticks) <= n
+    assert len(build_tick_plan(n, blocks, None, pipelined=True).ticks) <= n
     # fewer rows would be lost work: both schedules evaluate the same rows
     assert sum(t.rows for t in plain.ticks) == sum(t.rows for t in piped.ticks)
     # ASAP: iteration p's completion does not depend on how many later iterations are planned
     for p in range(k + 1):
-        assert piped.ticks_until(p) == build_plan(n, blocks, p, pipelined=True).ticks_until(p)
+        assert piped.ticks_until(p) == build_tick_plan(n, blocks, p, pipelined=True).ticks_until(p)
 
 
 @pytest.mark.parametrize("root", range(1, 11))
@@ -156,18 +156,18 @@ def test_design_cost_formulas_for_square_grids(root):
     """N = n^2, B = n: pipelined takes exactly (k+1)n - k calls (= N at k = B), plain at most (2k+1)n."""
     n = root
     for k in range(n + 1):
-        piped = build_plan(n * n, n, k, pipelined=True)
-        plain = build_plan(n * n, n, k, pipelined=False)
+        piped = build_tick_plan(n * n, n, k, pipelined=True)
+        plain = build_tick_plan(n * n, n, k, pipelined=False)
         assert len(piped.ticks) == (k + 1) * n - k
         assert len(plain.ticks) <= (2 * k + 1) * n
         if n >= 3 and k >= 2:
             assert len(piped.ticks) < len(plain.ticks)
-    assert len(build_plan(n * n, n, pipelined=True).ticks) == n * n
+    assert len(build_tick_plan(n * n, n, pipelined=True).ticks) == n * n
 
 
 @pytest.mark.parametrize("n, blocks", [(12, 3), (12, 4), (30, 5), (50, 10), (60, 6)])
 def test_pipelined_full_run_takes_exactly_n_calls_when_blocks_divide_n(n, blocks):
-    assert len(build_plan(n, blocks, pipelined=True).ticks) == n
+    assert len(build_tick_plan(n, blocks, pipelined=True).ticks) == n
 
 
 @settings(max_examples=60, deadline=None)
@@ -175,7 +175,7 @@ def test_pipelined_full_run_takes_exactly_n_calls_when_blocks_divide_n(n, blocks
 def test_plain_fine_ticks_shrink(n, data):
     """Plain mode: iteration p's fine ticks hold exactly the segments b >= p with a step left; no coarse rows."""
     blocks = data.draw(st.integers(1, n))
-    plan = build_plan(n, blocks)
+    plan = build_tick_plan(n, blocks)
     sizes = [plan.block_size(b) for b in range(blocks)]
     fine_ticks = [t for t in plan.ticks if t.fine]
     assert all(not t.coarse for t in fine_ticks)

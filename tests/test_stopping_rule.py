@@ -17,7 +17,8 @@ import torch
 from helpers_core import SD_CONFIG, CountingModel, gaussian_mixture, max_abs, parareal_ref
 from helpers_core import single_thread  # noqa: F401  (fixture)
 from srds_trt.noise_schedule import ddim_grid
-from srds_trt.sampling import DEFAULT_TOL, error_estimate, serial_sample, srds_sample
+from srds_trt.sampling import DEFAULT_TOL, serial_sample, srds_sample
+from srds_trt.stopping import error_estimate
 from srds_trt.schedule import block_bounds
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -186,4 +187,4 @@ def test_tol_stops_earlier_than_tol_zero_and_reports_what_it_compared():
     assert loose.iterations < exact.iterations == exact.num_blocks
     assert loose.converged and loose.error_estimates[-1] <= 0.5
     assert all(e > 0.5 for e in loose.error_estimates[:-1])
-    assert loose.serial_evals < exact.serial_evals and loose.model_evals < exact.model_evals
+    assert loose.sequential_calls < exact.sequential_calls and loose.model_evals < exact.model_evals

@@ -16,7 +16,7 @@ from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file
 from .trt_import import tensorrt_module  # re-exported: the loading side's one import point
 
 __all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
-           "check_external_data", "check_files", "normalise_capability"]
+           "check_external_data", "check_files", "normalise_capability", "cond_input_name", "verify_onnx"]
 
 
 class ArtifactError(RuntimeError):
@@ -163,3 +163,20 @@ def load_engine(artifact_dir: str | os.PathLike, *, target: str | None) -> tuple
     if engine is None:
         raise ArtifactError(f"{artifact_dir}: TensorRT could not deserialise the plan (see its log)")
     return engine, manifest
+
+
+def cond_input_name(manifest: dict[str, Any]) -> str:
+    """The conditioning input of an export: class labels (digits) or text embeddings (SD)."""
+    names = [t["name"] for t in manifest["io"]["inputs"]]
+    return "class_labels" if "class_labels" in names else "encoder_hidden_states"
+
+
+def verify_onnx(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check the ONNX model (and its external data) against the manifest's sha256 before ONNX Runtime reads it."""
+    folder = Path(artifact_dir)
+    manifest = read_manifest(folder)
+    onnx_name = manifest["onnx"]["file"]
+    names = [onnx_name] + ([manifest["onnx"]["external_data"]] if manifest["onnx"].get("external_data") else [])
+    check_files(folder, manifest, names)
+    check_external_data(folder / onnx_name, folder, set(manifest["files"]))
+    return manifest

@@ -27,7 +27,7 @@ from .manifest import PLAN_NAME, SCHEMA, file_entries, safe_folder_name, to_json
 from .onnx_export import DATA_NAME, ONNX_NAME, UNetForExport, export_onnx, use_upcasting_attention
 from .parity import check_parity, parity_rows, reference_outputs
 from .stages import StageLog
-from .trt_build import BuildTarget, build_plan, build_target
+from .trt_build import BuildTarget, build_tensorrt_plan, build_target
 from .trt_import import tensorrt_module
 
 # Bump when the exported graph changes for the same inputs (e.g. the attention implementation), so old keys miss.
@@ -177,7 +177,7 @@ def _build(
     trt_module, flavour = trt
     with log.stage(f"TensorRT plan ({flavour} {trt_module.__version__})") as info:
         cache = config.out / ".timing-cache" / f"{flavour}-{trt_module.__version__}-{'_'.join(target.compute_capabilities)}.cache"
-        built = build_plan(trt_module, flavour, tmp / ONNX_NAME, contract, config.batch_range,
+        built = build_tensorrt_plan(trt_module, flavour, tmp / ONNX_NAME, contract, config.batch_range,
                            profiles=config.profiles, target=target, timing_cache=cache)
         (tmp / PLAN_NAME).write_bytes(built.plan)
         info.append(f"build {built.seconds:.1f} s, {len(built.plan) / 2**20:.1f} MiB")

@@ -60,7 +60,7 @@ class BuildResult:
     device_memory_bytes: int | None  # known only where the plan can be deserialised (a supported GPU)
 
 
-def build_plan(
+def build_tensorrt_plan(
     trt: ModuleType,
     flavour: str,
     onnx_path: Path,

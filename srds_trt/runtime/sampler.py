@@ -1,6 +1,6 @@
 """The pipeline's engine path: one engine and cached runners per pipeline (no global state).
 
-`--backend torch` on a GPU, `onnxruntime` and `tensorrt` sample through srds_trt.cuda_streams (static buffers,
+`--backend torch` on a GPU, `onnxruntime` and `tensorrt` sample through srds_trt.runtime (static buffers,
 one program per bucket, CUDA graphs on a GPU) instead of the pure reference sampler. The engine is built on
 first use, sized to the rows the run needs; its batch-noise floor is measured once and keeps a positive tol
 above it (runner.effective_tol).
@@ -14,18 +14,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .cuda_streams import RunResult, SerialRunner, SRDSRunner
+from .serial_runner import SerialRunner
+from .srds_runner import RunResult, SRDSRunner
 from .engines.base import Engine, EngineError
 from .engines.factory import BACKENDS, torch_engine
-from .schedule import default_num_blocks
+from ..schedule import default_num_blocks
 
 DEFAULT_ENGINE_DIR = Path("engines")
 
 
 def artifact_folder(engine_dir: str | Path, model: str, backend: str) -> Path:
     """The export folder to load: `engine_dir` itself if it holds a manifest, else the one export of `model` in it."""
-    from .export.artifacts import find_artifacts
-    from .export.trt_import import tensorrt_module
+    from ..export.artifacts import find_artifacts
+    from ..export.trt_import import tensorrt_module
 
     folder = Path(engine_dir)
     if (folder / "manifest.json").is_file():

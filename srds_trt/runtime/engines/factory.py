@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .base import Engine, EngineError, EngineSpec
+from .base import EngineSpec
 from .torch_engine import TorchEngine
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -26,36 +24,9 @@ def engine_spec(loaded, dtype: torch.dtype) -> EngineSpec:
 
 def torch_engine(loaded, *, device, dtype: torch.dtype, max_rows: int = 64, cuda_graphs: bool | None = None, lanes: int = 1,
                  tf32: bool = False) -> TorchEngine:
-    from ..models import unet_model_fn
+    from ...models import unet_model_fn
 
     device = torch.device(device)
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     return TorchEngine(unet_model_fn(loaded), engine_spec(loaded, dtype), device=device, max_rows=max_rows,
                        cuda_graphs=graphs, lanes=lanes, tf32=tf32)
-
-
-def build_engine(
-    backend: str,
-    *,
-    loaded=None,
-    artifact_dir: str | Path | None = None,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    max_rows: int = 64,
-    lanes: int = 1,
-) -> Engine:
-    if backend == "torch":
-        if loaded is None:
-            raise EngineError("the torch backend needs a loaded model")
-        return torch_engine(loaded, device=device, dtype=dtype, max_rows=max_rows, lanes=lanes)
-    if artifact_dir is None:
-        raise EngineError(f"the {backend} backend needs an export folder (python -m srds_trt.export)")
-    if backend == "onnxruntime":
-        from .onnxruntime_engine import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(artifact_dir, max_rows=max_rows, lanes=lanes)
-    if backend == "tensorrt":
-        from .tensorrt_engine import TensorRTEngine
-
-        return TensorRTEngine(artifact_dir, device=device, lanes=lanes)
-    raise EngineError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.long}
+
+
 class EngineError(RuntimeError):
     """An engine cannot be built or run as asked."""
 
@@ -33,6 +36,23 @@ class EngineSpec:
     cond_dtype: torch.dtype  # torch.long for class labels
     dtype: torch.dtype  # the engine's float precision (inputs and output)
     timestep_dtype: torch.dtype = torch.float32  # exported engines take fp32 timesteps
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "EngineSpec":
+        """The IO contract an export's manifest describes (srds_trt.export writes it)."""
+        from ...export.artifacts import ArtifactError
+
+        inputs = {t["name"]: t for t in manifest["io"]["inputs"]}
+        cond = inputs.get("class_labels") or inputs.get("encoder_hidden_states")
+        if "sample" not in inputs or "timestep" not in inputs or cond is None:
+            raise ArtifactError(f"manifest inputs {sorted(inputs)} do not follow the srds_trt IO contract")
+        return cls(
+            sample_shape=tuple(inputs["sample"]["shape"][1:]),
+            cond_shape=tuple(cond["shape"][1:]),
+            cond_dtype=TORCH_DTYPES[cond["dtype"]],
+            dtype=TORCH_DTYPES[inputs["sample"]["dtype"]],
+            timestep_dtype=TORCH_DTYPES[inputs["timestep"]["dtype"]],
+        )
 
 
 @dataclass

@@ -56,10 +56,6 @@ class TorchEngine(Engine):
         if cuda_graphs:
             self.capture()
 
-    @property
-    def graphs(self) -> bool:
-        return bool(self._graphs)
-
     def _run(self, bucket: int, lane: int = 0) -> None:
         io = self.io(bucket, lane)
         with torch.no_grad(), tf32_allowed(self.tf32):

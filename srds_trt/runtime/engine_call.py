@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engines.base import Engine
+from .engines.base import Engine
 
 
 def load_conditioning(engine: Engine, bucket: int, lane: int, rows: int, batch: int, halves: list[Tensor]) -> None:

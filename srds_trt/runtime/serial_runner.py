@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engines.base import Engine
+from .engines.base import Engine
 from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
 from .engine_call import guided_call, load_conditioning
 

@@ -11,7 +11,7 @@ device-to-device copy and a graph replay. States live in fp32 (the correction is
 engine's precision.
 
 coarse = "merged":  coarse rows ride in the same call as the fine rows (one call per tick).
-coarse = "serial":  coarse rows get their own call, on the same stream (the baseline for "overlap").
+coarse = "separate":  coarse rows get their own call, on the same stream (the baseline for "overlap").
 coarse = "overlap": coarse rows get their own call on a second stream and engine lane, ordered with events,
                     running beside the fine call of the same tick.
 
@@ -33,14 +33,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..engines.base import Engine, EngineError
-from ..sampling import DEFAULT_TOL, error_estimate
-from ..schedule import Plan, build_plan
+from .engines.base import Engine, EngineError
+from ..sampling import SampleResult
+from ..stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
+from ..schedule import Plan, build_tick_plan
 from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
 from .engine_call import guided_call, load_conditioning
-from .slots import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tick_formations, tick_rows
+from .tables import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tick_formations, tick_rows
 
-COARSE_MODES = ("merged", "serial", "overlap")
+COARSE_MODES = ("merged", "separate", "overlap")
 
 
 NOISE_MARGIN = 4.0  # residuals plateau at about twice the per-call floor (seen on an H200); stop above that
@@ -51,23 +52,7 @@ def effective_tol(tol: float, noise_floor: float) -> float:
     return max(tol, NOISE_MARGIN * noise_floor) if tol > 0 else 0.0
 
 
-class NonFiniteError(FloatingPointError):
-    """NaN or Inf appeared in the SRDS state (typically fp16 overflow): never returned as an image."""
-
-
-@dataclass
-class RunResult:
-    sample: Tensor
-    iterations: int
-    num_blocks: int
-    model_evals: int  # state rows evaluated (x2 engine rows under guidance), padding excluded
-    serial_evals: int  # ticks on the critical path to the returned iterate
-    ticks_launched: int  # includes speculative ticks launched while a residual was in flight
-    engine_calls: dict[int, int] = field(default_factory=dict)  # engine bucket -> calls
-    residuals: list[float] = field(default_factory=list)
-    error_estimates: list[float] = field(default_factory=list)
-    converged: bool = False
-    tol: float = 0.0  # the tolerance used (effective_tol)
+RunResult = SampleResult  # one result type for every sampler and runner (sampling.SampleResult)
 
 
 class _Program:
@@ -114,7 +99,7 @@ class SRDSRunner:
             raise ValueError(f"batch must be >= 1, got {batch}")
         on_cuda = engine.device.type == "cuda"
         if coarse == "overlap" and not on_cuda:
-            coarse = "serial"  # no second stream on CPU: same work, same results
+            coarse = "separate"  # no second stream on CPU: same work, same results
         if coarse == "overlap" and engine.lanes < 2:
             raise EngineError("coarse='overlap' needs an engine with 2 lanes (buffers/contexts for two streams)")
         self.engine, self.batch, self.guided, self.coarse = engine, batch, guided, coarse
@@ -131,7 +116,7 @@ class SRDSRunner:
             raise ValueError("cuda_graphs=True needs a CUDA engine")
         timesteps = as_grid(timesteps)
         self.timesteps = timesteps
-        self.plan: Plan = build_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
+        self.plan: Plan = build_tick_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
         self.slots: SlotMap = slot_map(self.plan)
         self.pool = torch.zeros(self.slots.count * batch, *engine.spec.sample_shape, dtype=state_dtype, device=self.device)
         self.scale = torch.ones((), dtype=state_dtype, device=self.device)
@@ -164,8 +149,9 @@ class SRDSRunner:
         if on_cuda:
             self._streams = {0: torch.cuda.Stream(self.device), 1: torch.cuda.Stream(self.device)}
             self._events = (torch.cuda.Event(), torch.cuda.Event())
-            self._res_host = torch.zeros(self.plan.max_iters + 1, dtype=torch.float64, pin_memory=True)
-        self._res_dev = torch.zeros(self.plan.max_iters + 1, dtype=torch.float64, device=self.device)
+            self._res_host = torch.zeros(self.plan.max_iters + 1, self.plan.num_blocks, dtype=torch.float64, pin_memory=True)
+        # res[p, b - 1] = max |U[p][b] - U[p-1][b]| (stopping.StoppingRule's input); b < p stays 0 (exact boundaries)
+        self._res_dev = torch.zeros(self.plan.max_iters + 1, self.plan.num_blocks, dtype=torch.float64, device=self.device)
         self._captured = False
         self._pending_events: dict[int, torch.cuda.Event] = {}
 
@@ -290,15 +276,14 @@ class SRDSRunner:
         guidance_scale: float = 1.0,
         tol: float = DEFAULT_TOL,
         progress: Callable[[int, float], None] | None = None,
-    ) -> RunResult:
+    ) -> SampleResult:
         """SRDS from x_T = x [batch, C, H, W] with per-image conditioning; returns the iterate the rule accepts."""
         if x.shape != (self.batch, *self.engine.spec.sample_shape):
             raise ValueError(f"x must have shape {(self.batch, *self.engine.spec.sample_shape)}, got {tuple(x.shape)}")
         if self.guided and uncond is None:
             raise ValueError("this runner was built for guidance: pass uncond")
-        if not (tol >= 0 and math.isfinite(tol)):
-            raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-        tol = effective_tol(tol, self.noise_floor)
+        tol = effective_tol(check_tol(tol), self.noise_floor)
+        rule = StoppingRule(tol, self.plan.num_blocks)
         self.capture()
         self.scale.fill_(guidance_scale)
         self._load_conditioning(cond, uncond)
@@ -310,8 +295,6 @@ class SRDSRunner:
         if on_cuda:
             main.wait_stream(torch.cuda.current_stream(self.device))
             self._streams[1].wait_stream(torch.cuda.current_stream(self.device))
-        residuals: list[float] = []
-        estimates: list[float] = []
         pending: list[tuple[int, int]] = []  # (iteration, tick its residual was launched at)
         calls: dict[int, int] = {}
         model_evals = 0
@@ -324,11 +307,11 @@ class SRDSRunner:
             for p in tick.completes:
                 self._launch_residual(p)
                 pending.append((p, i))
-            stop = self._poll(pending, residuals, estimates, progress, tol, now=i)
+            stop = self._poll(pending, rule, progress, now=i)
             if stop is not None:
                 break
         if stop is None:
-            stop = self._poll(pending, residuals, estimates, progress, tol, now=None)
+            stop = self._poll(pending, rule, progress, now=None)
         if stop is None:  # only with max_iters = 0
             stop = 0
         if on_cuda:  # speculative ticks may still run; the returned iterate's slot is never written again
@@ -337,17 +320,19 @@ class SRDSRunner:
         rows = self.pool.view(self.slots.count, self.batch, *x.shape[1:])
         sample = rows[self.slots.U[(stop, self.plan.num_blocks)]].clone()
         exact = stop == self.plan.num_blocks
-        return RunResult(
+        return SampleResult(
             sample=sample.to(x.dtype),
+            sampler="srds",
             iterations=stop,
             num_blocks=self.plan.num_blocks,
             model_evals=model_evals,
-            serial_evals=self.plan.ticks_until(stop),
+            sequential_calls=self.plan.ticks_until(stop),
             ticks_launched=launched,
             engine_calls=calls,
-            residuals=residuals,
-            error_estimates=estimates,
-            converged=exact or bool(estimates and estimates[-1] <= tol),
+            residuals=rule.residuals[:stop],
+            error_estimates=rule.estimates[:stop],
+            boundary_changes=rule.boundary_changes[:stop],
+            converged=stop > 0 and (exact or rule.estimates[stop - 1] <= tol),
             tol=tol,
         )
 
@@ -402,16 +387,17 @@ class SRDSRunner:
 
     def _launch_residual(self, p: int) -> None:
         new, old = self._residual_index[p]
+        first = max(p, 1)  # boundaries first..B are compared
         with self._on(0):
-            diff = (self.pool.index_select(0, new) - self.pool.index_select(0, old)).abs().amax()
-            self._res_dev[p] = diff.to(torch.float64)
+            diff = (self.pool.index_select(0, new) - self.pool.index_select(0, old)).abs()
+            self._res_dev[p, first - 1 :] = diff.view(self.plan.num_blocks - first + 1, -1).amax(1).to(torch.float64)
             if self.device.type == "cuda":
                 self._res_host[p].copy_(self._res_dev[p], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._streams[0])
                 self._pending_events[p] = event
 
-    def _poll(self, pending, residuals, estimates, progress, tol, *, now: int | None) -> int | None:
+    def _poll(self, pending, rule: StoppingRule, progress, *, now: int | None) -> int | None:
         """Consume residuals whose copies have landed; return the iteration to stop at, if any.
 
         now: the tick just launched (None: the plan is done, wait for everything). A residual launched at tick j
@@ -425,21 +411,20 @@ class SRDSRunner:
                     event.synchronize()
                 elif not event.query():
                     return None
-                value = float(self._res_host[p])
+                changes = self._res_host[p].tolist()
             else:
-                value = float(self._res_dev[p])
+                changes = self._res_dev[p].tolist()
             pending.pop(0)
-            if not math.isfinite(value):
+            if not all(math.isfinite(c) for c in changes):
                 raise NonFiniteError(
                     f"iteration {p}: NaN/Inf in the SRDS state (engine {self.engine.name}, {self.engine.spec.dtype}); "
                     "fp16 overflow is the usual cause: export with upcast attention or run fp32"
                 )
             if p == 0:
                 continue
-            residuals.append(value)
-            estimates.append(error_estimate(residuals))
+            stop = rule.observe(p, changes)
             if progress is not None:
-                progress(p, value)
-            if p == self.plan.num_blocks or estimates[-1] <= tol or p == self.plan.max_iters:
+                progress(p, rule.residuals[-1])
+            if stop or p == self.plan.max_iters:
                 return p
         return None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import cond_input_name, spec_from_manifest, verify_onnx
-from .base import Engine
+from ...export.artifacts import cond_input_name, verify_onnx
+from .base import Engine, EngineSpec
 
 
 class OnnxRuntimeEngine(Engine):
@@ -25,7 +25,7 @@ class OnnxRuntimeEngine(Engine):
         self.manifest = verify_onnx(self.artifact_dir)
         request = self.manifest["request"]
         top = request["max_batch"] if max_rows is None else min(max_rows, request["max_batch"])
-        super().__init__(spec_from_manifest(self.manifest), tuple(range(1, top + 1)), "cpu", lanes)
+        super().__init__(EngineSpec.from_manifest(self.manifest), tuple(range(1, top + 1)), "cpu", lanes)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -18,9 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..export.artifacts import load_engine
-from .artifacts import cond_input_name, spec_from_manifest
-from .base import Engine, EngineError, default_buckets
+from ...export.artifacts import cond_input_name, load_engine
+from .base import Engine, EngineError, EngineSpec, default_buckets
 
 
 class TensorRTEngine(Engine):
@@ -52,7 +51,7 @@ class TensorRTEngine(Engine):
         buckets = buckets or default_buckets(hi, lo)
         if buckets[0] < lo or buckets[-1] > hi:
             raise EngineError(f"buckets {buckets} leave the exported row range [{lo}, {hi}]")
-        super().__init__(spec_from_manifest(self.manifest), buckets, device, lanes)
+        super().__init__(EngineSpec.from_manifest(self.manifest), buckets, device, lanes)
         self._names = ("sample", "timestep", cond_input_name(self.manifest), self.manifest["io"]["outputs"][0]["name"])
         self._contexts = [self._engine.create_execution_context() for _ in range(lanes)]
         setup = torch.cuda.current_stream(device)

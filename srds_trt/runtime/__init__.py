@@ -1,0 +1,23 @@
+"""The runtime: walks a sampler's tick plan on an engine with static buffers, CUDA graphs and streams.
+
+Layout (one idea per module, in the order data flows):
+
+    engines/         one Engine interface over PyTorch, ONNX Runtime and TensorRT: static buffers per bucket
+    tables.py        the plan as device-ready data: state slots, per-tick row and formation tables (pure)
+    engine_call.py   the guided engine call every runner makes (rows in, one enqueue, guided output out)
+    srds_runner.py   SRDSRunner: SRDS ticks as fixed-shape programs, CUDA graphs, a second stream, async residuals
+    serial_runner.py SerialRunner: the serial sampler on the same engine and graphs (the speedup baseline)
+    sampler.py       RuntimeSampler: what the pipeline calls; one engine and cached runners per pipeline
+
+The runtime owns device state (streams, graphs, buffers); samplers (srds_trt.sampling) stay pure functions.
+"""
+
+from .engines import BucketIO, Engine, EngineError, EngineSpec, TorchEngine
+from .serial_runner import SerialRunner
+from ..stopping import NonFiniteError
+from .srds_runner import COARSE_MODES, RunResult, SRDSRunner
+
+__all__ = [
+    "COARSE_MODES", "BucketIO", "Engine", "EngineError", "EngineSpec", "NonFiniteError", "RunResult", "SRDSRunner",
+    "SerialRunner", "TorchEngine",
+]
