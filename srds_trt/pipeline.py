@@ -27,10 +27,12 @@ from .models import LoadedUNet, load_unet, unet_model_fn
 from .models.loading import random_weights_config, sd_folder, seeded_init
 from .models.registry import read_json
 from .noise_schedule import ddim_grid
-from .sampling import DEFAULT_TOL, serial_sample, srds_sample
+from .sampling import DEFAULT_TOL, SAMPLERS as REFERENCE_SAMPLERS, serial_sample
 from .schedule import default_num_blocks
+from .stopping import NonFiniteError
 
-SAMPLERS = ("srds", "serial")
+# every sampler of sampling.SAMPLERS, plus "auto" (srds_trt.autotune chooses from the measured latency curve)
+SAMPLERS = (*REFERENCE_SAMPLERS, "auto")
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRDS's parallelism to show
 DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}
@@ -132,84 +134,130 @@ class SRDSPipeline:
     def __call__(self, prompt: str | int | Sequence[str | int] | None = None, *, num_inference_steps: int = DEFAULT_STEPS,
                  guidance_scale: float | None = None, generator: torch.Generator | int | None = None,
                  sampler: str = "srds", tol: float = DEFAULT_TOL, num_blocks: int | None = None,
-                 pipelined: bool = False, max_iters: int | None = None, num_images_per_prompt: int = 1,
-                 negative_prompt: str = "", compare_serial: bool = False,
+                 pipelined: bool = True, max_iters: int | None = None, num_images_per_prompt: int = 1,
+                 negative_prompt: str = "", compare_serial: bool = False, max_rows: int | None = None,
                  progress_bar: bool = True) -> SRDSPipelineOutput:
-        """Sample one image per prompt (times num_images_per_prompt) with SRDS or the serial DDIM sampler."""
+        """Sample one image per prompt (times num_images_per_prompt) with SRDS, serial DDIM or another sampler
+        of sampling.SAMPLERS ("auto": srds_trt.autotune chooses).
+
+        Images are processed in chunks whose widest model call fits `max_rows` rows (default MAX_ROWS), so
+        memory stays bounded whatever the image count; the first call of a (steps, blocks, images) shape builds
+        and captures its runner, later calls replay it (stats: first_call, setup_s, wall_time_s).
+        Raises ValueError on bad settings (before any model work) and NonFiniteError when NaN/Inf reach a sample.
+        """
         prompts = self.check_prompts(prompt)
         check_run_args(num_inference_steps, tol, num_blocks, sampler, num_images_per_prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        scale = self.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
+        if negative_prompt and self.family == "digits":
+            raise ValueError("negative_prompt has no meaning for the digits model (its unconditional row is the null class)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = check_seed(generator)
         if not isinstance(generator, torch.Generator):
-            generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
-
-        cond, uncond = self.encode(prompts, negative_prompt)
-        x = self.noise(len(prompts), generator)
-        model = classifier_free_guidance(self.cond_model, cond, uncond, scale)
+            generator = torch.Generator().manual_seed(0 if generator is None else generator)
+        if sampler == "auto":
+            sampler = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale)
+        if self.runtime is not None and sampler not in ("srds", "serial"):
+            raise ValueError(f"sampler {sampler!r} runs on the reference path only (backend torch on a CPU); "
+                             "the runtime runs srds and serial")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        guided = scale != 1.0
+        per_image = rows_per_image(num_inference_steps, num_blocks, guided, pipelined, max_iters) if sampler == "srds" \
+            else (2 if guided else 1)
+        chunk = max(1, (max_rows or MAX_ROWS) // per_image)
+        x_all = torch.randn((len(prompts), *self.loaded.sample_shape), generator=generator, device=generator.device)
         timesteps, alphas_cumprod = ddim_grid(self.loaded.scheduler_config, num_inference_steps)
         alphas_cumprod = alphas_cumprod.to(self.device)
         prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)
-        run = dict(model=model, x=x, timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
-        if self.runtime is not None:
-            run["engine_inputs"] = dict(x=x, cond=cond, uncond=uncond, scale=scale, timesteps=timesteps,
-                                        alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
 
         stats: dict[str, Any] = {
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
             "steps": num_inference_steps, "images": len(prompts), "prompts": prompts, "guidance_scale": scale,
-            "cfg_rows_per_image": 1 if scale == 1.0 else 2, "device": str(self.device),
+            "cfg_rows_per_image": 2 if guided else 1, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
+            "chunks": math.ceil(len(prompts) / chunk), "images_per_chunk": min(chunk, len(prompts)),
         }
-        if sampler == "srds":
-            samples, srds_stats = self._srds(run, tol, num_blocks, pipelined, max_iters, progress_bar)
-            stats.update(srds_stats)
-        else:
-            samples, stats["wall_time_s"] = self._serial(run, progress_bar)
-            stats.update(blocks=1, iterations=None, model_evals=num_inference_steps * len(prompts),
-                         sequential_calls=num_inference_steps, converged=True, residuals=[])
-        if compare_serial and sampler == "srds":
-            reference, serial_time = self._serial(run, progress_bar)
-            stats["serial"] = {"wall_time_s": serial_time, "model_evals": num_inference_steps * len(prompts),
-                               "sequential_calls": num_inference_steps}
-            stats["max_abs_diff_vs_serial"] = float((samples.double() - reference.double()).abs().max())
-        pixels = self.decode(samples)
-        return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples.detach().cpu())
+        samples, chunk_stats = [], []
+        with _bar(progress_bar and len(prompts) > chunk, total=len(prompts), desc="images", unit="image") as images_bar:
+            for start in range(0, len(prompts), chunk):
+                part = prompts[start:start + chunk]
+                cond, uncond = self.encode(part, negative_prompt)
+                x = x_all[start:start + chunk].to(self.device, self.dtype)
+                model = check_batch(classifier_free_guidance(self.cond_model, cond, uncond, scale))
+                run = dict(model=model, x=x, timesteps=timesteps, alphas_cumprod=alphas_cumprod,
+                           prediction_type=prediction_type)
+                if self.runtime is not None:
+                    run["engine_inputs"] = dict(x=x, cond=cond, uncond=uncond, scale=scale, timesteps=timesteps,
+                                                alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+                part_stats: dict[str, Any] = {}
+                if sampler == "serial":
+                    sample, part_stats = self._serial(run, progress_bar)
+                    part_stats.update(blocks=1, iterations=None, model_evals=num_inference_steps * len(part),
+                                      sequential_calls=num_inference_steps, converged=True, residuals=[])
+                else:
+                    sample, part_stats = self._sampler(sampler, run, tol, num_blocks, pipelined, max_iters, progress_bar)
+                if compare_serial and sampler != "serial":
+                    reference, serial_stats = self._serial(run, progress_bar)
+                    part_stats["serial"] = {**serial_stats, "model_evals": num_inference_steps * len(part),
+                                            "sequential_calls": num_inference_steps}
+                    part_stats["max_abs_diff_vs_serial"] = float((sample.double() - reference.double()).abs().max())
+                samples.append(sample.detach().cpu())
+                chunk_stats.append(part_stats)
+                images_bar.update(len(part))
+        stats.update(_merge_chunks(chunk_stats))
+        samples_cpu = _check_finite(torch.cat(samples), sampler)  # whatever a sampler checks, no NaN leaves here
+        pixels = torch.cat([self.decode(s.to(self.device)) .cpu() for s in samples])
+        return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples_cpu)
 
-    def _srds(self, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar) -> tuple[Tensor, dict]:
+    def _auto_sampler(self, steps: int, images: int, scale: float) -> str:
+        """sampler="auto": srds_trt.autotune chooses when that module exists; otherwise SRDS."""
+        try:
+            from . import autotune
+        except ImportError:
+            return "srds"
+        name = autotune.choose(pipeline=self, steps=steps, images=images, guidance_scale=scale)
+        if name not in SAMPLERS or name == "auto":
+            raise ValueError(f"autotune chose an unknown sampler {name!r}")
+        return name
+
+    def _sampler(self, name: str, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1
         blocks = num_blocks or default_num_blocks(steps)
-        with _bar(progress_bar, total=min(blocks, max_iters or blocks), desc=f"SRDS {steps} steps / {blocks} blocks",
+        with _bar(progress_bar, total=min(blocks, max_iters or blocks), desc=f"{name} {steps} steps / {blocks} blocks",
                   unit="iter") as bar:
             def progress(iteration: int, residual: float) -> None:
                 bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
                 bar.update(1)
 
-            extra = {}
+            extra: dict[str, Any] = {}
             if self.runtime is not None:
-                engine_run = run["engine_inputs"]
-                self.runtime.srds(**engine_run, tol=tol, num_blocks=num_blocks, max_iters=max_iters,
-                                  pipelined=pipelined, progress=None)  # warm-up: builds the engine, captures graphs
-                bar.reset()
                 start = _now(self.device)
-                result = self.runtime.srds(**engine_run, tol=tol, num_blocks=num_blocks, max_iters=max_iters,
-                                           pipelined=pipelined, progress=progress)
+                result, timing = self.runtime.srds(**run["engine_inputs"], tol=tol, num_blocks=num_blocks,
+                                                   max_iters=max_iters, pipelined=pipelined, progress=progress)
                 elapsed = _now(self.device) - start
-                extra = {"engine": self.runtime.engine.name, "engine_dtype": str(self.runtime.engine.spec.dtype).replace("torch.", ""),
+                extra = {"engine": self.runtime.engine.name,
+                         "engine_dtype": str(self.runtime.engine.spec.dtype).replace("torch.", ""),
                          "engine_noise_floor": self.runtime.noise_floor,
-                         "tol_used": result.tol, "ticks_launched": result.ticks_launched}
+                         "engine_noise_floor_rows": self.runtime.noise_floor_rows,
+                         "tol_used": result.tol, "ticks_launched": result.ticks_launched,
+                         **_timing(timing, elapsed)}
             else:
+                options = dict(max_iters=max_iters, progress=progress)
+                if name == "srds":
+                    options.update(num_blocks=num_blocks, pipelined=pipelined)
+                reference = {k: v for k, v in run.items() if k != "engine_inputs"}
                 start = _now(self.device)
-                result = srds_sample(**{k: v for k, v in run.items() if k != "engine_inputs"}, tol=tol,
-                                     num_blocks=num_blocks, pipelined=pipelined, max_iters=max_iters, progress=progress)
+                result = REFERENCE_SAMPLERS[name](**reference, tol=tol, **options)
                 elapsed = _now(self.device) - start
+                extra = {"first_call": True, "setup_s": 0.0, "wall_time_s": elapsed}
         return result.sample, {**extra,
             "blocks": result.num_blocks, "iterations": result.iterations, "model_evals": result.model_evals,
-            "sequential_calls": result.sequential_calls, "converged": result.converged, "residuals": result.residuals,
-            "error_estimates": [e if math.isfinite(e) else None for e in result.error_estimates],
-            "tol": tol, "pipelined": pipelined, "wall_time_s": elapsed,
+            "sequential_calls": result.sequential_calls, "converged": result.converged,
+            "residuals": [_finite_or_none(r) for r in result.residuals],
+            "error_estimates": [_finite_or_none(e) for e in result.error_estimates],
+            "tol": tol, "pipelined": pipelined if name == "srds" else None,
         }
 
-    def _serial(self, run: dict, progress_bar: bool) -> tuple[Tensor, float]:
+    def _serial(self, run: dict, progress_bar: bool) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1
         with _bar(progress_bar, total=steps, desc=f"serial {steps} steps", unit="step") as bar:
             model = run["model"]
@@ -220,31 +268,111 @@ class SRDSPipeline:
                 return out
 
             if self.runtime is not None:
-                self.runtime.serial(**run["engine_inputs"])  # warm-up: builds the engine, captures the step graph
                 start = _now(self.device)
-                sample = self.runtime.serial(**run["engine_inputs"])
+                sample, timing = self.runtime.serial(**run["engine_inputs"])
                 elapsed = _now(self.device) - start
                 bar.update(steps)
-                return sample, elapsed
+                return _check_finite(sample, "serial"), _timing(timing, elapsed)
             start = _now(self.device)
             sample = serial_sample(**{**{k: v for k, v in run.items() if k != "engine_inputs"}, "model": counted})
-            return sample, _now(self.device) - start
+            elapsed = _now(self.device) - start
+            return _check_finite(sample, "serial"), {"first_call": True, "setup_s": 0.0, "wall_time_s": elapsed}
+
+
+# Widest model call (rows) one chunk of images may make: bounds memory for any --num-images (digits: ~26 images
+# of an N=100 guided pipelined SRDS run per chunk; a 16x16 UNet's activations at 512 rows are ~0.3 GB).
+MAX_ROWS = 512
+MAX_STEPS = 8192  # grids finer than the training schedule use fractional timesteps (solvers.alphas_at)
+MAX_GUIDANCE = 1e3  # far beyond any useful scale; larger ones overflow fp16 (and soon fp32) outright
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+def rows_per_image(steps: int, num_blocks: int | None, guided: bool, pipelined: bool, max_iters: int | None) -> int:
+    from .runtime.sampler import rows_needed
+
+    return rows_needed(steps, num_blocks, 1, guided, pipelined, max_iters)
+
+
+def check_batch(model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """A model whose output does not match its input's shape is an error, never silently broadcast."""
+
+    def checked(x: Tensor, t: Tensor) -> Tensor:
+        out = model(x, t)
+        if out.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for an input of {tuple(x.shape)}")
+        return out
+
+    return checked
+
+
+def _check_finite(sample: Tensor, sampler: str) -> Tensor:
+    """Once per call, after sampling (one host sync, off the critical path): NaN/Inf is NonFiniteError."""
+    if not bool(torch.isfinite(sample).all()):
+        raise NonFiniteError(f"{sampler}: NaN/Inf in the sample (a model returning NaN, fp16 overflow, an extreme "
+                             "--guidance-scale); no image written")
+    return sample
+
+
+def _timing(timing, elapsed: float) -> dict:
+    return {"first_call": timing.first_call, "setup_s": timing.setup_s, "wall_time_s": elapsed}
+
+
+def _finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None
+
+
+def _merge_chunks(parts: list[dict]) -> dict:
+    """One chunk's stats as they are; several: counts summed, sequential calls and times per chunk summed,
+    iterations the max, converged only if every chunk did."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = dict(parts[0])
+    for key in ("model_evals", "sequential_calls", "wall_time_s", "setup_s"):
+        if key in merged:
+            merged[key] = sum(p[key] for p in parts)
+    if merged.get("iterations") is not None:
+        merged["iterations"] = max(p["iterations"] for p in parts)
+    merged["converged"] = all(p["converged"] for p in parts)
+    merged["first_call"] = any(p.get("first_call") for p in parts)
+    if "max_abs_diff_vs_serial" in merged:
+        merged["max_abs_diff_vs_serial"] = max(p["max_abs_diff_vs_serial"] for p in parts)
+        merged["serial"] = {k: sum(p["serial"][k] for p in parts) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                            else v for k, v in parts[0]["serial"].items()}
+    merged["residuals"] = [p["residuals"] for p in parts]
+    merged["error_estimates"] = [p.get("error_estimates", []) for p in parts]
+    return merged
+
+
+def check_guidance_scale(scale) -> float:
+    """A finite scale in [0, MAX_GUIDANCE]: NaN/Inf/1e30 make overflow certain, negative ones invert guidance."""
+    scale = float(scale)
+    if not (math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE):
+        raise ValueError(f"--guidance-scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {scale}")
+    return scale
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2^64 - 1], got {seed}")
+    return seed
 
 
 def check_run_args(steps: int, tol: float, num_blocks: int | None, sampler: str, per_prompt: int) -> None:
-    """Reject bad settings before any model work (the CLI calls this too, to fail fast with exit code 2)."""
+    """Reject bad settings before any model work (the CLI calls this too, to fail fast with exit code 2).
+    Messages name the CLI flags; the API raises ValueError with the same text."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    if steps > 1000:
-        raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {steps}")
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"--steps must be <= {MAX_STEPS}, got {steps}")
     if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    if num_blocks is not None and not 1 <= num_blocks <= steps:
-        raise ValueError(f"blocks must be in [1, steps={steps}], got {num_blocks}")
-    if per_prompt < 1:
-        raise ValueError(f"num-images must be >= 1, got {per_prompt}")
+        raise ValueError(f"--tol must be a finite number >= 0, got {tol}")
+    if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
+                                   or not 1 <= num_blocks <= steps):
+        raise ValueError(f"--blocks must be in [1, --steps={steps}], got {num_blocks}")
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"--num-images must be an integer >= 1, got {per_prompt}")
 
 
 def _now(device: torch.device) -> float:

@@ -109,14 +109,15 @@ def srds_sample(
     tol: float = DEFAULT_TOL,
     num_blocks: int | None = None,
     max_iters: int | None = None,
-    pipelined: bool = False,
+    pipelined: bool = True,
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Parareal SRDS over the N-step DDIM grid; converges to `serial_sample` (exactly after B iterations).
 
     num_blocks defaults to round(sqrt(N)); max_iters defaults to (and is capped at) the block count.
-    pipelined=True starts each segment as soon as its start state exists (schedule.py): same iterates,
-    fewer sequential calls. progress(iteration, residual) is called after each Parareal iteration.
+    pipelined (the default) starts each segment as soon as its start state exists (schedule.py): same
+    iterates, fewer sequential calls; pipelined=False runs iteration by iteration (the textbook schedule).
+    progress(iteration, residual) is called after each Parareal iteration.
     """
     check_solver(solver, prediction_type)
     timesteps = check_grid(x, timesteps)
@@ -238,9 +239,16 @@ def _paradigms(*args, **kwargs) -> SampleResult:
     return paradigms_sample(*args, **kwargs)
 
 
+def _eps_picard(*args, **kwargs) -> SampleResult:
+    from .eps_picard import eps_picard_sample  # eps_picard imports this module
+
+    return eps_picard_sample(*args, **kwargs)
+
+
 # name -> sampler with the contract (model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options)
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "serial": serial_result,
     "srds": srds_sample,
     "paradigms": _paradigms,
+    "eps-picard": _eps_picard,
 }

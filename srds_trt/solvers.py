@@ -84,3 +84,11 @@ def per_row(coefficients: Tensor, like: Tensor) -> Tensor:
 def ddim_update(x: Tensor, model_output: Tensor, c_x: Tensor, c_out: Tensor) -> Tensor:
     """Apply one DDIM step to every row: c_x, c_out are [rows] coefficient vectors."""
     return per_row(c_x, x) * x + per_row(c_out, x) * model_output.to(x.dtype)
+
+
+def parareal_update(g_new: Tensor, f_old: Tensor, g_old: Tensor) -> Tensor:
+    """The Parareal correction U[p][b+1] = G(p, b) + (F(p-1, b) - G(p-1, b)), the one place it is written.
+
+    The difference is formed first: F and G_old are close, and their difference is what must not lose digits.
+    """
+    return g_new + (f_old - g_old)

@@ -48,25 +48,48 @@ def check_tol(tol: float) -> float:
     return float(tol)
 
 
-def _contraction_bound(residuals: Sequence[float]) -> float:
-    r = residuals[-1]
-    if r == 0.0:
-        return 0.0
-    if len(residuals) < 2 or residuals[-2] == 0.0:
-        return math.inf
-    rho = r / residuals[-2]
-    if rho >= 1.0:
-        return math.inf
-    return r * max(1.0, rho / (1.0 - rho))
+# The rule's two constants, chosen on the stress suite of benchmarks/stopping.py (see its table):
+# the interior residual must have shrunk at least this much for the final boundary's contraction to be trusted
+# (an interior change that is not dying out can still flip which mode the final sample lands in) ...
+INTERIOR_CONTRACTION = 0.5
+# ... and the final boundary must contract at least this fast for its own estimate of the CURRENT iterate's error
+# to be trusted without first certifying the previous iterate (the superlinear regime of Parareal).
+FAST_CONTRACTION = 0.1
 
 
-def error_estimate(residuals: Sequence[float]) -> float:
-    """Estimated remaining error after the last iteration, from the global residuals r_1..r_p."""
-    if residuals[-1] == 0.0:
+def error_estimate(history: Sequence[Sequence[float]]) -> float:
+    """Estimated max-abs error of the last iterate's final sample U[p][B] vs the serial sample.
+
+    history[q - 1] is iteration q's per-boundary change vector (q = 1..p). Let c_q = history[q-1][-1], the change
+    of the final sample, and r_q the largest change at the boundaries not yet exact (b > q). Then:
+
+    - c_p = |U[p][B] - U[p-1][B]| is, to first order, the error of the PREVIOUS iterate: e_{p-1} <= c_p + e_p.
+    - with rho = c_p / c_{p-1} < 1 the final boundary contracts; a geometric tail bounds e_p <= c_p rho / (1 - rho).
+    - none of this is trusted unless the interior residual also shrank (r_p <= INTERIOR_CONTRACTION r_{p-1}):
+      a small final change while the interior still moves is exactly the false stop of the old rules
+      (consecutive iterates agree because both are wrong the same way).
+
+    Returned: c_p rho / (1 - rho) when rho <= FAST_CONTRACTION (then the current iterate itself is certified,
+    and the run stops at the first iterate within tol), else max(c_p, c_p rho / (1 - rho)) (certifies the
+    previous iterate too: the run stops at most one iteration after the first iterate within tol); infinite
+    without two iterations or without contraction; 0 when nothing changed at all (the fixed point).
+    """
+    if not history:
+        return math.inf
+    last = history[-1]
+    if max(last) == 0.0:
         return 0.0  # the iterate reproduced itself: it is the fixed point, to rounding
-    if len(residuals) < 2:
+    p = len(history)
+    if p < 2:
         return math.inf
-    return max(_contraction_bound(residuals), _contraction_bound(residuals[:-1]))
+    prev = history[-2]
+    c, c_prev = last[-1], prev[-1]
+    interior, interior_prev = max(last[p:], default=0.0), max(prev[p - 1:], default=0.0)
+    if c_prev == 0.0 or c >= c_prev or interior > INTERIOR_CONTRACTION * interior_prev:
+        return math.inf
+    rho = c / c_prev
+    tail = c * rho / (1.0 - rho)
+    return tail if rho <= FAST_CONTRACTION else max(c, tail)
 
 
 @dataclass
@@ -97,7 +120,7 @@ class StoppingRule:
         residual = check_finite(max(changes), f"iteration {iteration}")
         self.boundary_changes.append(changes)
         self.residuals.append(residual)
-        self.estimates.append(error_estimate(self.residuals))
+        self.estimates.append(error_estimate(self.boundary_changes))
         return self.converged
 
     @property

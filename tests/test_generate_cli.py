@@ -33,7 +33,7 @@ def test_writes_images_grid_and_stats(tmp_path, capsys):
         assert key in stats, key
     assert stats["prompts"] == ["3", "3", "7", "7"] and stats["serial"]["sequential_calls"] == 9
     # The table: serial vs SRDS with every column the issue names.
-    for word in ("serial", "SRDS", "iterations", "blocks", "model evals", "sequential evals", "wall time", "max |diff|"):
+    for word in ("serial", "SRDS", "iterations", "blocks", "model evals", "sequential calls", "setup s", "wall time", "max |diff|"):
         assert word in stdout, word
 
 

@@ -81,3 +81,87 @@ def test_two_stream_schedule_equals_single_stream():
     assert torch.equal(out["separate"].sample, out["overlap"].sample)
     # merged batches coarse rows into the fine call: same math, other batch composition
     assert float((out["merged"].sample - out["overlap"].sample).abs().max()) <= 1e-3
+
+
+# ----- short of convergence: where graphs, streams and events can actually be wrong -----
+
+def _short_runs(**variants):
+    """One SRDSRunner per variant (kwargs), max_iters = 2 < B, same x; returns {name: (runner, result)}."""
+    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.runtime import SRDSRunner
+
+    ts, ac = ddim_grid(SD_LIKE, 64)
+    engine = digits_like_engine(torch.float32, lanes=2, graphs=False, max_rows=64)
+    x = torch.randn(2, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    cond, uncond = torch.tensor([3, 7], device="cuda"), torch.full((2,), 10, device="cuda")
+    out = {}
+    for name, kwargs in variants.items():
+        runner = SRDSRunner(engine, batch=2, timesteps=ts, alphas_cumprod=ac, max_iters=2, **kwargs)
+        result = runner.run(x, cond, uncond, guidance_scale=3.0, tol=0.0)
+        torch.cuda.synchronize()
+        out[name] = (runner, result)
+    return out
+
+
+def _assert_same_iterates(a, b, atol):
+    (ra, res_a), (rb, res_b) = a, b
+    assert res_a.iterations == res_b.iterations == 2 < res_a.num_blocks
+    for p in range(3):
+        for bnd in range(1, res_a.num_blocks + 1):
+            diff = float((ra.boundary(p, bnd) - rb.boundary(p, bnd)).abs().max())
+            assert diff <= atol, f"U[{p}][{bnd}] differs by {diff}"
+    assert res_a.residuals == pytest.approx(res_b.residuals, rel=0, abs=max(atol, 1e-12) * 4)
+
+
+def test_graphs_equal_eager_short_of_convergence():
+    runs = _short_runs(graphs=dict(cuda_graphs=True), eager=dict(cuda_graphs=False))
+    assert runs["graphs"][0].capture_failures == {}
+    _assert_same_iterates(runs["graphs"], runs["eager"], atol=1e-5)
+
+
+def test_overlap_equals_one_stream_short_of_convergence():
+    """Same programs, coarse call on a second stream: any missing event shows up as a different iterate."""
+    runs = _short_runs(overlap=dict(coarse="overlap"), separate=dict(coarse="separate"))
+    _assert_same_iterates(runs["overlap"], runs["separate"], atol=0.0)
+
+
+def test_host_stream_and_early_exit_on_gpu():
+    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.runtime import SRDSRunner
+
+    ts, ac = ddim_grid(SD_LIKE, 64)
+    engine = digits_like_engine(torch.float32, lanes=1, graphs=False, max_rows=64)
+    runner = SRDSRunner(engine, batch=1, timesteps=ts, alphas_cumprod=ac, max_iters=3)
+    x = torch.randn(1, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    cond, uncond = torch.tensor([5], device="cuda"), torch.tensor([10], device="cuda")
+    ref = runner.run(x, cond, uncond, guidance_scale=3.0, tol=0.0).sample
+    host = torch.cuda.Stream()
+    for stream in (host, host.cuda_stream):  # a torch stream, then its raw handle (ExternalStream)
+        with torch.cuda.stream(host):
+            x_host = x.clone()  # produced on the host stream: the runner must wait for it
+            got = runner.run(x_host, cond, uncond, guidance_scale=3.0, tol=0.0, stream=stream)
+            out = got.sample.clone()  # ordered after the runner's final event on the host stream
+        host.synchronize()
+        assert torch.equal(out, ref)
+    assert runner.last_run.final_tick == runner.plan.ticks_until(3) - 1
+
+
+def test_capture_failure_runs_uncaptured_and_says_so():
+    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.runtime import SRDSRunner
+    from srds_trt.runtime.engines import EngineSpec, TorchEngine
+
+    def syncing_model(x, t, c):
+        _ = float(x.sum())  # a host sync: illegal during capture
+        return 0.1 * x
+
+    spec = EngineSpec(sample_shape=(1, 4, 4), cond_shape=(), cond_dtype=torch.long, dtype=torch.float32)
+    engine = TorchEngine(syncing_model, spec, device="cuda", max_rows=16)
+    ts, ac = ddim_grid(SD_LIKE, 9)
+    runner = SRDSRunner(engine, batch=1, timesteps=ts, alphas_cumprod=ac)
+    x = torch.randn(1, 1, 4, 4, device="cuda")
+    got = runner.run(x, torch.tensor([1], device="cuda"), torch.tensor([10], device="cuda"), tol=0.0)
+    assert runner.capture_failures and got.iterations == got.num_blocks
+    eager = SRDSRunner(engine, batch=1, timesteps=ts, alphas_cumprod=ac, cuda_graphs=False)
+    ref = eager.run(x, torch.tensor([1], device="cuda"), torch.tensor([10], device="cuda"), tol=0.0)
+    assert torch.equal(got.sample, ref.sample)

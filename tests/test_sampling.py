@@ -86,7 +86,7 @@ def test_every_iteration_equals_textbook_parareal_and_pipelined_equals_plain(n, 
     ref = parareal_ref(model, x, grid.tolist(), alphas, bounds, blocks)
     finals = []
     for k in range(blocks + 1):
-        plain = srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=num_blocks, max_iters=k)
+        plain = srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=num_blocks, max_iters=k, pipelined=False)
         piped = srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=num_blocks, max_iters=k, pipelined=True)
         assert plain.iterations == piped.iterations == k
         assert plain.converged == piped.converged == (k == blocks)
@@ -223,7 +223,7 @@ def test_plain_fine_batch_shrinks_as_blocks_become_exact(n, num_blocks, batch):
     bounds = block_bounds(n, num_blocks)
     blocks = len(bounds) - 1
     sizes = [bounds[b + 1] - bounds[b] for b in range(blocks)]
-    srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=num_blocks)
+    srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=num_blocks, pipelined=False)
     expected = [batch] * blocks  # iteration 0: the coarse sweep
     for p in range(blocks):
         for j in range(max(sizes[p:])):

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srds_trt.schedule import CoarseRow, FineRow, block_bounds, build_tick_plan, default_num_blocks
+from srds_trt.schedule import (EXPECTED_ITERATIONS, CoarseRow, FineRow, block_bounds, build_tick_plan, default_num_blocks,
+                               pipelined_calls)
 
 
 @settings(max_examples=200, deadline=None)
@@ -25,12 +26,31 @@ def test_block_bounds_partition(n, data):
     assert covered == list(range(n))
 
 
-@pytest.mark.parametrize("n", list(range(1, 130)))
-def test_default_blocks_is_rounded_sqrt_clipped(n):
-    expected = min(n, max(1, round(math.sqrt(n))))
-    assert default_num_blocks(n) == expected
-    assert len(block_bounds(n)) - 1 == expected
-    assert build_tick_plan(n).num_blocks == expected
+@pytest.mark.parametrize("n", list(range(1, 41)) + [64, 100, 196, 1024])
+def test_default_blocks_minimise_the_pipelined_critical_path(n):
+    """default_num_blocks is the B with the fewest sequential calls until the expected iteration completes,
+    measured on the plan itself (not on the formula it was derived from), and never worse than round(sqrt(N))."""
+    k = EXPECTED_ITERATIONS
+    chosen = default_num_blocks(n)
+    assert len(block_bounds(n)) - 1 == chosen and build_tick_plan(n).num_blocks == chosen
+
+    def calls(b):
+        plan = build_tick_plan(n, b, k, pipelined=True)
+        return plan.ticks_until(plan.max_iters)
+
+    sqrt_rule = min(n, max(1, round(math.sqrt(n))))
+    assert calls(chosen) <= calls(sqrt_rule)
+    if n <= 40:  # the exhaustive check costs O(N) plans
+        assert calls(chosen) == min(calls(b) for b in range(1, n + 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 200), data=st.data())
+def test_pipelined_calls_formula_matches_the_plan(n, data):
+    b = data.draw(st.integers(1, n))
+    k = data.draw(st.integers(1, b))
+    plan = build_tick_plan(n, b, k, pipelined=True)
+    assert plan.ticks_until(k) == pipelined_calls(n, b, k)
 
 
 def test_block_bounds_rejects_bad_counts():

@@ -3,10 +3,9 @@
 Run it with `python -m srds_trt.export --model digits`. The loading side (`verify_artifacts`, `find_artifacts`,
 `read_manifest`, `tensorrt_module`) imports without torch-side work so a runtime can use it alone.
 """
-from .artifacts import ArtifactError, find_artifacts, load_engine, read_manifest, verify_artifacts
+from .artifacts import (ArtifactError, TensorRTUnavailableError, find_artifacts, load_engine, read_manifest,
+                        tensorrt_module, verify_artifacts)
 from .config import ExportConfig, ExportConfigError
-from .trt_import import TensorRTUnavailableError, tensorrt_module
-
 
 def __getattr__(name: str):
     # The pipeline pulls in torch and diffusers; load it only when asked for.
@@ -15,7 +14,6 @@ def __getattr__(name: str):
 
         return getattr(pipeline, name)
     raise AttributeError(name)
-
 
 __all__ = [
     "ArtifactError", "ExportConfig", "ExportConfigError", "ExportError", "ExportResult", "TensorRTUnavailableError",

@@ -12,15 +12,40 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file
-from .trt_import import tensorrt_module  # re-exported: the loading side's one import point
+import importlib
+from types import ModuleType
+
+from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file, validate_manifest
 
 __all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
-           "check_external_data", "check_files", "normalise_capability", "cond_input_name", "verify_onnx"]
+           "TensorRTUnavailableError", "check_external_data", "check_files", "normalise_capability",
+           "cond_input_name", "verify_onnx"]
+
+# `tensorrt` (TensorRT 11, a GPU machine) is preferred over `tensorrt_rtx` (TensorRT-RTX, which builds plans on a
+# CPU-only machine but runs them only on RTX-class GPUs). Both expose the builder/runtime API the code here uses.
+FLAVOURS = ("tensorrt", "tensorrt_rtx")
 
 
 class ArtifactError(RuntimeError):
     """Artifacts missing, unreadable, tampered with, or built for another TensorRT / GPU."""
+
+
+class TensorRTUnavailableError(ImportError):
+    """Neither TensorRT flavour can be imported."""
+
+
+def tensorrt_module() -> tuple[ModuleType, str]:
+    """Import whichever TensorRT flavour is installed: (module, "tensorrt" or "tensorrt_rtx")."""
+    failures = []
+    for name in FLAVOURS:
+        try:
+            return importlib.import_module(name), name
+        except ImportError as exc:  # a broken install is as unusable as a missing one
+            failures.append(f"{name}: {exc}")
+    raise TensorRTUnavailableError(
+        "no TensorRT installed: pip install 'srds_trt[tensorrt]' (TensorRT 11, NVIDIA GPU) or "
+        "'srds_trt[tensorrt-rtx]' (TensorRT-RTX, builds on CPU) (" + "; ".join(failures) + ")"
+    )
 
 
 def read_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
@@ -34,6 +59,9 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path}: schema {found!r}, this srds_trt reads {SCHEMA!r}; re-export")
+    problem = validate_manifest(manifest)
+    if problem is not None:
+        raise ArtifactError(f"{path}: malformed manifest: {problem}; re-export")
     return manifest
 
 
@@ -117,37 +145,51 @@ def verify_artifacts(
 # What find_artifacts can match on: the manifest's "request" section, plus `rows` (the profile covers it).
 MATCH_FIELDS = ("dtype", "min_batch", "opt_batch", "max_batch", "height", "width", "profiles", "opset", "exporter",
                 "random_weights", "weights_id", "flavour", "version")
+# The export flag that sets each request field (for the advice when nothing fits).
+EXPORT_FLAGS = {"dtype": "--dtype", "min_batch": "--min-batch", "opt_batch": "--opt-batch", "max_batch": "--max-batch",
+                "height": "--height", "width": "--width", "profiles": "--profiles", "opset": "--opset",
+                "exporter": "--exporter", "random_weights": "--random-weights"}
 
 
-def find_artifacts(engine_dir: str | os.PathLike, model: str, **shape_args: Any) -> Path:
-    """The export folder of `model` under `engine_dir` whose request matches every given field.
-
-    Fields: see MATCH_FIELDS; `rows=N` asks for a profile covering N rows. Raises ArtifactError naming the export
-    command when nothing matches, and listing candidates when several do (pass weights_id= to choose).
+def find_artifacts(engine_dir: str | os.PathLike, model: str, *, rows: int | None = None, **fields: Any) -> Path:
+    """The export of `model` under `engine_dir` that fits the run: its profile covers `rows` and its request
+    matches every given field (see MATCH_FIELDS). A folder may hold several exports (re-exporting with another
+    --max-batch adds one); among those that fit, trained weights win over random ones, then the smallest
+    --max-batch (least activation memory), then the newest. When none fits, the ArtifactError names the export command
+    and flags that would build one; damaged or foreign-schema folders are skipped and counted in that message.
     """
-    unknown = set(shape_args) - set(MATCH_FIELDS) - {"rows"}
+    unknown = set(fields) - set(MATCH_FIELDS)
     if unknown:
         raise TypeError(f"find_artifacts: unknown fields {sorted(unknown)}; known: {MATCH_FIELDS + ('rows',)}")
     model_dir = Path(engine_dir) / safe_folder_name(model)
-    matches = []
+    fits, skipped = [], []
     for manifest_path in sorted(model_dir.glob(f"*/{MANIFEST_NAME}")):
         try:
-            request = read_manifest(manifest_path.parent)["request"]
-        except ArtifactError:
-            continue  # another schema or a damaged folder: not a candidate
-        rows = shape_args.get("rows")
+            manifest = read_manifest(manifest_path.parent)
+        except ArtifactError as exc:
+            skipped.append(f"{manifest_path.parent.name} ({exc})")
+            continue
+        request = manifest["request"]
         if rows is not None and not request["min_batch"] <= rows <= request["max_batch"]:
             continue
-        if all(request.get(k) == v for k, v in shape_args.items() if k != "rows"):
-            matches.append(manifest_path.parent)
-    if len(matches) == 1:
-        return matches[0]
-    wanted = " ".join(f"{k}={v}" for k, v in shape_args.items())
-    if not matches:
-        raise ArtifactError(f"no export of {model!r} matching [{wanted}] under {engine_dir}; build one with "
-                            f"`python -m srds_trt.export --model {model} --out {engine_dir}` (and matching options)")
-    raise ArtifactError(f"{len(matches)} exports of {model!r} match [{wanted}]: "
-                        f"{', '.join(m.name for m in matches)}; pass weights_id= (or more fields) to choose")
+        if all(request.get(k) == v for k, v in fields.items()):
+            # Random weights only time the architecture: never chosen over trained ones unless asked for.
+            rank = (bool(request.get("random_weights")), request["max_batch"], _negated(manifest.get("created", "")))
+            fits.append((rank, manifest_path.parent))
+    if fits:
+        return min(fits)[1]
+    flags = [f"--max-batch {rows}"] if rows is not None else []
+    flags += [f"{EXPORT_FLAGS[k]} {v}" if not isinstance(v, bool) else EXPORT_FLAGS[k]
+              for k, v in fields.items() if k in EXPORT_FLAGS and v is not False and not (k == "max_batch" and rows)]
+    wanted = " ".join(f"{k}={v}" for k, v in (({"rows": rows} if rows is not None else {}) | fields).items())
+    note = f"; skipped {len(skipped)} unreadable: {'; '.join(skipped)}" if skipped else ""
+    command = " ".join(["python -m srds_trt.export --model", model, "--out", str(engine_dir), *flags])
+    raise ArtifactError(f"no export of {model!r} under {engine_dir} fits [{wanted}]; build one with `{command}`{note}")
+
+
+def _negated(text: str) -> tuple[int, ...]:
+    """Sort key putting the newest ISO timestamp first."""
+    return tuple(-ord(c) for c in text)
 
 
 def load_engine(artifact_dir: str | os.PathLike, *, target: str | None) -> tuple[Any, dict[str, Any]]:

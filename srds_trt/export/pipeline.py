@@ -1,34 +1,39 @@
 """The export pipeline: reference → ONNX → parity gate → TensorRT plan → manifest, into a temporary folder that is
 renamed to `out/<model>/<key>/` only when everything succeeded. An existing folder with the same key is verified
 and reused instead of rebuilt. Two processes exporting the same key at once are not coordinated: the later one
-replaces the earlier one's folder, or fails (its temporary folder removed) if the two renames collide.
+replaces the earlier one's folder, or fails with one line (its temporary folder removed) if the renames collide.
+
+A temporary folder is held by an advisory lock (fcntl.flock on `.tmp-*/.lock`) for the life of its export; the
+kernel drops the lock when the process dies, even by SIGKILL. Each export removes the unlocked `.tmp-*` folders
+it finds beside its own (left by killed exports) and leaves locked ones (a concurrent export) alone.
 """
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
+import sys
+import time
+from contextlib import contextmanager
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 import numpy as np
 import torch
 
 from . import registry
-from .artifacts import ArtifactError, verify_artifacts
-from .cache_key import artifact_key
+from .artifacts import ArtifactError, tensorrt_module, verify_artifacts
 from .config import ExportConfig
 from .io_contract import IOContract, io_contract, sample_inputs
-from .manifest import PLAN_NAME, SCHEMA, file_entries, safe_folder_name, to_json, write_manifest
+from .manifest import PLAN_NAME, SCHEMA, artifact_key, file_entries, safe_folder_name, to_json, write_manifest
 from .onnx_export import DATA_NAME, ONNX_NAME, UNetForExport, export_onnx, use_upcasting_attention
-from .parity import check_parity, parity_rows, reference_outputs
-from .stages import StageLog
+from .parity import ParityError, check_parity, parity_rows, reference_outputs
 from .trt_build import BuildTarget, build_tensorrt_plan, build_target
-from .trt_import import tensorrt_module
 
 # Bump when the exported graph changes for the same inputs (e.g. the attention implementation), so old keys miss.
 EXPORT_FORMAT = 1
@@ -38,6 +43,32 @@ GUIDANCE_NOTE = ("classifier-free guidance runs in one call of 2n rows: rows [0,
 
 class ExportError(RuntimeError):
     """An export that cannot proceed; the message is one line for the user."""
+
+
+@dataclass
+class StageLog:
+    """A staged log with times: `[export] 2/5 onnx ... done in 1.3 s`, to stderr, silenced by quiet=True."""
+
+    total: int
+    quiet: bool = False
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[export] {text}", file=self.stream, flush=True)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[list[str]]:
+        """Time a stage; details appended to the yielded list are printed on its line."""
+        index = len(self.times) + 1
+        self.note(f"{index}/{self.total} {name} ...")
+        start = time.perf_counter()
+        self.times[name] = float("nan")  # claims the index even if the stage fails
+        details: list[str] = []
+        yield details
+        self.times[name] = time.perf_counter() - start
+        self.note(f"{index}/{self.total} {name} done in {self.times[name]:.1f} s{': ' + ', '.join(details) if details else ''}")
 
 
 @dataclass(frozen=True)
@@ -50,9 +81,20 @@ class ExportResult:
 def export_model(config: ExportConfig, *, quiet: bool = False) -> ExportResult:
     """Export a registry model; cheap checks (TensorRT present, name known, out writable) precede weight loading."""
     trt = tensorrt_module()
+    check_opset(config.onnx_opset)
     registry.check_model(config.model)  # cheap: an unknown name fails before any weights are read
     ensure_writable(config.out)
     return export_unet(registry.load_model(config), config, quiet=quiet, trt=trt)
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset newer than the installed onnx knows (torch.onnx would fail after the model loaded)."""
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ExportError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} supports "
+                          f"(at most {newest})")
 
 
 def ensure_writable(out: Path) -> None:
@@ -118,24 +160,71 @@ def export_unet(
         return ExportResult(final, reused, True)
 
     created = _missing_parents(model_dir)
+    lock = None
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(model_dir)
+        if removed:
+            log.note(f"removed {len(removed)} temporary folder(s) of killed exports: {', '.join(removed)}")
         tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".tmp-{key}-"))
+        lock = _hold_lock(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to this user
     except OSError as exc:
         _remove_empty(created)
         raise ExportError(f"output folder {config.out} is not writable: {exc.strerror or exc}") from None
     try:
         manifest = _build(loaded, config, contract, request, key, target, (trt_module, flavour), tmp, log)
+        (tmp / LOCK_NAME).unlink()  # the lock stays held on the open descriptor until the rename is done
         if final.exists():  # a stale or damaged folder with our key (a good one was reused above)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:  # full disk, a rename collision with a concurrent export, a vanished folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise ExportError(f"cannot write the export under {model_dir}: {exc.strerror or exc}"
+                          f"{' (' + str(exc.filename) + ')' if exc.filename else ''}; nothing was kept") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+    finally:
+        os.close(lock)
     log.note(f"artifacts in {final}")
     return ExportResult(final, manifest, False)
+
+
+LOCK_NAME = ".lock"
+UNLOCKED_GRACE_S = 600  # a folder without a lock file is another version's or one being created: wait this long
+
+
+def _hold_lock(tmp: Path) -> int:
+    fd = os.open(tmp / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new folder: never contended
+    return fd
+
+
+def remove_stale_temporaries(model_dir: Path) -> list[str]:
+    """Remove `.tmp-*` folders under `model_dir` whose export is gone (lock free); return their names."""
+    removed = []
+    for tmp in sorted(model_dir.glob(".tmp-*")):
+        lock_path = tmp / LOCK_NAME
+        try:
+            if not lock_path.exists():
+                if time.time() - tmp.stat().st_mtime < UNLOCKED_GRACE_S:
+                    continue
+            else:
+                fd = os.open(lock_path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live export holds it
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            continue  # its export just finished or cleaned up
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp.name)
+    return removed
 
 
 def _reuse(final: Path, flavour: str, version: str, log: StageLog) -> dict[str, Any] | None:
@@ -169,10 +258,22 @@ def _build(
             module.half()
         example = {k: torch.from_numpy(v) for k, v in sample_inputs(contract, 2, seed=config.seed,
                                                                       num_classes=num_classes).items()}
-        onnx_files = export_onnx(module, contract, example, tmp, opset=config.onnx_opset, exporter=config.exporter)
+        try:
+            onnx_files = export_onnx(module, contract, example, tmp, opset=config.onnx_opset, exporter=config.exporter)
+        except (OSError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # torch.onnx's errors are many types; the user needs the flags and the cause
+            raise ExportError(f"ONNX export failed (--opset {config.onnx_opset}, --exporter {config.exporter}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         info.append(", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in onnx_files))
     with log.stage("parity (ONNX Runtime vs PyTorch)") as info:
-        parity = check_parity(tmp / ONNX_NAME, feeds, references, config.tolerance)
+        try:
+            parity = check_parity(tmp / ONNX_NAME, feeds, references, config.tolerance)
+        except (ParityError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors (Fail, InvalidGraph, NotImplemented, ...)
+            raise ParityError(f"ONNX Runtime could not run the export (--opset {config.onnx_opset}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         info.append(f"max abs {parity.max_abs:.3g}, rel {parity.max_rel:.3g} <= {parity.tolerance:.3g}")
     trt_module, flavour = trt
     with log.stage(f"TensorRT plan ({flavour} {trt_module.__version__})") as info:
@@ -234,6 +335,8 @@ def _manifest(
                      "diffusers": diffusers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "stage_seconds": {k: round(v, 3) for k, v in times.items() if v == v},
+        # rows -> ms per engine call; filled in by a runtime that measures at warm-up on a GPU (see README).
+        "latency_per_rows": None,
         "files": file_entries(files),
     }
 

@@ -3,9 +3,12 @@
 Layout (one idea per module, in the order data flows):
 
     engines/         one Engine interface over PyTorch, ONNX Runtime and TensorRT: static buffers per bucket
-    tables.py        the plan as device-ready data: state slots, per-tick row and formation tables (pure)
+    tables.py        the plan as device-ready data: state slots, stacked per-program call/formation tables (pure)
     engine_call.py   the guided engine call every runner makes (rows in, one enqueue, guided output out)
-    srds_runner.py   SRDSRunner: SRDS ticks as fixed-shape programs, CUDA graphs, a second stream, async residuals
+    programs.py      call and formation programs: fixed-shape tick work walking its tables by a device counter
+    cuda_graphs.py   capture_graph: the one CUDA-graph capture recipe (warm-up, shared pool, eager fallback)
+    host.py          what a host hands over: its CUDA stream (int, __cuda_stream__, torch) and DLPack tensors
+    srds_runner.py   SRDSRunner: SRDS ticks as programs, CUDA graphs, a second stream, async residuals, early exit
     serial_runner.py SerialRunner: the serial sampler on the same engine and graphs (the speedup baseline)
     sampler.py       RuntimeSampler: what the pipeline calls; one engine and cached runners per pipeline
 

@@ -8,6 +8,8 @@ above it (runner.effective_tol).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,33 +20,51 @@ from .serial_runner import SerialRunner
 from .srds_runner import RunResult, SRDSRunner
 from .engines.base import Engine, EngineError
 from .engines.factory import BACKENDS, torch_engine
-from ..schedule import default_num_blocks
+from ..schedule import build_tick_plan
 
 DEFAULT_ENGINE_DIR = Path("engines")
 
 
-def artifact_folder(engine_dir: str | Path, model: str, backend: str) -> Path:
-    """The export folder to load: `engine_dir` itself if it holds a manifest, else the one export of `model` in it."""
+def artifact_folder(engine_dir: str | Path, model: str, backend: str, rows: int | None = None) -> Path:
+    """The export folder to load: `engine_dir` itself if it holds a manifest, else the export of `model` in it that
+    fits the run (its profile covers `rows`, when given; srds_trt.export.artifacts.find_artifacts chooses)."""
     from ..export.artifacts import find_artifacts
-    from ..export.trt_import import tensorrt_module
+    from ..export.artifacts import tensorrt_module
 
     folder = Path(engine_dir)
     if (folder / "manifest.json").is_file():
         return folder
-    fields = {}
+    fields = {} if rows is None else {"rows": rows}
     if backend == "tensorrt":
         trt, flavour = tensorrt_module()
-        fields = {"flavour": flavour, "version": trt.__version__}
+        fields.update(flavour=flavour, version=trt.__version__)
     return find_artifacts(folder, model, **fields)
 
 
-def rows_needed(steps: int, num_blocks: int | None, images: int, guided: bool) -> int:
-    """Engine rows of the widest tick: every block's fine row plus one coarse row, per image, x2 under guidance."""
-    blocks = num_blocks or default_num_blocks(steps)
-    return (blocks + 1) * images * (2 if guided else 1)
+def rows_needed(steps: int, num_blocks: int | None, images: int, guided: bool, pipelined: bool = True,
+                max_iters: int | None = None) -> int:
+    """Engine rows of the plan's widest tick (fine and coarse rows), per image, x2 under guidance.
+
+    Read from the tick plan itself rather than a formula: a pipelined tick can hold more segments than B + 1
+    (N=100, B=25: 32 rows).
+    """
+    plan = build_tick_plan(steps, num_blocks, max_iters, pipelined)
+    widest = max((tick.rows for tick in plan.ticks), default=1)
+    return max(1, widest) * images * (2 if guided else 1)
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """How long a runtime call took, and how much of it was one-time work (engine, buffers, tables, graphs)."""
+
+    first_call: bool  # this call built the runner
+    setup_s: float  # engine + runner construction + warm-up/capture, 0 on a cached runner
 
 
 class RuntimeSampler:
+    """One engine and a cache of runners keyed by (kind, grid, images, blocks, ...): built and captured on the
+    first call with a key, replayed by every later one (one warm-up per runner, never per call)."""
+
     def __init__(self, backend: str, loaded, *, device: torch.device, dtype: torch.dtype, engine_dir: str | Path | None = None):
         if backend not in BACKENDS:
             raise EngineError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -53,10 +73,15 @@ class RuntimeSampler:
         if backend == "onnxruntime" and device.type != "cpu":
             raise EngineError("--backend onnxruntime runs on the CPU (--device cpu)")
         self.backend, self.loaded, self.device, self.dtype = backend, loaded, device, dtype
-        self.artifacts = None if backend == "torch" else artifact_folder(engine_dir or DEFAULT_ENGINE_DIR, loaded.spec.name, backend)
+        self.engine_dir = Path(engine_dir or DEFAULT_ENGINE_DIR)
+        # fail early (before any sampling) when no export of this model exists at all; the one that fits a run's
+        # rows is chosen on first use, when the rows are known
+        self.artifacts = None if backend == "torch" else artifact_folder(self.engine_dir, loaded.spec.name, backend)
         self.engine: Engine | None = None
         self.noise_floor = 0.0
+        self.noise_floor_rows = 0
         self._runners: dict[tuple, object] = {}
+        self.runner_builds = 0  # runners constructed (and captured) so far: one per key
 
     def _engine(self, rows: int) -> Engine:
         if self.engine is not None and self.engine.max_rows >= rows:
@@ -64,42 +89,68 @@ class RuntimeSampler:
         if self.backend == "torch":
             # the runners capture their own graphs around the engine call: the engine itself stays eager
             self.engine = torch_engine(self.loaded, device=self.device, dtype=self.dtype, max_rows=rows, cuda_graphs=False)
-        elif self.backend == "onnxruntime":
-            from .engines.onnxruntime_engine import OnnxRuntimeEngine
-
-            self.engine = OnnxRuntimeEngine(self.artifacts)
         else:
-            from .engines.tensorrt_engine import TensorRTEngine
+            try:
+                self.artifacts = artifact_folder(self.engine_dir, self.loaded.spec.name, self.backend, rows)
+            except Exception as exc:  # ArtifactError: no export covers these rows; keep the one found up front
+                if self.artifacts is None:
+                    raise
+                from ..export.artifacts import ArtifactError
 
-            self.engine = TensorRTEngine(self.artifacts, device=self.device, cuda_graphs=False)
+                if not isinstance(exc, ArtifactError):
+                    raise
+            if self.backend == "onnxruntime":
+                from .engines.onnxruntime_engine import OnnxRuntimeEngine
+
+                self.engine = OnnxRuntimeEngine(self.artifacts, max_rows=rows)
+            else:
+                from .engines.tensorrt_engine import TensorRTEngine
+
+                self.engine = TensorRTEngine(self.artifacts, device=self.device, cuda_graphs=False)
         if self.engine.max_rows < rows:
             raise EngineError(f"this run needs {rows} engine rows but the export at {self.artifacts} holds "
-                              f"{self.engine.max_rows}; re-export with --max-batch {rows} (or use fewer images/blocks)")
-        self.noise_floor = self.engine.measure_noise_floor(min(16, self.engine.max_rows))
+                              f"{self.engine.max_rows}; re-export with --max-batch {rows} (or use fewer --num-images "
+                              "or --blocks)")
+        # measured at the widest bucket this run uses: that is where batched kernels differ most from single rows
+        self.noise_floor_rows = self.engine.bucket_for(rows)
+        self.noise_floor = self.engine.measure_noise_floor(self.noise_floor_rows)
         self._runners.clear()
         return self.engine
 
+    def _runner(self, key: tuple, rows: int, build: Callable[[Engine], object]) -> tuple[object, CallTiming]:
+        runner = self._runners.get(key) if self.engine is not None and self.engine.max_rows >= rows else None
+        if runner is not None:
+            return runner, CallTiming(first_call=False, setup_s=0.0)
+        start = _now(self.device)
+        engine = self._engine(rows)
+        runner = self._runners[key] = build(engine)
+        runner.capture()  # warm-up + CUDA-graph capture, once per runner
+        self.runner_builds += 1
+        return runner, CallTiming(first_call=True, setup_s=_now(self.device) - start)
+
     def srds(self, x: Tensor, cond: Tensor, uncond: Tensor, *, scale: float, timesteps: Tensor, alphas_cumprod: Tensor,
              prediction_type: str, tol: float, num_blocks: int | None, max_iters: int | None, pipelined: bool,
-             progress: Callable[[int, float], None] | None) -> RunResult:
+             progress: Callable[[int, float], None] | None) -> tuple[RunResult, CallTiming]:
         guided = scale != 1.0
-        engine = self._engine(rows_needed(len(timesteps) - 1, num_blocks, x.shape[0], guided))
+        rows = rows_needed(len(timesteps) - 1, num_blocks, x.shape[0], guided, pipelined, max_iters)
         key = ("srds", tuple(timesteps.tolist()), x.shape[0], num_blocks, max_iters, pipelined, guided, prediction_type)
-        runner = self._runners.get(key)
-        if runner is None:
-            runner = self._runners[key] = SRDSRunner(
-                engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
-                num_blocks=num_blocks, max_iters=max_iters, pipelined=pipelined, guided=guided, noise_floor=self.noise_floor)
-        return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, tol=tol, progress=progress)
+        runner, timing = self._runner(key, rows, lambda engine: SRDSRunner(
+            engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+            num_blocks=num_blocks, max_iters=max_iters, pipelined=pipelined, guided=guided, noise_floor=self.noise_floor))
+        result = runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, tol=tol, progress=progress)
+        return result, timing
 
     def serial(self, x: Tensor, cond: Tensor, uncond: Tensor, *, scale: float, timesteps: Tensor, alphas_cumprod: Tensor,
-               prediction_type: str) -> Tensor:
+               prediction_type: str) -> tuple[Tensor, CallTiming]:
         guided = scale != 1.0
-        engine = self._engine(x.shape[0] * (2 if guided else 1))
         key = ("serial", tuple(timesteps.tolist()), x.shape[0], guided, prediction_type)
-        runner = self._runners.get(key)
-        if runner is None:
-            runner = self._runners[key] = SerialRunner(engine, batch=x.shape[0], timesteps=timesteps,
-                                                       alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
-                                                       guided=guided)
-        return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale)
+        runner, timing = self._runner(key, x.shape[0] * (2 if guided else 1), lambda engine: SerialRunner(
+            engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+            guided=guided))
+        return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale), timing
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,17 +1,24 @@
 """The serial baseline on the same runtime: one engine call per DDIM step, each step one CUDA graph.
 
 SRDS speedups are quoted against this, not against eager PyTorch: the baseline gets the same static buffers,
-the same graph per step (engine call + guidance + DDIM update) and the same engine.
+the same graph per step (engine call + guidance + DDIM update), the same capture recipe (cuda_graphs.py) and
+the same engine. Per-step timesteps and coefficients are stacked on the device and walked by a device-side
+counter, like the SRDS programs: a step is one graph replay, no host-to-device copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .engines.base import Engine
 from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .cuda_graphs import CapturedGraph, capture_graph
 from .engine_call import guided_call, load_conditioning
+from .engines.base import Engine
+from .host import as_tensor, host_stream
 
 
 class SerialRunner:
@@ -30,48 +37,49 @@ class SerialRunner:
         check_solver("ddim", prediction_type)
         self.engine, self.batch, self.guided = engine, batch, guided
         self.device = engine.device
-        on_cuda = self.device.type == "cuda"
-        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         timesteps = as_grid(timesteps)
         alphas = alphas_at(timesteps, alphas_cumprod)
         c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
-        # Per-step meta rows: (timestep, c_x, c_out), copied into the static buffer before each replay.
-        self._table = torch.stack([timesteps[:-1].to(torch.float64), c_x, c_out], 1).to(self.device)
+        # Stacked per-step tables (+ one extra entry so warm-up/capture, which advance the counter, stay in range).
+        pad = lambda v: torch.cat([v, v[-1:]])  # noqa: E731
+        self._t = pad(timesteps[:-1].to(torch.float64)).to(self.device, engine.spec.timestep_dtype)
+        self._c_x, self._c_out = (pad(c).to(self.device, state_dtype) for c in (c_x, c_out))
+        self._step_index = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.bucket = engine.bucket_for(batch * (2 if guided else 1))
         self.state = torch.zeros(batch, *engine.spec.sample_shape, dtype=state_dtype, device=self.device)
-        self.meta = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.scale = torch.ones((), dtype=state_dtype, device=self.device)
-        self.graph = None
         self.steps = len(timesteps) - 1
+        self.step_program: CapturedGraph | None = None
+        self.capture_failures: dict[str, str] = {}
 
     def _step(self) -> None:
-        rows = self.meta[0].expand(self.batch)
-        out = guided_call(self.engine, self.bucket, 0, self.state, rows, self.scale if self.guided else None)
-        self.state.copy_(ddim_update(self.state, out, self.meta[1].expand(self.batch), self.meta[2].expand(self.batch)))
+        k, rows = self._step_index, self.batch
+        t, c_x, c_out = (v.index_select(0, k).expand(rows) for v in (self._t, self._c_x, self._c_out))
+        out = guided_call(self.engine, self.bucket, 0, self.state, t, self.scale if self.guided else None)
+        self.state.copy_(ddim_update(self.state, out, c_x, c_out))
+        k.add_(1)
 
     def capture(self) -> None:
-        if self.graph is not None or not self.cuda_graphs:
+        if self.step_program is not None:
             return
-        self.meta.copy_(self._table[0])
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._step()  # warm-up
-        side.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
-            self._step()
-        torch.cuda.synchronize(self.device)
+        self._step_index.fill_(self.steps)  # the extra entry: warm-up steps a state that run() overwrites
+        self.step_program = capture_graph(self._step, device=self.device, enabled=self.cuda_graphs)
+        if self.step_program.failure is not None:
+            self.capture_failures["step"] = self.step_program.failure
 
-    def run(self, x: Tensor, cond: Tensor, uncond: Tensor | None = None, *, guidance_scale: float = 1.0) -> Tensor:
+    def run(self, x: Any, cond: Any, uncond: Any = None, *, guidance_scale: float = 1.0, stream: Any = None) -> Tensor:
+        """The serial sample from x (tensor or DLPack); ordered on the host's `stream` like SRDSRunner.run."""
+        x, cond = as_tensor(x, "x"), as_tensor(cond, "cond")
+        uncond = None if uncond is None else as_tensor(uncond, "uncond")
+        host = host_stream(stream, self.device)
         self.capture()
-        self.scale.fill_(guidance_scale)
-        load_conditioning(self.engine, self.bucket, 0, self.batch, self.batch, [uncond, cond] if self.guided else [cond])
-        self.state.copy_(x)
-        for i in range(self.steps):
-            self.meta.copy_(self._table[i], non_blocking=True)
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
-        return self.state.clone().to(x.dtype)
+        with torch.cuda.stream(host) if host is not None else contextlib.nullcontext():
+            self.scale.fill_(guidance_scale)
+            load_conditioning(self.engine, self.bucket, 0, self.batch, self.batch,
+                              [uncond, cond] if self.guided else [cond])
+            self.state.copy_(x)
+            self._step_index.zero_()
+            for _ in range(self.steps):
+                self.step_program.run()
+            return self.state.to(x.dtype, copy=True)

@@ -1,26 +1,33 @@
-"""The SRDS runtime: walks a schedule.Plan on an Engine with static buffers, CUDA graphs and two streams.
+"""The SRDS runtime: walks a schedule.Plan on an Engine with static buffers, CUDA graphs and streams.
 
-Per tick (one batched model call, schedule.py) the work is a fixed-shape program over static buffers:
+Per tick (one batched model call, schedule.py) the work is fixed-shape programs over static buffers
+(programs.py): gather the tick's rows from the state pool -> engine call (rows doubled under guidance) ->
+guidance -> DDIM update -> scatter -> form the boundaries that became ready (U = G_new + (F - G_old)). The tables
+of every tick are built once (tables.py) and stacked on the device; programs walk them with device-side
+counters, so a tick is one graph replay per program and no host-to-device copy.
 
-    gather the tick's rows from the state pool -> engine call (rows doubled under guidance) -> guidance ->
-    DDIM update -> scatter into the pool -> form the boundaries that became ready: U = G_new + (F - G_old)
+coarse = "merged":   coarse rows ride in the same call as the fine rows (one call per tick).
+coarse = "separate": coarse rows get their own call, on the same stream (the baseline for "overlap").
+coarse = "overlap":  coarse rows get their own call on a second stream and engine lane, ordered with events,
+                     beside the fine call of the same tick. On CPU it runs as "separate" (nothing to overlap).
 
-The row indices, timesteps and solver coefficients of every tick are precomputed (slots.py) and copied into the
-program's static meta buffer before it runs, so one CUDA graph per (lane, bucket) serves every tick: a tick is a
-device-to-device copy and a graph replay. States live in fp32 (the correction is formed there) whatever the
-engine's precision.
+Streams and events (GPU), per run:
+    entry:      main waits on the host stream; x_T is written on main; the coarse and residual streams wait on it
+    tick i:     [coarse stream: wait tick_done, coarse call, record coarse_done]  main: fine call,
+                wait coarse_done, formation, record tick_done; after the tick completing iteration p,
+                record iteration_done[p]
+    residual p: residual stream waits iteration_done[p], reduces |U[p] - U[p-1]| per boundary, copies to pinned
+                memory, records residual_landed[p]: the reduction is off the critical stream, and the host
+                polls the event without blocking the GPU
+    exit:       the host stream waits on iteration_done[stop], the tick that completed the accepted iteration,
+                not on the speculative ticks behind it; the sample is copied out on the host stream.
+Iteration 0 has no residual of its own: iteration 1's changes |U[1][b] - U[0][b]| cover every U[0][b], so a
+NaN/Inf in the coarse sweep surfaces there (only max_iters = 0 checks U[0] directly).
 
-coarse = "merged":  coarse rows ride in the same call as the fine rows (one call per tick).
-coarse = "separate":  coarse rows get their own call, on the same stream (the baseline for "overlap").
-coarse = "overlap": coarse rows get their own call on a second stream and engine lane, ordered with events,
-                    running beside the fine call of the same tick.
-
-Convergence is read without a host sync on the critical path: when an iteration completes, its residual is
-reduced on the device, copied to pinned memory with an event, and the host looks at it when the event has
-fired; ticks launched meanwhile are speculative and harmless, because slots are never reused. The host runs
-ahead of the GPU, though (on an H100 it had queued all 35 remaining ticks before a digits residual landed), so
-it waits for a pending residual once it is `lookahead` ticks ahead of it: the GPU still has those ticks queued
-while the host reads the value, and the speculation is bounded. On CPU the same programs run eagerly, without streams or graphs, and give `srds_sample`'s results.
+Convergence is read without a host sync on the critical path: the host keeps launching (speculative) ticks
+while a residual is in flight, and waits for it once it is `lookahead` ticks ahead. Slots are never reused, so
+speculation cannot overwrite a result. On CPU the same programs run eagerly, and residuals "land" exactly
+`lookahead` ticks after their launch, so CPU runs exercise the same speculation and exit logic as a GPU.
 """
 
 from __future__ import annotations
@@ -28,23 +35,25 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .engines.base import Engine, EngineError
 from ..sampling import SampleResult
-from ..stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
 from ..schedule import Plan, build_tick_plan
-from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
-from .engine_call import guided_call, load_conditioning
-from .tables import SINK, X_T, ZERO, CallRows, Formations, SlotMap, slot_map, tick_formations, tick_rows
+from ..solvers import as_grid, check_solver
+from ..stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
+from .cuda_graphs import capture_graph
+from .engine_call import load_conditioning
+from .engines.base import Engine, EngineError
+from .host import as_tensor, host_stream
+from .programs import CallProgram, FormationProgram
+from .tables import X_T, ZERO, build_tick_tables, residual_rows, widest_call
 
 COARSE_MODES = ("merged", "separate", "overlap")
-
-
 NOISE_MARGIN = 4.0  # residuals plateau at about twice the per-call floor (seen on an H200); stop above that
+MAIN, COARSE, RESIDUAL = 0, 1, 2  # stream roles; MAIN and COARSE are also engine lanes
 
 
 def effective_tol(tol: float, noise_floor: float) -> float:
@@ -55,22 +64,26 @@ def effective_tol(tol: float, noise_floor: float) -> float:
 RunResult = SampleResult  # one result type for every sampler and runner (sampling.SampleResult)
 
 
-class _Program:
-    """A fixed-shape piece of tick work with its static meta buffer(s), optionally captured as a CUDA graph.
+@dataclass
+class RunStats:
+    """What the last run did beyond its SampleResult: where the host waited, and how far it speculated."""
 
-    Call programs also carry the engine bucket they fill and, when formations ride along (coarse="merged"),
-    the formation meta buffer; the formation-only program has neither.
-    """
+    final_tick: int = -1  # the tick after whose completion the result was handed back
+    ticks_launched: int = 0
+    residuals_launched: list[int] = field(default_factory=list)  # iterations whose residual was reduced
 
-    def __init__(self, fn: Callable[[], None], meta: Tensor, *, bucket: int | None = None, form_meta: Tensor | None = None):
-        self.fn, self.meta, self.bucket, self.form_meta = fn, meta, bucket, form_meta
-        self.graph: torch.cuda.CUDAGraph | None = None
 
-    def run(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.fn()
+class _Event:
+    """A CUDA event on a GPU; on CPU a record of the tick it stands for (work there is already done)."""
+
+    def __init__(self, on_cuda: bool):
+        self.cuda = torch.cuda.Event() if on_cuda else None
+        self.tick = -1
+
+    def record(self, stream: Any, tick: int) -> None:
+        self.tick = tick
+        if self.cuda is not None:
+            self.cuda.record(stream)
 
 
 class SRDSRunner:
@@ -93,338 +106,292 @@ class SRDSRunner:
         lookahead: int = 2,
     ):
         check_solver("ddim", prediction_type)
-        if coarse not in COARSE_MODES:
-            raise ValueError(f"coarse must be one of {COARSE_MODES}, got {coarse!r}")
+        on_cuda = engine.device.type == "cuda"
+        self.coarse = _check_coarse(coarse, engine, on_cuda)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        on_cuda = engine.device.type == "cuda"
-        if coarse == "overlap" and not on_cuda:
-            coarse = "separate"  # no second stream on CPU: same work, same results
-        if coarse == "overlap" and engine.lanes < 2:
-            raise EngineError("coarse='overlap' needs an engine with 2 lanes (buffers/contexts for two streams)")
-        self.engine, self.batch, self.guided, self.coarse = engine, batch, guided, coarse
-        # Batched kernels are not batch-invariant: a row differs by up to `noise_floor` between batch sizes
-        # (engines.measure_noise_floor). Residuals cannot fall below that, so a positive tol is raised to a
-        # margin above it; tol = 0 keeps its meaning (run all B iterations).
-        self.noise_floor = noise_floor
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1 tick, got {lookahead}")
-        self.lookahead = lookahead
-        self.device = engine.device
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs a CUDA engine")
-        timesteps = as_grid(timesteps)
-        self.timesteps = timesteps
-        self.plan: Plan = build_tick_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
-        self.slots: SlotMap = slot_map(self.plan)
-        self.pool = torch.zeros(self.slots.count * batch, *engine.spec.sample_shape, dtype=state_dtype, device=self.device)
-        self.scale = torch.ones((), dtype=state_dtype, device=self.device)
-        self._alphas = alphas_at(timesteps, alphas_cumprod)
-        self._prediction_type = prediction_type
+        self.engine, self.batch, self.guided, self.device = engine, batch, guided, engine.device
+        # Batched kernels are not batch-invariant: residuals cannot fall below the engine's noise floor, so a
+        # positive tol is raised to a margin above it (effective_tol); tol = 0 keeps its meaning.
+        self.noise_floor, self.lookahead = noise_floor, lookahead
+        self.timesteps = as_grid(timesteps)
+        self.plan: Plan = build_tick_plan(len(self.timesteps) - 1, num_blocks, max_iters, pipelined)
 
         factor = 2 if guided else 1
-        self.caps = tuple(b // factor for b in engine.buckets if b % factor == 0)
-        if not self.caps:
-            raise EngineError(f"engine buckets {engine.buckets} hold no even row count for guidance")
-        self._form_cap = max(1, max(len(t.ready) for t in self.plan.ticks)) * batch
-        split = coarse != "merged"
-        self._lane = {"all": 0, "fine": 0, "coarse": 1 if coarse == "overlap" else 0}
-        kinds = ("fine", "coarse") if split else ("all",)
-        # Per tick: (cap, meta table) for each call kind; None where the tick has no rows of that kind.
-        self._tables: dict[str, list[tuple[int, Tensor] | None]] = {k: [] for k in kinds}
-        self._form_tables: list[Tensor] = []
-        for i in range(len(self.plan.ticks)):
-            for kind in kinds:
-                rows = tick_rows(self.plan, self.slots, i, kind)
-                self._tables[kind].append(self._call_table(rows) if rows.inputs else None)
-            self._form_tables.append(self._form_table(tick_formations(self.plan, self.slots, i)))
-        self._programs: dict[tuple[str, int], _Program] = {}
-        for kind in kinds:
-            for cap in sorted({entry[0] for entry in self._tables[kind] if entry is not None}):
-                self._programs[(kind, cap)] = self._call_program(kind, cap, with_formation=not split)
-        if split:
-            self._programs[("form", self._form_cap)] = self._form_program()
-        self._residual_index = self._residual_rows()
-        if on_cuda:
-            self._streams = {0: torch.cuda.Stream(self.device), 1: torch.cuda.Stream(self.device)}
-            self._events = (torch.cuda.Event(), torch.cuda.Event())
-            self._res_host = torch.zeros(self.plan.max_iters + 1, self.plan.num_blocks, dtype=torch.float64, pin_memory=True)
-        # res[p, b - 1] = max |U[p][b] - U[p-1][b]| (stopping.StoppingRule's input); b < p stays 0 (exact boundaries)
+        caps = tuple(b // factor for b in engine.buckets if b % factor == 0)
+        split = self.coarse != "merged"
+        widest = widest_call(self.plan, split) * batch
+        if not caps or widest > caps[-1]:
+            raise EngineError(f"a tick needs {widest} state rows ({widest * factor} engine rows) but the engine holds "
+                              f"{engine.max_rows}: use fewer blocks or images, or a larger max batch")
+        tables = build_tick_tables(self.plan, batch=batch, caps=caps, timesteps=self.timesteps,
+                                   alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, split=split,
+                                   state_dtype=state_dtype, timestep_dtype=engine.spec.timestep_dtype)
+        self.slots, self._schedule = tables.slots, tables.schedule
+        self.pool = torch.zeros(self.slots.count * batch, *engine.spec.sample_shape, dtype=state_dtype, device=self.device)
+        self.scale = torch.ones((), dtype=state_dtype, device=self.device)
+        self._counters = torch.zeros(len(tables.programs), dtype=torch.int64, device=self.device)
+        self.programs = [self._program(k, p, factor) for k, p in enumerate(tables.programs)]
+        self._neutral = torch.tensor([p.neutral for p in self.programs], dtype=torch.int64, device=self.device)
+        self._residual_index = [tuple(t.to(self.device) for t in residual_rows(self.plan, self.slots, batch, p))
+                                for p in range(self.plan.max_iters + 1)]
+        # changes[p, b - 1] = max |U[p][b] - U[p-1][b]| (StoppingRule's input); b < p stays 0 (exact boundaries)
         self._res_dev = torch.zeros(self.plan.max_iters + 1, self.plan.num_blocks, dtype=torch.float64, device=self.device)
+        self._res_host = torch.zeros(self._res_dev.shape, dtype=torch.float64, pin_memory=on_cuda)
+        self._streams = {role: torch.cuda.Stream(self.device) for role in (MAIN, COARSE, RESIDUAL)} if on_cuda else {}
+        self._tick_done, self._coarse_done, self._entry = (_Event(on_cuda) for _ in range(3))
+        self._iteration_done = [_Event(on_cuda) for _ in range(self.plan.max_iters + 1)]
+        self._residual_landed = [_Event(on_cuda) for _ in range(self.plan.max_iters + 1)]
+        self.capture_failures: dict[str, str] = {}  # program -> why it runs uncaptured
+        self._keep_memory_until_streams_finish()
         self._captured = False
-        self._pending_events: dict[int, torch.cuda.Event] = {}
+        self.last_run = RunStats()
 
-    # ----- tables (host work, once per runner) -----
-    def _rows(self, slots: tuple[int, ...]) -> list[int]:
-        return [s * self.batch + i for s in slots for i in range(self.batch)]
+    def _keep_memory_until_streams_finish(self) -> None:
+        """run() returns before its speculative ticks finish: freed with the runner, the memory they still use
+        must not be handed to new tensors before that work is done (record_stream tells the caching allocator)."""
+        tensors = [self.pool, self.scale, self._counters, self._res_dev, *(t for pair in self._residual_index for t in pair)]
+        for program in self.programs:
+            for table in (getattr(program, "call", None), program.formation):
+                if table is not None:
+                    tensors.extend(vars(table).values())
+        for stream in self._streams.values():
+            for tensor in tensors:
+                tensor.record_stream(stream)
 
-    def _cap_for(self, rows: int) -> int:
-        for cap in self.caps:
-            if cap >= rows:
-                return cap
-        raise EngineError(
-            f"a tick needs {rows} state rows ({rows * (2 if self.guided else 1)} engine rows) but the engine holds "
-            f"{self.engine.max_rows}: use fewer blocks or images, or a larger max batch"
-        )
+    def _program(self, k: int, plan, factor: int) -> CallProgram | FormationProgram:
+        counter = self._counters[k : k + 1]
+        formation = plan.formation.to(self.device) if plan.formation is not None else None
+        if plan.kind == "form":
+            return FormationProgram(self.pool, formation, counter)
+        lane = COARSE if plan.kind == "coarse" and self.coarse == "overlap" else MAIN
+        return CallProgram(plan.kind, lane, plan.cap * factor, self.engine, self.pool, plan.call.to(self.device),
+                           formation, counter, self.scale if self.guided else None)
 
-    def _call_table(self, rows: CallRows) -> tuple[int, Tensor]:
-        src, dst = self._rows(rows.inputs), self._rows(rows.outputs)
-        a_from, a_to = self._alphas[list(rows.steps_from)], self._alphas[list(rows.steps_to)]
-        c_x, c_out = ddim_coefficients(a_from, a_to, self._prediction_type)
-        t = self.timesteps[list(rows.steps_from)].to(torch.float64)
-        per_row = lambda v: v.repeat_interleave(self.batch)  # noqa: E731 — slot-level to row-level
-        cap = self._cap_for(len(src))
-        pad = cap - len(src)
-        table = torch.zeros(5, cap, dtype=torch.float64)
-        table[0] = torch.tensor(src + [ZERO * self.batch] * pad, dtype=torch.float64)
-        table[1] = torch.tensor(dst + [SINK * self.batch] * pad, dtype=torch.float64)
-        table[2, : len(src)] = per_row(t)
-        table[2, len(src):] = float(t[0])  # a real timestep keeps padding rows finite
-        table[3, : len(src)] = per_row(c_x)
-        table[4, : len(src)] = per_row(c_out)
-        return cap, table.to(self.device)
-
-    def _form_table(self, form: Formations) -> Tensor:
-        table = torch.zeros(4, self._form_cap, dtype=torch.float64)
-        table[0] = SINK * self.batch
-        for k, rows in enumerate((form.out, form.a, form.b, form.c)):
-            values = self._rows(rows)
-            table[k, : len(values)] = torch.tensor(values, dtype=torch.float64)
-        return table.to(self.device)
-
-    def _residual_rows(self) -> list[tuple[Tensor, Tensor]]:
-        """Pool rows compared by iteration p's residual: U[p][b] vs U[p-1][b] for b = p..B (p = 0: U[0] vs 0)."""
-        out = []
-        for p in range(self.plan.max_iters + 1):
-            bs = range(max(p, 1), self.plan.num_blocks + 1)
-            new = self._rows(tuple(self.slots.U[(p, b)] for b in bs))
-            old = self._rows(tuple(self.slots.U[(p - 1, b)] if p else ZERO for b in bs))
-            out.append((torch.tensor(new, device=self.device), torch.tensor(old, device=self.device)))
-        return out
-
-    # ----- programs (device work; graph-capturable: fixed shapes, static buffers, no host sync) -----
-    def _call_program(self, kind: str, cap: int, with_formation: bool) -> _Program:
-        engine, lane = self.engine, self._lane[kind]
-        factor = 2 if self.guided else 1
-        bucket = cap * factor
-        meta = torch.zeros(5, cap, dtype=torch.float64, device=self.device)
-        form_meta = torch.zeros(4, self._form_cap, dtype=torch.float64, device=self.device) if with_formation else None
-
-        def fn() -> None:
-            src, dst = meta[0].long(), meta[1].long()
-            x = self.pool.index_select(0, src)
-            out = guided_call(engine, bucket, lane, x, meta[2], self.scale if self.guided else None)
-            self.pool.index_copy_(0, dst, ddim_update(x, out, meta[3], meta[4]))
-            if form_meta is not None:
-                self._form(form_meta)
-
-        return _Program(fn, meta, bucket=bucket, form_meta=form_meta)
-
-    def _form(self, form_meta: Tensor) -> None:
-        out, a, b, c = (form_meta[k].long() for k in range(4))
-        pool = self.pool
-        pool.index_copy_(0, out, pool.index_select(0, a) + (pool.index_select(0, b) - pool.index_select(0, c)))
-
-    def _form_program(self) -> _Program:
-        meta = torch.zeros(4, self._form_cap, dtype=torch.float64, device=self.device)
-        return _Program(lambda: self._form(meta), meta)
-
-    def _set_neutral_meta(self) -> None:
-        """Meta that only reads ZERO and writes SINK: safe for warm-up and capture."""
-        for program in self._programs.values():
-            if program.meta.shape[0] == 5:
-                program.meta.zero_()
-                program.meta[0].fill_(ZERO * self.batch)
-                program.meta[1].fill_(SINK * self.batch)
-                program.meta[2].fill_(float(self.timesteps[0]))
-            else:
-                program.meta.zero_()
-                program.meta[0].fill_(SINK * self.batch)
-            if program.form_meta is not None:
-                program.form_meta.zero_()
-                program.form_meta[0].fill_(SINK * self.batch)
-
+    # ----- capture (once per runner) -----
     def capture(self) -> None:
-        """Warm up every program, then capture each as a CUDA graph; one memory pool per stream lane."""
-        if self._captured or not self.cuda_graphs:
+        """Warm up and capture every program (largest first, one memory pool per lane); failures run eagerly."""
+        if self._captured:
             return
-        self._set_neutral_meta()
-        pools: dict[int, object] = {}
-        for key, program in sorted(self._programs.items(), key=lambda kv: -kv[0][1]):
-            lane = self._lane.get(key[0], 0)
-            stream = self._streams[lane]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                program.fn()  # warm-up outside capture: lazy init, allocator growth
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pools.get(lane), stream=stream):
-                program.fn()
-            pools[lane] = graph.pool()
-            program.graph = graph
-        torch.cuda.synchronize(self.device)
         self._captured = True
+        pools: dict[int, Any] = {}
+        for program in sorted(self.programs, key=lambda p: -getattr(p, "cap", 0)):
+            counter = program.counter
+            counter.fill_(program.neutral)  # the neutral entry reads ZERO and writes SINK
+            program.captured = capture_graph(program.fn, device=self.device, enabled=self.cuda_graphs,
+                                             pool=pools.get(program.lane), stream=self._streams.get(program.lane))
+            if program.captured.failure is not None:
+                self.capture_failures[f"{program.kind}:{getattr(program, 'bucket', '-')}"] = program.captured.failure
+            pools[program.lane] = program.captured.pool or pools.get(program.lane)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ----- one generation -----
     def run(
         self,
-        x: Tensor,
-        cond: Tensor,
-        uncond: Tensor | None = None,
+        x: Any,
+        cond: Any,
+        uncond: Any = None,
         *,
         guidance_scale: float = 1.0,
         tol: float = DEFAULT_TOL,
         progress: Callable[[int, float], None] | None = None,
+        stream: Any = None,
+        out: Any = None,
     ) -> SampleResult:
-        """SRDS from x_T = x [batch, C, H, W] with per-image conditioning; returns the iterate the rule accepts."""
+        """SRDS from x_T = x [batch, C, H, W] with per-image conditioning; returns the iterate the rule accepts.
+
+        x, cond, uncond, out: torch tensors or DLPack producers (viewed, not copied). stream: the host's CUDA
+        stream (torch.cuda.Stream, int handle or __cuda_stream__ object; default: the current stream); the run
+        starts after the work queued on it and the host stream waits for the result only, not for speculative
+        ticks. out: a [batch, C, H, W] buffer to write the sample into (result.sample is then that buffer).
+        """
+        x = as_tensor(x, "x")
+        cond = as_tensor(cond, "cond")
+        uncond = None if uncond is None else as_tensor(uncond, "uncond")
         if x.shape != (self.batch, *self.engine.spec.sample_shape):
             raise ValueError(f"x must have shape {(self.batch, *self.engine.spec.sample_shape)}, got {tuple(x.shape)}")
         if self.guided and uncond is None:
             raise ValueError("this runner was built for guidance: pass uncond")
         tol = effective_tol(check_tol(tol), self.noise_floor)
+        host = host_stream(stream, self.device)
         rule = StoppingRule(tol, self.plan.num_blocks)
         self.capture()
-        self.scale.fill_(guidance_scale)
-        self._load_conditioning(cond, uncond)
-        self.pool.view(self.slots.count, self.batch, *x.shape[1:])[X_T].copy_(x)
-        self.pool.view(self.slots.count, self.batch, *x.shape[1:])[ZERO].zero_()
-
-        on_cuda = self.device.type == "cuda"
-        main = self._streams[0] if on_cuda else None
-        if on_cuda:
-            main.wait_stream(torch.cuda.current_stream(self.device))
-            self._streams[1].wait_stream(torch.cuda.current_stream(self.device))
-        pending: list[tuple[int, int]] = []  # (iteration, tick its residual was launched at)
-        calls: dict[int, int] = {}
-        model_evals = 0
-        stop: int | None = None
-        launched = 0
+        self._enter(host, x, cond, uncond, guidance_scale)
+        stats = self.last_run = RunStats()
+        pending: list[tuple[int, int]] = []  # (iteration, tick its residual was launched after)
+        stop = None
         for i, tick in enumerate(self.plan.ticks):
-            model_evals += tick.rows * self.batch
-            self._launch_tick(i, calls)
-            launched = i + 1
+            self._launch_tick(i)
+            stats.ticks_launched = i + 1
             for p in tick.completes:
-                self._launch_residual(p)
-                pending.append((p, i))
+                self._iteration_done[p].record(self._streams.get(MAIN), i)
+                if p > 0 or self.plan.max_iters == 0:  # iteration 1's residual covers U[0]'s NaN check
+                    self._launch_residual(p, i)
+                    pending.append((p, i))
             stop = self._poll(pending, rule, progress, now=i)
             if stop is not None:
                 break
         if stop is None:
             stop = self._poll(pending, rule, progress, now=None)
-        if stop is None:  # only with max_iters = 0
-            stop = 0
-        if on_cuda:  # speculative ticks may still run; the returned iterate's slot is never written again
-            torch.cuda.current_stream(self.device).wait_stream(main)
-            torch.cuda.current_stream(self.device).wait_stream(self._streams[1])
-        rows = self.pool.view(self.slots.count, self.batch, *x.shape[1:])
-        sample = rows[self.slots.U[(stop, self.plan.num_blocks)]].clone()
-        exact = stop == self.plan.num_blocks
+        return self._exit(host, x, stop, rule, tol, out)
+
+    def boundary(self, p: int, b: int) -> Tensor:
+        """U[p][b] of the last run ([batch, C, H, W] view of the pool; valid until the next run)."""
+        return self._rows()[self.slots.boundary(p, b)]
+
+    def _rows(self) -> Tensor:
+        return self.pool.view(self.slots.count, self.batch, *self.engine.spec.sample_shape)
+
+    def _enter(self, host, x: Tensor, cond: Tensor, uncond: Tensor | None, guidance_scale: float) -> None:
+        main = self._streams.get(MAIN)
+        if main is not None:
+            main.wait_stream(host)
+        with self._on(MAIN):
+            self.scale.fill_(guidance_scale)
+            self._load_conditioning(cond, uncond)
+            self._rows()[X_T].copy_(x)
+            self._rows()[ZERO].zero_()
+            self._counters.zero_()
+            self._tick_done.record(main, -1)
+            self._entry.record(main, -1)
+        for role in (COARSE, RESIDUAL):
+            if role in self._streams:
+                self._streams[role].wait_event(self._entry.cuda)
+
+    def _exit(self, host, x: Tensor, stop: int, rule: StoppingRule, tol: float, out: Any) -> SampleResult:
+        done = self._iteration_done[stop]  # the tick that completed the accepted iteration
+        self.last_run.final_tick = done.tick
+        if host is not None:
+            host.wait_event(done.cuda)
+            self.pool.record_stream(host)  # the copy-out below reads the pool on the host's stream
+        target = None if out is None else as_tensor(out, "out")
+        with self._on_stream(host):
+            sample = self.boundary(stop, self.plan.num_blocks)
+            if target is not None:
+                target.copy_(sample)
+            else:
+                target = sample.to(x.dtype, copy=True)
+        calls_until = done.tick + 1
         return SampleResult(
-            sample=sample.to(x.dtype),
-            sampler="srds",
-            iterations=stop,
-            num_blocks=self.plan.num_blocks,
-            model_evals=model_evals,
-            sequential_calls=self.plan.ticks_until(stop),
-            ticks_launched=launched,
-            engine_calls=calls,
-            residuals=rule.residuals[:stop],
-            error_estimates=rule.estimates[:stop],
+            sample=target, sampler="srds", iterations=stop, num_blocks=self.plan.num_blocks,
+            model_evals=sum(t.rows for t in self.plan.ticks[:calls_until]) * self.batch,
+            sequential_calls=calls_until, ticks_launched=self.last_run.ticks_launched,
+            engine_calls=self._engine_calls(self.last_run.ticks_launched),
+            residuals=rule.residuals[:stop], error_estimates=rule.estimates[:stop],
             boundary_changes=rule.boundary_changes[:stop],
-            converged=stop > 0 and (exact or rule.estimates[stop - 1] <= tol),
-            tol=tol,
+            converged=stop > 0 and (stop == self.plan.num_blocks or rule.estimates[stop - 1] <= tol), tol=tol,
         )
 
+    def _engine_calls(self, ticks: int) -> dict[int, int]:
+        calls: dict[int, int] = {}
+        for step in self._schedule[:ticks]:
+            for kind, index in step.items():
+                if kind != "form":
+                    bucket = self.programs[index].bucket
+                    calls[bucket] = calls.get(bucket, 0) + 1
+        return calls
+
     def _load_conditioning(self, cond: Tensor, uncond: Tensor | None) -> None:
-        """Fill the static cond buffer of every bucket (and lane) a program uses."""
-        factor = 2 if self.guided else 1
+        """Fill the static cond buffer of every (bucket, lane) a program uses."""
         halves = [uncond, cond] if self.guided else [cond]
-        buckets = {p.bucket for p in self._programs.values() if p.bucket is not None}
-        for bucket in buckets:
-            for lane in set(self._lane.values()):
-                load_conditioning(self.engine, bucket, lane, bucket // factor, self.batch, halves)
+        factor = 2 if self.guided else 1
+        for bucket, lane in {(p.bucket, p.lane) for p in self.programs if isinstance(p, CallProgram)}:
+            load_conditioning(self.engine, bucket, lane, bucket // factor, self.batch, halves)
 
-    def _launch_tick(self, i: int, calls: dict[int, int]) -> None:
-        on_cuda = self.device.type == "cuda"
-        if self.coarse == "merged":
-            cap, table = self._tables["all"][i]
-            program = self._programs[("all", cap)]
-            with self._on(0):
-                program.meta.copy_(table, non_blocking=True)
-                program.form_meta.copy_(self._form_tables[i], non_blocking=True)
-                program.run()
-            calls[program.bucket] = calls.get(program.bucket, 0) + 1
-            return
-        form = self._programs[("form", self._form_cap)]
-        coarse_lane = self._lane["coarse"]
-        if on_cuda and coarse_lane == 1:
-            self._streams[1].wait_event(self._events[1])  # the previous tick's boundaries exist
-        for kind in ("coarse", "fine"):  # coarse first: in overlap mode it runs beside the fine call
-            entry = self._tables[kind][i]
-            if entry is None:
-                continue
-            cap, table = entry
-            program = self._programs[(kind, cap)]
-            with self._on(self._lane[kind]):
-                program.meta.copy_(table, non_blocking=True)
-                program.run()
-                if kind == "coarse" and on_cuda:
-                    self._events[0].record(self._streams[self._lane[kind]])
-            calls[program.bucket] = calls.get(program.bucket, 0) + 1
-        with self._on(0):
-            if on_cuda and coarse_lane == 1 and self._tables["coarse"][i] is not None:
-                self._streams[0].wait_event(self._events[0])
-            form.meta.copy_(self._form_tables[i], non_blocking=True)
-            form.run()
-            if on_cuda:
-                self._events[1].record(self._streams[0])
+    # ----- one tick -----
+    def _launch_tick(self, i: int) -> None:
+        step = self._schedule[i]
+        if "all" in step:
+            self._call(step["all"], i)
+        else:
+            coarse_done = self._call(step.get("coarse"), i)
+            self._call(step.get("fine"), i)
+            self._form(step["form"], i, after=coarse_done)
+        self._tick_done.record(self._streams.get(MAIN), i)
 
-    def _on(self, lane: int):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self._streams[lane])
+    def _call(self, index: int | None, i: int) -> _Event | None:
+        """Run a call program on its lane's stream; a coarse-lane call returns the event its formation waits on."""
+        if index is None:
+            return None
+        program = self.programs[index]
+        with self._on(program.lane):
+            if program.lane == COARSE:
+                self._streams[COARSE].wait_event(self._tick_done.cuda)  # the previous tick's boundaries exist
+            program.run()
+            if program.lane == COARSE:
+                self._coarse_done.record(self._streams[COARSE], i)
+                return self._coarse_done
+        return None
 
-    def _launch_residual(self, p: int) -> None:
+    def _form(self, index: int, i: int, *, after: _Event | None) -> None:
+        with self._on(MAIN):
+            if after is not None and after.cuda is not None:
+                self._streams[MAIN].wait_event(after.cuda)
+            self.programs[index].run()
+
+    def _on(self, role: int):
+        return self._on_stream(self._streams.get(role))
+
+    @staticmethod
+    def _on_stream(stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    # ----- residuals (off the critical stream) -----
+    def _launch_residual(self, p: int, i: int) -> None:
         new, old = self._residual_index[p]
         first = max(p, 1)  # boundaries first..B are compared
-        with self._on(0):
+        residual = self._streams.get(RESIDUAL)
+        if residual is not None:
+            residual.wait_event(self._iteration_done[p].cuda)
+        with self._on(RESIDUAL):
             diff = (self.pool.index_select(0, new) - self.pool.index_select(0, old)).abs()
             self._res_dev[p, first - 1 :] = diff.view(self.plan.num_blocks - first + 1, -1).amax(1).to(torch.float64)
-            if self.device.type == "cuda":
-                self._res_host[p].copy_(self._res_dev[p], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._streams[0])
-                self._pending_events[p] = event
+            self._res_host[p].copy_(self._res_dev[p], non_blocking=residual is not None)
+            self._residual_landed[p].record(residual, i)
+        self.last_run.residuals_launched.append(p)
 
     def _poll(self, pending, rule: StoppingRule, progress, *, now: int | None) -> int | None:
-        """Consume residuals whose copies have landed; return the iteration to stop at, if any.
+        """Consume the residuals that have landed, in order; return the iteration to stop at, if any.
 
         now: the tick just launched (None: the plan is done, wait for everything). A residual launched at tick j
-        is waited for once now - j >= lookahead.
+        is waited for once now - j >= lookahead; on a GPU it is taken earlier if its event has already fired.
         """
         while pending:
             p, launched_at = pending[0]
-            if self.device.type == "cuda":
-                event = self._pending_events[p]
-                if now is None or now - launched_at >= self.lookahead:
-                    event.synchronize()
-                elif not event.query():
-                    return None
-                changes = self._res_host[p].tolist()
-            else:
-                changes = self._res_dev[p].tolist()
+            event = self._residual_landed[p].cuda
+            due = now is None or now - launched_at >= self.lookahead
+            if not due and (event is None or not event.query()):
+                return None
+            if event is not None:
+                event.synchronize()
             pending.pop(0)
+            changes = self._res_host[p].tolist()
             if not all(math.isfinite(c) for c in changes):
                 raise NonFiniteError(
                     f"iteration {p}: NaN/Inf in the SRDS state (engine {self.engine.name}, {self.engine.spec.dtype}); "
                     "fp16 overflow is the usual cause: export with upcast attention or run fp32"
                 )
             if p == 0:
-                continue
+                return 0  # max_iters = 0: the coarse sample, checked finite
             stop = rule.observe(p, changes)
             if progress is not None:
                 progress(p, rule.residuals[-1])
             if stop or p == self.plan.max_iters:
                 return p
         return None
+
+
+def _check_coarse(coarse: str, engine: Engine, on_cuda: bool) -> str:
+    if coarse not in COARSE_MODES:
+        raise ValueError(f"coarse must be one of {COARSE_MODES}, got {coarse!r}")
+    if coarse == "overlap" and not on_cuda:
+        return "separate"  # no second stream on CPU: same work, same results
+    if coarse == "overlap" and engine.lanes < 2:
+        raise EngineError("coarse='overlap' needs an engine with 2 lanes (buffers/contexts for two streams)")
+    return coarse

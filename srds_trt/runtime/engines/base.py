@@ -13,6 +13,7 @@ copy, `enqueue` users copy out themselves.
 from __future__ import annotations
 
 import bisect
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -92,6 +93,60 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     return buckets[i]
 
 
+def bytes_per_row(spec: EngineSpec) -> int:
+    """Static-buffer bytes of one row: sample, output, timestep and conditioning."""
+    def size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n * torch.empty((), dtype=dtype).element_size()
+
+    return (2 * size(spec.sample_shape, spec.dtype) + size((), spec.timestep_dtype)
+            + size(spec.cond_shape, spec.cond_dtype))
+
+
+# A call's activations are not known before it runs; this many sample-sized tensors per row of the widest
+# bucket is a deliberately generous guess for the UNets here (digits: ~40 live feature maps of the sample's
+# size per row), so the estimate refuses what certainly cannot fit, not what might.
+ACTIVATION_SAMPLES_PER_ROW = 64
+
+
+def estimate_memory(spec: EngineSpec, buckets: tuple[int, ...], lanes: int = 1) -> int:
+    """Bytes an engine needs up front: every bucket's static buffers, per lane, plus the widest call's activations."""
+    per_row = bytes_per_row(spec)
+    sample = (per_row - bytes_per_row(EngineSpec((), spec.cond_shape, spec.cond_dtype, spec.dtype, spec.timestep_dtype))) // 2
+    return sum(buckets) * lanes * per_row + ACTIVATION_SAMPLES_PER_ROW * max(buckets) * sample
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device` (None: unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(spec: EngineSpec, buckets: tuple[int, ...], device: torch.device, lanes: int = 1) -> int:
+    """Refuse (EngineError, with the estimate) an engine whose buffers cannot fit; returns the estimate."""
+    need = estimate_memory(spec, buckets, lanes)
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise EngineError(f"an engine of {buckets[-1]} rows needs about {need / 2**30:.1f} GiB but {device} has "
+                          f"{have / 2**30:.1f} GiB available; re-export with a smaller --max-batch (or use fewer "
+                          "--num-images or --blocks)")
+    return need
+
+
 def allocate_io(spec: EngineSpec, rows: int, device: torch.device) -> BucketIO:
     return BucketIO(
         sample=torch.zeros(rows, *spec.sample_shape, dtype=spec.dtype, device=device),
@@ -115,6 +170,7 @@ class Engine(ABC):
         self.buckets = tuple(buckets)
         self.device = torch.device(device)
         self.lanes = lanes
+        self.memory_estimate = check_fits(spec, self.buckets, self.device, lanes)  # before allocating anything
         # A lane is one set of buffers (and, for TensorRT, one execution context with its own profile):
         # two calls in flight on two streams need two lanes.
         self._io = {(lane, b): allocate_io(spec, b, self.device) for lane in range(lanes) for b in self.buckets}

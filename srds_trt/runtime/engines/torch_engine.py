@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .base import Engine, EngineSpec, default_buckets
+from ..cuda_graphs import capture_graph
+from .base import Engine, EngineError, EngineSpec, default_buckets
 
 CondModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -53,13 +54,17 @@ class TorchEngine(Engine):
         self._model = cond_model
         self.tf32 = tf32
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.capture_failures: dict[tuple[int, int], str] = {}
         if cuda_graphs:
             self.capture()
 
     def _run(self, bucket: int, lane: int = 0) -> None:
         io = self.io(bucket, lane)
         with torch.no_grad(), tf32_allowed(self.tf32):
-            io.output.copy_(self._model(io.sample, io.timestep, io.cond))
+            out = self._model(io.sample, io.timestep, io.cond)
+            if out.shape != io.output.shape:  # shape metadata only (no sync): never broadcast a wrong batch
+                raise EngineError(f"the model returned shape {tuple(out.shape)} for {tuple(io.output.shape)}")
+            io.output.copy_(out)
 
     def enqueue(self, bucket: int, lane: int = 0, stream: torch.cuda.Stream | None = None, *, replay: bool = True) -> None:
         if self.device.type != "cuda":
@@ -73,24 +78,18 @@ class TorchEngine(Engine):
                 self._run(bucket, lane)
 
     def capture(self) -> None:
-        """Capture one graph per (lane, bucket), largest first; one memory pool per lane.
+        """Capture one graph per (lane, bucket), largest first; one memory pool per lane (cuda_graphs.capture_graph).
 
         Graphs of one lane replay one after another and may share a pool; two lanes run concurrently on two
-        streams, so they must not.
+        streams, so they must not. A bucket that cannot be captured stays eager; the reason is in capture_failures.
         """
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for lane in range(self.lanes):  # warm-up: lazy init, cuDNN/cuBLAS autotuning, allocator growth
-                for bucket in self.buckets:
-                    self._run(bucket, lane)
-        torch.cuda.current_stream(self.device).wait_stream(side)
         for lane in range(self.lanes):
             pool = None
             for bucket in reversed(self.buckets):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._run(bucket, lane)
-                pool = graph.pool()
-                self._graphs[(lane, bucket)] = graph
+                captured = capture_graph(lambda b=bucket, l=lane: self._run(b, l), device=self.device, pool=pool)
+                if captured.failure is not None:
+                    self.capture_failures[(lane, bucket)] = captured.failure
+                    continue
+                pool = captured.pool
+                self._graphs[(lane, bucket)] = captured.graph
         torch.cuda.synchronize(self.device)

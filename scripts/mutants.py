@@ -1,0 +1,141 @@
+"""Mutation check of the runtime's tests: break the code on purpose and watch the tests fail.
+
+    python scripts/mutants.py [--list] [--only NAME[,NAME]] [--tests PATH ...]
+
+Each mutant is a one-place source substitution that models a real bug (a halved Parareal correction, the
+coarse step of the neighbouring block, two boundaries sharing a slot, the formation running before the coarse
+call it must wait for, ...). The script copies the package and the tests into a temporary directory, applies
+one mutant at a time THERE, runs the relevant fast tests with PYTHONPATH pointing at the copy, and reports
+killed (tests failed) or survived. The working tree is never written, so Ctrl-C cannot leave it modified; the
+temporary copy is removed on exit. A baseline run of the unmutated copy must pass first.
+
+Exit status: 0 when every mutant is killed, 1 when one survives, 2 on a usage or setup error.
+In the spirit of mutmut, hand-picked: a handful of meaningful mutants run in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_TESTS = ("tests/test_runtime_iterates.py",)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once
+    new: str
+    why: str
+    tests: tuple[str, ...] = FAST_TESTS
+
+
+MUTANTS = (
+    Mutant("halved-correction", "srds_trt/solvers.py",
+           "return g_new + (f_old - g_old)", "return g_new + (f_old - g_old) * 0.5",
+           "the Parareal correction U = G_new + (F - G_old) halved"),
+    Mutant("coarse-coefficients-of-next-block", "srds_trt/runtime/tables.py",
+           "steps_to.append(bounds[r.block + 1])", "steps_to.append(bounds[min(r.block + 2, len(bounds) - 1)])",
+           "coarse rows get the DDIM coefficients of a step over the neighbouring block's end"),
+    Mutant("slot-map-shared-boundary", "srds_trt/runtime/tables.py",
+           "U[(p, b)], next_slot = next_slot, next_slot + 1", "U[(p, b)], next_slot = next_slot, next_slot + (b != 1)",
+           "slot map off by one: U[p][1] and U[p][2] share a slot"),
+    Mutant("formation-before-coarse-event", "srds_trt/runtime/srds_runner.py",
+           "            coarse_done = self._call(step.get(\"coarse\"), i)\n"
+           "            self._call(step.get(\"fine\"), i)\n"
+           "            self._form(step[\"form\"], i, after=coarse_done)\n",
+           "            self._form(step[\"form\"], i, after=None)\n"
+           "            coarse_done = self._call(step.get(\"coarse\"), i)\n"
+           "            self._call(step.get(\"fine\"), i)\n",
+           "event order: the formation no longer waits for the coarse call (on CPU: runs before it in the tick)"),
+    Mutant("residual-against-wrong-iterate", "srds_trt/runtime/tables.py",
+           "old = rows_of(tuple(slots.U[(p - 1, b)] if p else ZERO for b in bs), batch)",
+           "old = rows_of(tuple(slots.U[(max(p - 2, 0), b)] if p else ZERO for b in bs), batch)",
+           "the residual compares U[p] with U[p-2]"),
+    Mutant("formation-counter-stuck", "srds_trt/runtime/programs.py",
+           "        form_boundaries(self.pool, self.formation, self.counter)\n        self.counter.add_(1)\n",
+           "        form_boundaries(self.pool, self.formation, self.counter)\n",
+           "the formation program's device-side tick counter never advances"),
+    Mutant("exit-waits-for-speculative-ticks", "srds_trt/runtime/srds_runner.py",
+           "done = self._iteration_done[stop]", "done = self._tick_done",
+           "the host waits for the last launched tick, not the one that completed the accepted iteration"),
+)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1", HYPOTHESIS_PROFILE="default")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, time.perf_counter() - start, "timeout"
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode, time.perf_counter() - start, tail[-1] if tail else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", default="", help="comma-separated mutant names")
+    parser.add_argument("--tests", nargs="*", help="test paths to run instead of each mutant's own")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    args = parser.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:36s} {m.path}: {m.why}")
+        return 0
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"error: --only: unknown mutants {sorted(unknown)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="srds-mutants-") as tmp:
+        copy = Path(tmp)
+        shutil.copytree(ROOT / "srds_trt", copy / "srds_trt", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+        probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
+                               env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(copy)):
+            print(f"error: the copy is not what gets imported ({probe.stdout.strip() or probe.stderr.strip()})",
+                  file=sys.stderr)
+            return 2
+        tests = tuple(args.tests) if args.tests else tuple(sorted({t for m in chosen for t in m.tests}))
+        rc, seconds, tail = run_tests(copy, tests, args.timeout)
+        print(f"{'baseline (no mutant)':36s} {'pass' if rc == 0 else 'FAIL'}  {seconds:5.1f} s  {tail}", flush=True)
+        if rc != 0:
+            print("error: the unmutated tests fail; fix them before judging mutants", file=sys.stderr)
+            return 2
+        survived = []
+        for m in chosen:
+            target = copy / m.path
+            original = target.read_text()
+            if original.count(m.old) != 1:
+                print(f"error: mutant {m.name}: its text occurs {original.count(m.old)} times in {m.path} "
+                      "(the code moved: update the mutant)", file=sys.stderr)
+                return 2
+            target.write_text(original.replace(m.old, m.new))
+            try:
+                rc, seconds, tail = run_tests(copy, tuple(args.tests) if args.tests else m.tests, args.timeout)
+            finally:
+                target.write_text(original)
+            verdict = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"error rc={rc}")
+            if rc == 0:
+                survived.append(m.name)
+            print(f"{m.name:36s} {verdict:8s} {seconds:5.1f} s  {m.why}  [{tail}]", flush=True)
+    print(f"{len(chosen) - len(survived)}/{len(chosen)} mutants killed" + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""`--sampler auto`: pick the sampler and its width with the lowest expected latency on THIS engine and device.
+
+A pure function of (N, images, guidance, the engine's latency-per-rows curve, world size): no model, no device.
+
+Expected latency of a candidate = sum over its sequential calls of tick_ms(rows of that call), where
+
+    tick_ms(R) = latency(ceil(R / world_size)) + (allgather_ms if world_size > 1 else 0)
+
+(rows split evenly over the ranks, one all-gather of the new states per tick; distributed.py's layout). The
+curve is the engine's measured ms per call vs rows: measured at warm-up, or the export manifest's optional
+`latency_per_rows` field; between measured row counts it is interpolated linearly, above the largest extended
+with its last slope, below the smallest held flat.
+
+The calls of each candidate:
+- serial: N calls of (images x rows per image) rows, on one device (a tick needs no all-gather).
+- srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations;
+  rows per tick read off the plan itself.
+- paradigms, eps-picard: sweeps of w points each; expected sweeps = N / (expected slide per sweep), the slide
+  being a fraction of w measured in the benchmarks (EXPECTED below, tol 1e-3, benchmarks/run.py tables).
+The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
+samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
+never predicted slower than serial. A throughput-bound device (latency linear in rows, e.g. CPU) makes every
+parallel candidate cost at least its evaluations, which exceed N: auto = serial there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from .schedule import build_tick_plan, default_num_blocks
+
+LatencyCurve = Callable[[int], float] | Mapping[int, float]
+
+# Expected work per sampler at tol ~ 1e-3, from the benchmark tables (benchmarks/run.py; /tmp/readme/samplers.md):
+# sliding windows: mean points accepted per sweep as a fraction of the window; SRDS: Parareal iterations as a
+# fraction of its block count (pipelined). Measured on the analytic mixtures (N=196, 1024) and the guided digits.
+EXPECTED = {
+    "paradigms_slide": 0.2,  # gmm N=196 w=28: 34 sweeps; w=14: 47 sweeps (0.3)
+    "eps_picard_slide": 0.35,  # gmm N=196 w=28: 20 sweeps
+    "srds_iterations": 0.5,  # pipelined SRDS iterations / B at 1e-3 (committed CPU set: digits N=196 ~ 7 of 14)
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sampler: str
+    options: dict = field(default_factory=dict)
+    sequential_calls: int = 0
+    rows_per_call: int = 0  # the widest call's rows (before splitting over ranks)
+    predicted_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What auto chose (sampler + options for sampling.SAMPLERS[sampler]) and every candidate's prediction."""
+
+    sampler: str
+    options: dict
+    predicted_ms: float
+    serial_ms: float
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def reason(self) -> str:
+        ranked = sorted(self.candidates, key=lambda c: c.predicted_ms)
+        text = ", ".join(f"{c.sampler}{_opts(c.options)} {c.predicted_ms:.1f} ms" for c in ranked[:4])
+        return f"lowest predicted latency: {text} (serial {self.serial_ms:.1f} ms)"
+
+    def as_dict(self) -> dict:
+        """For stats.json."""
+        return {"sampler": self.sampler, "options": dict(self.options), "predicted_ms": self.predicted_ms,
+                "serial_ms": self.serial_ms, "reason": self.reason,
+                "candidates": [{"sampler": c.sampler, "options": dict(c.options), "sequential_calls": c.sequential_calls,
+                                "rows_per_call": c.rows_per_call, "predicted_ms": c.predicted_ms}
+                               for c in self.candidates]}
+
+
+def _opts(options: dict) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else ""
+
+
+def interpolate_ms(curve: Mapping[int, float], rows: int) -> float:
+    """ms of one call of `rows` rows from a measured {rows: ms} table (module doc: linear, flat below, last slope above)."""
+    if not curve:
+        raise ValueError("latency curve is empty")
+    table = {int(k): float(v) for k, v in curve.items()}
+    xs = sorted(table)
+    if rows <= xs[0]:
+        return table[xs[0]]
+    for lo, hi in zip(xs, xs[1:]):
+        if rows <= hi:
+            return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
+    if len(xs) == 1:
+        return table[xs[0]] * rows / xs[0]  # one point: assume throughput-bound beyond it
+    lo, hi = xs[-2], xs[-1]
+    return table[hi] + (table[hi] - table[lo]) / (hi - lo) * (rows - hi)
+
+
+def tick_ms(latency: LatencyCurve, rows: int, world_size: int = 1, allgather_ms: float = 0.0) -> float:
+    """One sequential call of `rows` rows split over `world_size` ranks (module doc)."""
+    per_rank = math.ceil(rows / world_size)
+    ms = latency(per_rank) if callable(latency) else interpolate_ms(latency, per_rank)
+    return float(ms) + (allgather_ms if world_size > 1 else 0.0)
+
+
+def window_widths(steps: int) -> tuple[int, ...]:
+    n = default_num_blocks(steps)
+    return tuple(sorted({min(n, steps), min(2 * n, steps)}))
+
+
+def choose(
+    *,
+    steps: int,
+    images: int = 1,
+    guided: bool = True,
+    latency_ms: LatencyCurve,
+    world_size: int = 1,
+    allgather_ms: float = 0.0,
+    samplers: tuple[str, ...] = ("serial", "srds", "paradigms", "eps-picard"),
+) -> Choice:
+    """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table."""
+    if steps < 1 or images < 1:
+        raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
+    if world_size < 1 or not (allgather_ms >= 0 and math.isfinite(allgather_ms)):
+        raise ValueError(f"world_size must be >= 1 and allgather_ms finite >= 0, got {world_size}, {allgather_ms}")
+    if "serial" not in samplers:
+        raise ValueError("serial must be a candidate: auto is never slower than serial")
+    rows_per_point = images * (2 if guided else 1)
+
+    def price(calls: list[int]) -> float:  # calls: trajectory points per sequential call
+        return sum(tick_ms(latency_ms, p * rows_per_point, world_size, allgather_ms) for p in calls)
+
+    serial_ms = steps * tick_ms(latency_ms, rows_per_point)  # one device, no all-gather
+    candidates = [Candidate("serial", {}, steps, rows_per_point, serial_ms)]
+    if "srds" in samplers and steps > 1:
+        for blocks in sorted({max(1, default_num_blocks(steps) // 2), default_num_blocks(steps)}):
+            iters = max(1, min(blocks, math.ceil(EXPECTED["srds_iterations"] * blocks)))
+            plan = build_tick_plan(steps, blocks, iters, pipelined=True)
+            calls = [len(t.fine) + len(t.coarse) for t in plan.ticks]
+            candidates.append(Candidate("srds", {"num_blocks": blocks, "pipelined": True}, len(calls),
+                                        max(calls) * rows_per_point, price(calls)))
+    for name, key in (("paradigms", "paradigms_slide"), ("eps-picard", "eps_picard_slide")):
+        if name not in samplers:
+            continue
+        for w in window_widths(steps):
+            sweeps = min(steps, math.ceil(steps / max(1.0, EXPECTED[key] * w)))
+            calls = [w] * sweeps
+            candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, price(calls)))
+    best = min(candidates, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
+    return Choice(best.sampler, dict(best.options), best.predicted_ms, serial_ms, tuple(candidates))
