@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from srds_trt.autotune import interpolate_ms
+
 ROWS_PER_POINT = 2  # one image, CFG doubles the rows of every call
 
 # ms per call vs rows, measured on H200 with CUDA graphs (DESIGN.md).
@@ -22,14 +24,8 @@ CURVES: Mapping[str, Mapping[int, float]] = {
 
 
 def call_ms(curve: Mapping[int, float], rows: int) -> float:
-    xs = sorted(curve)
-    if rows <= xs[0]:
-        return curve[xs[0]]
-    for lo, hi in zip(xs, xs[1:]):
-        if rows <= hi:
-            return curve[lo] + (curve[hi] - curve[lo]) * (rows - lo) / (hi - lo)
-    lo, hi = xs[-2], xs[-1]
-    return curve[hi] + (curve[hi] - curve[lo]) / (hi - lo) * (rows - hi)
+    """One call's ms from a measured curve: the same interpolation --sampler auto prices candidates with."""
+    return interpolate_ms(curve, rows)
 
 
 def projected_ms(calls: Mapping[int, int], curve: Mapping[int, float], rows_per_point: int = ROWS_PER_POINT) -> float:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LABELS = {"serial": "serial DDIM", "srds": "SRDS", "srds-pipelined": "SRDS pipelined", "paradigms": "ParaDiGMS"}
+LABELS = {"serial": "serial DDIM", "srds": "SRDS", "srds-pipelined": "SRDS pipelined", "paradigms": "ParaDiGMS", "eps-picard": "eps-Picard"}
 ERROR_FLOOR = 1e-8  # errors below (exact runs: 0 or float rounding) are drawn here
-STYLE = {"srds": ("tab:blue", "o"), "srds-pipelined": ("tab:green", "s"), "paradigms": ("tab:red", "^")}
+STYLE = {"srds": ("tab:blue", "o"), "srds-pipelined": ("tab:green", "s"), "paradigms": ("tab:red", "^"),
+         "eps-picard": ("tab:purple", "D")}
 
 
 def _num(value, fmt: str) -> str:
@@ -72,9 +73,9 @@ def plots(results: dict, out: Path) -> list[str]:
     written = []
 
     # 1. Residual vs iteration: the tightest tolerance of each sampler, one line per N.
-    fig, axes = plt.subplots(len(cases), 2, figsize=(10, 3.6 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(len(cases), 3, figsize=(15, 3.6 * len(cases)), squeeze=False)
     for row, case in enumerate(cases):
-        for col, sampler in enumerate(("srds", "paradigms")):
+        for col, sampler in enumerate(("srds", "paradigms", "eps-picard")):
             ax = axes[row][col]
             mine = [r for r in runs if r["case"] == case and r["sampler"] == sampler and r.get("stop", "rule") == "rule"]
             for steps in sorted({r["steps"] for r in mine}):
@@ -84,7 +85,7 @@ def plots(results: dict, out: Path) -> list[str]:
                     ax.semilogy(range(1, len(tight["residuals"]) + 1), [max(v, 1e-16) for v in tight["residuals"]],
                                 marker=".", label=f"N={steps} (tol {tight['tol']:g})")
             ax.set_title(f"{case}: {LABELS[sampler]}")
-            ax.set_xlabel("iteration (SRDS: Parareal iteration; ParaDiGMS: Picard sweep)")
+            ax.set_xlabel("iteration (SRDS: Parareal iteration; ParaDiGMS, eps-Picard: sweep)")
             ax.set_ylabel("residual (max-abs change)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)

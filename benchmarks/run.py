@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from srds_trt.eps_picard import eps_picard_sample
 from srds_trt.paradigms import paradigms_sample
 from srds_trt.sampling import serial_sample, srds_sample
 
@@ -37,7 +38,7 @@ from .cases import CASES, Case, CaseUnavailable, build_case
 from .latency import CURVES, projected_ms
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SAMPLERS = ("serial", "srds", "srds-pipelined", "paradigms")
+SAMPLERS = ("serial", "srds", "srds-pipelined", "paradigms", "eps-picard")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class BenchConfig:
     digits_images: int = 10
     srds_tols: tuple[float, ...] = (1e-3,)  # the project default; the oracle sweep covers earlier stops
     paradigms_tols: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
-    paradigms_window: int | None = None  # None: round(sqrt(N)), the peak rows of a plain SRDS call
+    paradigms_window: int | None = None  # None: both round(sqrt(N)) and 2 round(sqrt(N)); matched keeps the better
+    eps_picard_tols: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 1e-4)  # window 2 round(sqrt(N)): equal parallel width
     targets: tuple[float, ...] = (1e-2, 1e-3)
     device: str = "cpu"
     threads: int | None = None
@@ -68,11 +70,12 @@ class BenchConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device")
-        if min(self.srds_tols + self.paradigms_tols) < 0:
+        if min(self.srds_tols + self.paradigms_tols + self.eps_picard_tols) < 0:
             raise ValueError("tolerances must be >= 0")
 
 
-QUICK = dict(steps=(25, 100), gmm_samples=64, digits_images=4, srds_tols=(1e-3,), paradigms_tols=(1e-2, 1e-3), quick=True)
+QUICK = dict(steps=(25, 100), gmm_samples=64, digits_images=4, srds_tols=(1e-3,), paradigms_tols=(1e-2, 1e-3),
+             eps_picard_tols=(1e-2, 1e-3), quick=True)
 
 
 @dataclass
@@ -181,10 +184,16 @@ def bench_case(case: Case, config: BenchConfig, log=print) -> list[Run]:
                 record("srds-pipelined", None, result.num_blocks, result, wall, result.residuals, stop="fixed")
                 if runs[-1].err_max <= min(config.targets) or result.iterations < p:
                     break
-        for tol in config.paradigms_tols:
-            result, wall = _timed(lambda: paradigms_sample(model, case.x, timesteps, alphas, tol=tol,
-                                                           window=config.paradigms_window, **common), device)
-            record("paradigms", tol, result.window, result, wall, result.residuals)
+        width = max(1, round(math.sqrt(steps)))
+        windows = (config.paradigms_window,) if config.paradigms_window else (width, 2 * width)
+        for window in windows:
+            for tol in config.paradigms_tols:
+                result, wall = _timed(lambda: paradigms_sample(model, case.x, timesteps, alphas, tol=tol,
+                                                               window=window, **common), device)
+                record("paradigms", tol, result.window, result, wall, result.residuals)
+        for tol in config.eps_picard_tols:
+            result, wall = _timed(lambda: eps_picard_sample(model, case.x, timesteps, alphas, tol=tol, **common), device)
+            record("eps-picard", tol, result.window, result, wall, result.residuals)
     return runs
 
 
@@ -308,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=None, help="default: gmm digits (digits skipped if its weights are missing)")
     parser.add_argument("--steps", nargs="+", type=int, default=None, help="N values (default 25 100 196 1024; quick 25 100)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on cpu)")
-    parser.add_argument("--window", type=int, default=None, help="ParaDiGMS window (default round(sqrt(N)))")
+    parser.add_argument("--window", type=int, default=None, help="ParaDiGMS window (default: both round(sqrt(N)) and 2 round(sqrt(N)))")
     parser.add_argument("--digits-max-steps", type=int, default=BenchConfig.digits_max_steps,
                         help="largest N run on digits (default 196: see BenchConfig.digits_max_steps)")
     args = parser.parse_args(argv)

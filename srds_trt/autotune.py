@@ -106,7 +106,7 @@ def tick_ms(latency: LatencyCurve, rows: int, world_size: int = 1, allgather_ms:
 
 
 def window_widths(steps: int) -> tuple[int, ...]:
-    n = default_num_blocks(steps)
+    n = max(1, round(math.sqrt(steps)))  # the equal-width rule: round(sqrt N) and 2 round(sqrt N)
     return tuple(sorted({min(n, steps), min(2 * n, steps)}))
 
 
@@ -135,7 +135,7 @@ def choose(
     serial_ms = steps * tick_ms(latency_ms, rows_per_point)  # one device, no all-gather
     candidates = [Candidate("serial", {}, steps, rows_per_point, serial_ms)]
     if "srds" in samplers and steps > 1:
-        for blocks in sorted({max(1, default_num_blocks(steps) // 2), default_num_blocks(steps)}):
+        for blocks in sorted({max(1, round(math.sqrt(steps))), default_num_blocks(steps)}):
             iters = max(1, min(blocks, math.ceil(EXPECTED["srds_iterations"] * blocks)))
             plan = build_tick_plan(steps, blocks, iters, pipelined=True)
             calls = [len(t.fine) + len(t.coarse) for t in plan.ticks]

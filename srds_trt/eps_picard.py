@@ -42,7 +42,6 @@ import torch
 from torch import Tensor
 
 from .sampling import Model, SampleResult, check_grid, state_dtype
-from .schedule import default_num_blocks
 from .solvers import alphas_at, check_solver, ddim_coefficients
 from .stopping import DEFAULT_TOL, check_finite, check_tol
 
@@ -50,7 +49,7 @@ from .stopping import DEFAULT_TOL, check_finite, check_tol
 def default_window(num_steps: int) -> int:
     """2 * round(sqrt(N)) points per image per call: the width of a pipelined SRDS call at its peak (and of
     ParaDiGMS's wider window), so the samplers compare at equal parallel width."""
-    return min(2 * default_num_blocks(num_steps), num_steps)
+    return max(1, min(2 * round(math.sqrt(num_steps)), num_steps))
 
 
 def eps_picard_sample(

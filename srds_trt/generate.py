@@ -24,6 +24,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_RESOURCES, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 PROG = "srds_trt.generate"
+EXPORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}  # --dtype -> export's
 
 EXAMPLES = """examples:
   python -m srds_trt.generate                                   # digits 0..9, SRDS vs serial, into out/
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-dir", type=Path, default=Path("engines"),
                    help="python -m srds_trt.export output (a model's export folder, or the folder above it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="under torchrun: seconds a rank waits for the others before the job ends (default 120)")
     return p
 
 
@@ -153,7 +156,7 @@ def check_backend(args: argparse.Namespace, spec) -> None:
         exported = read_manifest(folder).get("request", {}).get("dtype")
     except (ArtifactError, TensorRTUnavailableError) as exc:
         raise UsageError(str(exc)) from None
-    if args.dtype is not None and exported is not None and args.dtype != exported:
+    if args.dtype is not None and exported is not None and EXPORT_DTYPES.get(args.dtype, args.dtype) != exported:
         raise UsageError(f"--dtype {args.dtype} does not match the export at {folder} ({exported}); drop --dtype "
                          f"or re-export with python -m srds_trt.export --dtype {args.dtype}")
 
@@ -297,19 +300,32 @@ def _main(argv: list[str] | None) -> int:
     from .stopping import NonFiniteError
 
     device = args.device or ("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
+    from .distributed import DistributedError, init_from_env, local_device, torchrun_world
+
+    group = None
+    try:  # under torchrun (WORLD_SIZE/RANK set): one job across the ranks, gloo on CPU, NCCL on CUDA
+        if torchrun_world() is not None:
+            device = str(local_device(device))
+            group = init_from_env(torch.device(device), args.dist_timeout)
+    except (DistributedError, RuntimeError, ValueError) as exc:
+        return _fail(f"torchrun (--dist-timeout {args.dist_timeout:g}): {str(exc).splitlines()[0]}", EXIT_USAGE)
     compare = args.compare_serial if args.compare_serial is not None else spec.family == "digits"
     refused = _refusal_types()
     try:
         pipe = SRDSPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype or "float32"),
                                             random_weights=args.random_weights, seed=args.seed,
                                             resolution=args.resolution, backend=args.backend,
-                                            engine_dir=args.engine_dir)
+                                            engine_dir=args.engine_dir, process_group=group)
         output = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                       generator=torch.Generator().manual_seed(args.seed), sampler=args.sampler, tol=args.tol,
                       num_blocks=args.blocks, pipelined=args.pipelined, num_images_per_prompt=args.num_images,
                       compare_serial=compare, progress_bar=not args.quiet)
+        if group is not None and torch.distributed.get_rank(group) != 0:
+            return EXIT_OK  # every rank holds the same sample and stats; rank 0 writes them
         write_outputs(args.out, output, {"seed": args.seed, "random_weights": args.random_weights},
                       overwrite=args.overwrite)
+    except DistributedError as exc:  # another rank died, raised or timed out: one line, no hang
+        return _fail(str(exc), 1)
     except NonFiniteError as exc:
         return _fail(f"{exc} (nothing written)", EXIT_NONFINITE)
     except refused as exc:

@@ -56,12 +56,17 @@ class TextStack:
 
 class SRDSPipeline:
     def __init__(self, loaded: LoadedUNet, *, text: TextStack | None = None, default_guidance_scale: float | None = None,
-                 backend: str = "torch", engine_dir: str | Path | None = None):
+                 backend: str = "torch", engine_dir: str | Path | None = None, process_group=None):
         if loaded.conditioning == "text" and text is None:
             raise ValueError("a text-conditioned UNet needs a TextStack (text encoder and VAE)")
         self.loaded = loaded
         self.text = text
         self.cond_model = unet_model_fn(loaded)
+        self.process_group = process_group  # torch.distributed: each model call's rows split across ranks
+        if process_group is not None:
+            from .distributed import ShardedModel
+
+            self.cond_model = ShardedModel(self.cond_model, process_group)
         self.default_guidance_scale = default_guidance_scale or DEFAULT_GUIDANCE[loaded.spec.family]
         param = next(loaded.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -72,12 +77,16 @@ class SRDSPipeline:
         if backend != "torch" or self.device.type == "cuda":
             from .runtime.sampler import RuntimeSampler
 
+            if process_group is not None:
+                raise ValueError("a process group needs the reference path for now (--backend torch on CPU): "
+                                 "srds_trt.distributed.ShardedEngine is not wired into RuntimeSampler yet")
             self.runtime = RuntimeSampler(backend, loaded, device=self.device, dtype=self.dtype, engine_dir=engine_dir)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "digits", *, device="cpu", dtype=torch.float32,
                         random_weights: bool = False, seed: int = 0, resolution: int | None = None,
-                        backend: str = "torch", engine_dir: str | Path | None = None) -> "SRDSPipeline":
+                        backend: str = "torch", engine_dir: str | Path | None = None,
+                        process_group=None) -> "SRDSPipeline":
         """Load a registry model, local diffusers folder or cached hub id (see srds_trt.models).
 
         backend: "torch" (the PyTorch UNet; on a GPU through the CUDA-graph runtime), "onnxruntime" (the exported
@@ -85,7 +94,7 @@ class SRDSPipeline:
         """
         loaded = load_unet(name_or_path, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
                            resolution=resolution)
-        options = dict(backend=backend, engine_dir=engine_dir)
+        options = dict(backend=backend, engine_dir=engine_dir, process_group=process_group)
         if loaded.spec.family == "digits":
             meta_file = Path(loaded.spec.source) / "digits_meta.json"
             scale = read_json(meta_file).get("default_guidance_scale") if meta_file.is_file() else None
@@ -182,7 +191,7 @@ class SRDSPipeline:
                 part = prompts[start:start + chunk]
                 cond, uncond = self.encode(part, negative_prompt)
                 x = x_all[start:start + chunk].to(self.device, self.dtype)
-                model = check_batch(classifier_free_guidance(self.cond_model, cond, uncond, scale))
+                model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, scale)
                 run = dict(model=model, x=x, timesteps=timesteps, alphas_cumprod=alphas_cumprod,
                            prediction_type=prediction_type)
                 if self.runtime is not None:
@@ -204,6 +213,8 @@ class SRDSPipeline:
                 chunk_stats.append(part_stats)
                 images_bar.update(len(part))
         stats.update(_merge_chunks(chunk_stats))
+        if self.process_group is not None:  # world_size and every rank's engine calls and rows (all ranks agree)
+            stats.update(self.cond_model.counts.as_stats())
         samples_cpu = _check_finite(torch.cat(samples), sampler)  # whatever a sampler checks, no NaN leaves here
         pixels = torch.cat([self.decode(s.to(self.device)) .cpu() for s in samples])
         return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples_cpu)
@@ -293,11 +304,12 @@ def rows_per_image(steps: int, num_blocks: int | None, guided: bool, pipelined: 
     return rows_needed(steps, num_blocks, 1, guided, pipelined, max_iters)
 
 
-def check_batch(model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """A model whose output does not match its input's shape is an error, never silently broadcast."""
+def check_batch(cond_model: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """A model whose output does not match its input's shape is an error, never silently broadcast
+    (shape metadata only: no host sync)."""
 
-    def checked(x: Tensor, t: Tensor) -> Tensor:
-        out = model(x, t)
+    def checked(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        out = cond_model(x, t, cond)
         if out.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(out.shape)} for an input of {tuple(x.shape)}")
         return out

@@ -114,7 +114,8 @@ def srds_sample(
 ) -> SampleResult:
     """Parareal SRDS over the N-step DDIM grid; converges to `serial_sample` (exactly after B iterations).
 
-    num_blocks defaults to round(sqrt(N)); max_iters defaults to (and is capped at) the block count.
+    num_blocks defaults to schedule.default_num_blocks(N) (~ sqrt(3N): the fewest pipelined calls for the
+    iterations the stopping rule typically needs); max_iters defaults to (and is capped at) the block count.
     pipelined (the default) starts each segment as soon as its start state exists (schedule.py): same
     iterates, fewer sequential calls; pipelined=False runs iteration by iteration (the textbook schedule).
     progress(iteration, residual) is called after each Parareal iteration.

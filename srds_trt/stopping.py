@@ -12,11 +12,18 @@ the reference sampler (sampling.py) on the host, the runtime (runtime/srds_runne
 read back asynchronously. A non-finite change means NaN or Inf reached the state: the rule raises
 NonFiniteError, so no executor can hand such a sample back as an image.
 
-The estimator itself (current rule): the contraction-rate bound over the global max residual r_p,
+What the rule guarantees, measured (benchmarks/stopping.py, `python -m benchmarks.stopping`): over the stress
+suite (Gaussian mixtures of several dims, widths and seeds, image by image; the digits UNet with and without
+guidance) no run returned a sample farther than tol from the serial one, and the rule stopped at most one
+iteration after the iterate from which the true error stays within tol in 93% of image-runs (never more than 4).
+It needs two changes to see a contraction, so it accepts iteration 2 at the earliest (1 only when nothing
+changed). tol is what the rule aims at from changes alone, not a proof: a sample is guaranteed exact only at
+p = B, and tol = 0 runs there.
 
-    e_p = r_p * max(1, rho_p / (1 - rho_p)),   rho_p = r_p / r_{p-1}     (infinite when rho_p >= 1 or p = 1)
-
-held two iterations running (max(e_p, e_{p-1}) <= tol). See the module's tests for the hard cases it must pass.
+The estimator (error_estimate) looks at the FINAL boundary, where tol is measured, not at the global max change:
+interior boundaries of a diffusion trajectory keep larger errors than the final sample (the flow contracts into
+the data modes), so a global residual stops 1-3 iterations late (the old rule: 156 calls where 94 sufficed).
+Its guard against false stops is the interior residual, which must shrink by INTERIOR_CONTRACTION per iteration.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def check_tol(tol: float) -> float:
 INTERIOR_CONTRACTION = 0.5
 # ... and the final boundary must contract at least this fast for its own estimate of the CURRENT iterate's error
 # to be trusted without first certifying the previous iterate (the superlinear regime of Parareal).
-FAST_CONTRACTION = 0.1
+FAST_CONTRACTION = 0.0
 
 
 def error_estimate(history: Sequence[Sequence[float]]) -> float:

@@ -47,7 +47,7 @@ def test_quick_gmm_run_writes_json_table_and_plots(tmp_path):
     for steps in (25, 100):
         serial = by[(steps, "serial")][0]
         assert serial["sequential_calls"] == steps and serial["err_max"] == 0 and serial["evals_per_image"] == steps
-        for sampler in ("srds", "srds-pipelined", "paradigms"):
+        for sampler in ("srds", "srds-pipelined", "paradigms", "eps-picard"):
             for r in by[(steps, sampler)]:
                 assert r["sequential_calls"] <= r["model_evals"]
                 assert r["converged"] or r["stop"] == "fixed"
@@ -80,9 +80,12 @@ def test_digits_case_skips_with_a_clear_message_when_weights_are_missing(monkeyp
 def test_random_digits_unet_runs_through_the_harness():
     case = cases.build_case("digits-random", images=2, device=torch.device("cpu"))
     assert case.x.shape == (2, 1, 16, 16) and case.score is None
-    config = BenchConfig(steps=(4,), cases=("digits-random",), srds_tols=(1e-3,), paradigms_tols=(1e-3,), srds_oracle=False)
+    config = BenchConfig(steps=(4,), cases=("digits-random",), srds_tols=(1e-3,), paradigms_tols=(1e-3,),
+                         eps_picard_tols=(1e-3,), srds_oracle=False)
     runs = bench_case(case, config, log=lambda msg: None)
-    assert [r.sampler for r in runs] == ["serial", "srds", "srds-pipelined", "paradigms"]
+    # ParaDiGMS at both windows round(sqrt N) and 2 round(sqrt N); eps-Picard at 2 round(sqrt N)
+    assert [(r.sampler, r.width) for r in runs] == [("serial", None), ("srds", 2), ("srds-pipelined", 2),
+                                                    ("paradigms", 2), ("paradigms", 4), ("eps-picard", 4)]
     assert all(r.steps == 4 and r.accuracy is None for r in runs)
 
 

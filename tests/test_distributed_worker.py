@@ -55,7 +55,10 @@ def mixture_runs(wrap) -> dict:
     mix = hard_mixture(ac)
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, options in [("srds", dict(pipelined=False)), ("srds", dict(pipelined=True)), ("paradigms", {})]:
+    configs = [("srds", dict(pipelined=True))]
+    if os.environ.get("SRDS_TEST_QUICK") != "1":  # the 4-rank job runs pipelined SRDS only (2 shared cores in CI)
+        configs += [("srds", dict(pipelined=False)), ("paradigms", {})]
+    for name, options in configs:
         for tol, max_iters in [(0.0, None), (0.0, 2)]:  # max_iters=2: compared short of convergence
             model = wrap(mix)
             res = SAMPLERS[name](model, x, ts, ac, tol=tol, max_iters=max_iters, **options)
@@ -77,7 +80,7 @@ def guided_runs(wrap) -> dict:
 
 def runner_runs(sharded: bool) -> dict:
     ts, ac = ddim_grid(SD_LIKE, 16)
-    engine = TorchEngine(make_cond_model(), SPEC, max_rows=32)
+    engine = TorchEngine(make_cond_model(), SPEC, max_rows=64)
     if sharded:
         engine = ShardedEngine(engine)
     runner = SRDSRunner(engine, batch=2, timesteps=ts, alphas_cumprod=ac, pipelined=True, state_dtype=torch.float32)

@@ -25,6 +25,11 @@ GMM_CONFIG = {"num_train_timesteps": 1024, "beta_schedule": "squaredcos_cap_v2",
               "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "linspace", "steps_offset": 0}
 
 
+def rel(a, b) -> float:
+    """max-abs difference relative to the reference's scale (the cosine grid's first steps blow states up ~1e4)."""
+    return max_abs(a, b) / max(1.0, float(b.abs().max()))
+
+
 def guided_mlp(batch: int):
     """A class-conditional row-wise model behind the CFG wrapper (rows doubled inside one call)."""
     mlp = RowwiseMLP(features=6)
@@ -46,7 +51,7 @@ def test_tol_zero_is_the_serial_sample(steps, prediction_type):
     for window in (None, 1, 4, steps):
         result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=window, prediction_type=prediction_type)
         assert result.converged
-        assert max_abs(result.sample, ref) < 1e-12, (window, max_abs(result.sample, ref))
+        assert rel(result.sample, ref) < 1e-13, (window, rel(result.sample, ref))
 
 
 def textbook_iterates(model, x, grid, alphas, sweeps):
@@ -76,16 +81,16 @@ def textbook_iterates(model, x, grid, alphas, sweeps):
 
 @pytest.mark.parametrize("sweeps", [1, 2, 3, 5])
 def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps):
-    steps = 12
-    timesteps, alphas = ddim_grid(CONFIG, steps)
-    model = RowwiseMLP(features=5)
-    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    steps = 24  # the analytic mixture: nonlinear enough that 5 sweeps are far from converged
+    timesteps, alphas = ddim_grid(GMM_CONFIG, steps)
+    model = hard_mixture(alphas)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps)[-1]
     result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps)
     assert result.iterations == sweeps
-    assert max_abs(result.sample, expected) < 1e-12
+    assert rel(result.sample, expected) < 1e-9  # the textbook x0-form step rounds differently near alpha ~ 0
     # ... and far from converged: the comparison is not the fixed point in disguise.
-    assert max_abs(result.sample, serial_sample(model, x, timesteps, alphas)) > 1e-6 or sweeps >= steps
+    assert rel(result.sample, serial_sample(model, x, timesteps, alphas)) > 1e-6
 
 
 def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T():
@@ -100,7 +105,7 @@ def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T():
         out = model(x, torch.full((2,), grid[j], dtype=torch.long))
         state = ddim_step_ref(state, out, alpha_of(grid[j], alphas), alpha_of(grid[j + 1], alphas), "epsilon")
     result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1)
-    assert max_abs(result.sample, state) < 1e-12
+    assert rel(result.sample, state) < 1e-13
 
 
 def test_counts_rows_calls_and_width():
@@ -109,7 +114,7 @@ def test_counts_rows_calls_and_width():
     counting = CountingModel(guided_mlp(batch))
     x = torch.randn(batch, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     result = eps_picard_sample(counting, x, timesteps, alphas, tol=1e-6)
-    assert result.window == default_window(steps) == 14
+    assert result.window == default_window(steps) == 14  # 2 round(sqrt(49))
     # the CFG wrapper doubles rows inside one call: the sampler's model sees rows = points x images
     assert result.sequential_calls == result.iterations == len(counting.rows)
     assert sum(counting.rows) == result.model_evals

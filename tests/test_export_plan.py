@@ -68,6 +68,10 @@ def test_manifest_matches_onnx_graph_plan_and_files(digits_export):
     assert [network.get_input(i).name for i in range(network.num_inputs)] == [i["name"] for i in inputs]
     assert manifest["tensorrt"]["flavour"] == flavour and manifest["tensorrt"]["version"] == trt.__version__
     assert manifest["tensorrt"]["build_seconds"] > 0
+    # Stream capture on TensorRT-RTX needs plans built with REQUIRE_USER_ALLOCATION (TensorRT 11 has no such flag).
+    expected_flags = ["REQUIRE_USER_ALLOCATION"] if flavour == "tensorrt_rtx" else []
+    assert manifest["tensorrt"]["builder_flags"] == expected_flags
+    assert manifest["latency_per_rows"] is None  # measured on a GPU at warm-up, never on the build machine
     assert "9.0" not in manifest["tensorrt"]["target"]["compute_capabilities"]
     assert "8.9" in manifest["tensorrt"]["target"]["compute_capabilities"]
 

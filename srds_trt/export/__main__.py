@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-weights", action="store_true", help="random weights (architecture only, for timing)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and parity inputs")
     p.add_argument("--quiet", action="store_true", help="no staged log")
+    p.add_argument("--triton-repo", type=Path, default=None,
+                   help="also write a Triton model repository here (srds_trt.triton_repo: UNet plan + sampler model)")
     return p.parse_args(argv)
 
 
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
     except KeyboardInterrupt:  # the pipeline removed its temporary folder on the way out
         return _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    if args.triton_repo is not None:
+        from ..triton_repo import TritonRepoError, write_triton_repo
+
+        try:
+            write_triton_repo(result.folder, args.triton_repo)
+        except (TritonRepoError, ArtifactError, ImportError, OSError) as exc:
+            return _fail(f"--triton-repo {args.triton_repo}: {exc}")
     print(result.folder)
     return 0
 

@@ -33,10 +33,10 @@ from .io_contract import IOContract, io_contract, sample_inputs
 from .manifest import PLAN_NAME, SCHEMA, artifact_key, file_entries, safe_folder_name, to_json, write_manifest
 from .onnx_export import DATA_NAME, ONNX_NAME, UNetForExport, export_onnx, use_upcasting_attention
 from .parity import ParityError, check_parity, parity_rows, reference_outputs
-from .trt_build import BuildTarget, build_tensorrt_plan, build_target
+from .trt_build import BuildTarget, build_tensorrt_plan, build_target, capture_flag
 
 # Bump when the exported graph changes for the same inputs (e.g. the attention implementation), so old keys miss.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: plans built with REQUIRE_USER_ALLOCATION where the flavour has it
 GUIDANCE_NOTE = ("classifier-free guidance runs in one call of 2n rows: rows [0, n) unconditional (null class / "
                  "empty-prompt embeddings), rows [n, 2n) conditional; guided = uncond + s * (cond - uncond)")
 
@@ -327,6 +327,7 @@ def _manifest(
         "parity": parity,
         "tensorrt": {
             "flavour": flavour, "version": trt_module.__version__, "plan": PLAN_NAME, "target": target.as_json(),
+            "builder_flags": ["REQUIRE_USER_ALLOCATION"] if capture_flag(trt_module) is not None else [],
             "build_seconds": round(built.seconds, 3), "device_memory_bytes": built.device_memory_bytes,
             "device_memory_note": "activation memory of one execution context (ICudaEngine.device_memory_size_v2); "
                                   "null when the build machine could not deserialise the plan (no supported GPU)",

@@ -3,6 +3,14 @@
 Builder, strongly typed network, OnnxParser, optimization profiles, build_serialized_network. Precision comes from
 the ONNX (strong typing), so no precision flags are set. The timing cache is used only by `tensorrt`: in
 TensorRT-RTX its calls are deprecated no-ops (kernels are specialised at load time there instead).
+Where the flavour has `BuilderFlag.REQUIRE_USER_ALLOCATION` (TensorRT-RTX: stream capture needs it) it is set, so
+the runtime can capture the plan's enqueue in a CUDA graph; TensorRT 11 lacks the flag and captures without it.
+
+Why not Polygraphy's TensorRT backend (NetworkFromOnnxPath / CreateConfig / engine_bytes_from_network): it picks
+`tensorrt` or `tensorrt_rtx` once, from POLYGRAPHY_USE_TENSORRT_RTX read at its import (a process global), while
+this module takes the flavour as an argument; and CreateConfig has no TensorRT-RTX compute-capability targets.
+What remains here is the part both would write anyway: parse, profiles, flags, build. Users can still point
+`polygraphy inspect model unet.plan` / `polygraphy run unet.onnx` at the artifacts (see README).
 """
 from __future__ import annotations
 
@@ -48,6 +56,11 @@ def build_target(trt: ModuleType, flavour: str) -> BuildTarget:
     return BuildTarget((f"{major}.{minor}",), f"TensorRT build on {torch.cuda.get_device_name()}")
 
 
+def capture_flag(trt: ModuleType) -> Any:
+    """BuilderFlag.REQUIRE_USER_ALLOCATION where the flavour has it (TensorRT-RTX), else None."""
+    return getattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION", None)
+
+
 def _rtx_capability_enum(trt: ModuleType, capability: str) -> Any:
     major, minor = capability.split(".")
     return getattr(trt.ComputeCapability, f"SM{major}{minor}")
@@ -81,6 +94,9 @@ def build_tensorrt_plan(
         raise BuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
 
     config = builder.create_builder_config()
+    flag = capture_flag(trt)
+    if flag is not None:
+        config.set_flag(flag)
     if flavour == "tensorrt_rtx":
         config.num_compute_capabilities = len(target.compute_capabilities)
         for index, capability in enumerate(target.compute_capabilities):

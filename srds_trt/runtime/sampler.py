@@ -106,7 +106,7 @@ class RuntimeSampler:
             else:
                 from .engines.tensorrt_engine import TensorRTEngine
 
-                self.engine = TensorRTEngine(self.artifacts, device=self.device, cuda_graphs=False)
+                self.engine = TensorRTEngine(self.artifacts, device=self.device)
         if self.engine.max_rows < rows:
             raise EngineError(f"this run needs {rows} engine rows but the export at {self.artifacts} holds "
                               f"{self.engine.max_rows}; re-export with --max-batch {rows} (or use fewer --num-images "

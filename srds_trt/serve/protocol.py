@@ -9,7 +9,6 @@ BYTES) is what tritonclient sends by default; tritonclient.utils encodes and dec
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,13 +124,30 @@ def _json_data(name: str, datatype: str, data) -> np.ndarray:
 def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: int) -> InferRequest:
     """Inputs -> InferRequest; prompts and settings are checked by the pipeline's own validators (same messages
     as `generate`, so a bad value is a 400 before the request reaches the queue)."""
+    prompts, seed, settings = read_tensors(decode_inputs(header, tail), default_steps=default_steps,
+                                           max_images=max_images)
+    params = header.get("parameters") or {}
+    requested = header.get("outputs") or []
+    names = tuple(o.get("name") for o in requested if isinstance(o, dict)) or ("image", "stats")
+    unknown = [n for n in names if n not in ("image", "stats")]
+    if unknown:
+        raise ProtocolError(f"unknown output {unknown[0]!r}; the outputs are image, stats")
+    binary = bool(params.get("binary_data_output")) or any(
+        (o.get("parameters") or {}).get("binary_data") for o in requested if isinstance(o, dict))
+    request_id = header.get("id")
+    return InferRequest(id=str(request_id) if request_id is not None else None, prompts=prompts, seed=seed,
+                        settings=settings, binary_output=binary, outputs=names)
+
+
+def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_images: int
+                 ) -> tuple[tuple[str, ...], int, Settings]:
+    """(prompts, seed, settings) from the input tensors; shared by the server and the Triton sampler model."""
     from ..pipeline import check_guidance_scale, check_run_args, check_seed
 
-    tensors = decode_inputs(header, tail)
     if "prompt" not in tensors:
         raise ProtocolError("the input 'prompt' (BYTES [n]) is required")
     try:
-        prompts = tuple(p.decode() if isinstance(p, bytes) else str(p) for p in tensors["prompt"])
+        prompts = tuple(p.decode() if isinstance(p, bytes) else str(p) for p in tensors["prompt"].reshape(-1))
     except UnicodeDecodeError:
         raise ProtocolError("input 'prompt' must be UTF-8 text") from None
     if len(prompts) > max_images:
@@ -139,7 +155,10 @@ def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: in
                             "per request (--max-batch-images)")
 
     def scalar(name, default):
-        return tensors[name].reshape(-1)[0].item() if name in tensors else default
+        if name not in tensors:
+            return default
+        value = tensors[name].reshape(-1)[0]
+        return value.item() if isinstance(value, np.generic) else value  # BYTES elements are plain bytes
 
     sampler = scalar("sampler", b"srds")
     sampler = sampler.decode(errors="replace") if isinstance(sampler, bytes) else str(sampler)
@@ -152,18 +171,7 @@ def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: in
             scale = check_guidance_scale(scale)
     except ValueError as exc:
         raise ProtocolError(_input_names(str(exc))) from None
-    params = header.get("parameters") or {}
-    requested = header.get("outputs") or []
-    names = tuple(o.get("name") for o in requested if isinstance(o, dict)) or ("image", "stats")
-    unknown = [n for n in names if n not in ("image", "stats")]
-    if unknown:
-        raise ProtocolError(f"unknown output {unknown[0]!r}; the outputs are image, stats")
-    binary = bool(params.get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in requested if isinstance(o, dict))
-    request_id = header.get("id")
-    return InferRequest(id=str(request_id) if request_id is not None else None, prompts=prompts, seed=seed,
-                        settings=Settings(steps=steps, guidance_scale=scale, sampler=sampler, tol=tol),
-                        binary_output=binary, outputs=names)
+    return prompts, seed, Settings(steps=steps, guidance_scale=scale, sampler=sampler, tol=tol)
 
 
 def _default_tol() -> float:

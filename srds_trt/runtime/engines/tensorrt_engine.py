@@ -1,18 +1,32 @@
 """TensorRT backend, written against the API that TensorRT 11 and TensorRT-RTX share.
 
-Loading verifies the export (sha256 of every file, TensorRT flavour/version, target compute capability) before
-the plan reaches the deserialiser. One execution context per lane (a lane is what one concurrent stream uses),
-each bound to its own optimization profile: a context's shapes are per-profile state, so two contexts running
-at once need two profiles. A call: set_input_shape -> set_tensor_address -> execute_async_v3(stream). Per
-(lane, bucket), after a warm-up enqueue (TensorRT may allocate on the first), the enqueue is captured in a CUDA
-graph; if capture fails, that bucket stays a plain enqueue and the reason is kept in `capture_failures`.
+Two parts. `ContextDriver` owns the execution contexts and the order of calls TensorRT documents; it touches no
+CUDA itself (streams and device memory arrive as integer handles), so tests drive it on a CPU with a fake
+TensorRT that checks the order (tests/test_tensorrt_driver.py). `TensorRTEngine` is the thin CUDA part: it
+verifies and deserialises the plan, allocates buffers with torch, and hands their addresses to the driver.
 
-Status in this workplace: unit-tested against a fake TensorRT runtime; never executed, because TensorRT 11 is
-not installable here and TensorRT-RTX refuses compute capability 9.0 (H100/H200).
+Contexts and CUDA graphs. The runner captures its own graph per (lane, bucket) around `enqueue(replay=False)`
+(the model call plus the solver update of the tick), so this engine keeps no graphs of its own. A graph bakes in
+the context it captured, and a context's shapes and addresses are state TensorRT may read at launch: replaying
+graph A after the same context was re-shaped for B is not documented as safe, so we do not rely on it. Instead
+each captured shape gets its own context, shaped and bound once at setup — one context per (lane, bucket) — and
+the enqueue inside a capture is `execute_async_v3` alone. A live context needs an optimization profile no other
+live context uses, so that takes lanes × buckets profiles (`--profiles`). An export with fewer profiles gets one
+context per lane, re-shaped per call, and runs uncaptured; `capture_failures` says why for each (lane, bucket),
+as it does for a context whose `is_stream_capturable` is False (TensorRT-RTX; its plans are built with
+REQUIRE_USER_ALLOCATION, which stream capture needs there). Inside a capture, an uncapturable (lane, bucket)
+raises EngineError, which the runner's capture helper turns into a plain enqueue with the reason in its stats.
+
+The contexts of one lane never run at once (one stream), so they share one device-memory block of
+`device_memory_size_v2` bytes (USER_MANAGED allocation) instead of one block each.
+
+Status in this workplace: the driver is unit-tested against a fake TensorRT; the engine has never executed, because
+TensorRT 11 is not installable here and TensorRT-RTX refuses compute capability 9.0 (H100/H200).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +34,104 @@ import torch
 
 from ...export.artifacts import cond_input_name, load_engine
 from .base import Engine, EngineError, EngineSpec, default_buckets
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One engine I/O tensor as TensorRT sees it: a name, a shape (inputs only) and a device address."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    address: int
+
+
+class ContextDriver:
+    """Execution contexts of one deserialised engine, driven in the order TensorRT documents:
+
+    create_execution_context -> set_optimization_profile_async (checked) -> [set_device_memory] ->
+    set_input_shape (every input) -> set_tensor_address (every tensor) -> execute_async_v3; capture only where
+    is_stream_capturable and after a warm-up execute_async_v3 of that context.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        trt: Any,
+        *,
+        lanes: int,
+        buckets: tuple[int, ...],
+        num_profiles: int,
+        stream: int,
+        lane_memory: Callable[[int, int], int] | None = None,
+    ):
+        """lane_memory(lane, bytes) -> device address: one block per lane shared by its contexts (None: each
+        context allocates its own, STATIC). stream: the handle profile switches are ordered on."""
+        if lanes > num_profiles:
+            raise EngineError(f"{lanes} concurrent lanes need {lanes} optimization profiles; this export has "
+                              f"{num_profiles} (re-export with --profiles {lanes})")
+        self.buckets = tuple(buckets)
+        self.per_shape = num_profiles >= lanes * len(self.buckets)
+        self.capture_failures: dict[tuple[int, int], str] = {}
+        self._bindings: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+        self._warm: set[tuple[int, int]] = set()
+        self._contexts: dict[tuple[int, int], Any] = {}
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+        user_memory = lane_memory is not None and strategy is not None
+        for lane in range(lanes):
+            memory = lane_memory(lane, int(engine.device_memory_size_v2)) if user_memory else None
+            keys = [(lane, b) for b in self.buckets] if self.per_shape else [(lane, None)]
+            for index, key in enumerate(keys):
+                context = engine.create_execution_context(strategy) if user_memory else engine.create_execution_context()
+                if context is None:  # TensorRT returns None (and logs) when it cannot allocate the context
+                    raise EngineError(f"TensorRT could not create an execution context for lane {lane} "
+                                      "(out of device memory? see its log)")
+                profile = lane * len(keys) + index
+                if not context.set_optimization_profile_async(profile, stream):
+                    raise EngineError(f"TensorRT refused optimization profile {profile} for lane {lane}")
+                if memory is not None:
+                    context.set_device_memory(memory, int(engine.device_memory_size_v2))
+                self._contexts[key] = context
+        if not self.per_shape:
+            reason = (f"uncaptured: one context per captured shape needs {lanes * len(self.buckets)} optimization "
+                      f"profiles (lanes x buckets), this export has {num_profiles}; re-export with "
+                      f"--profiles {lanes * len(self.buckets)}")
+            self.capture_failures = {(lane, b): reason for lane in range(lanes) for b in self.buckets}
+
+    def context(self, lane: int, bucket: int) -> Any:
+        return self._contexts[(lane, bucket if self.per_shape else None)]
+
+    def bind(self, lane: int, bucket: int, tensors: tuple[Tensor, ...], stream: int) -> None:
+        """Give (lane, bucket) its buffers (they never move). Per-shape contexts are shaped and bound now, once."""
+        self._bindings[(lane, bucket)] = tensors
+        if self.per_shape:
+            context = self.context(lane, bucket)
+            self._apply(context, tensors)
+            if hasattr(context, "is_stream_capturable") and not context.is_stream_capturable(stream):
+                self.capture_failures[(lane, bucket)] = ("uncaptured: TensorRT reports this context is not stream "
+                                                        "capturable (is_stream_capturable is False)")
+
+    def execute(self, lane: int, bucket: int, stream: int, *, capturing: bool = False) -> None:
+        key = (lane, bucket)
+        if capturing:
+            if key in self.capture_failures:
+                raise EngineError(self.capture_failures[key])
+            if key not in self._warm:  # the first enqueue may allocate or specialise kernels: never inside a capture
+                raise EngineError(f"capture of {bucket} rows (lane {lane}) before its warm-up enqueue")
+        context = self.context(lane, bucket)
+        if not self.per_shape:
+            self._apply(context, self._bindings[key])
+        if not context.execute_async_v3(stream):
+            raise EngineError(f"TensorRT execute_async_v3 failed for {bucket} rows (lane {lane})")
+        self._warm.add(key)
+
+    @staticmethod
+    def _apply(context: Any, tensors: tuple[Tensor, ...]) -> None:
+        for tensor in tensors:
+            if tensor.shape is not None and not context.set_input_shape(tensor.name, tensor.shape):
+                raise EngineError(f"TensorRT refused shape {tensor.shape} for input {tensor.name!r}")
+        for tensor in tensors:
+            if not context.set_tensor_address(tensor.name, tensor.address):
+                raise EngineError(f"TensorRT refused the address of {tensor.name!r}")
 
 
 class TensorRTEngine(Engine):
@@ -32,7 +144,6 @@ class TensorRTEngine(Engine):
         device: torch.device | str = "cuda",
         lanes: int = 1,
         buckets: tuple[int, ...] | None = None,
-        cuda_graphs: bool = True,
         loader: Callable[..., tuple[Any, dict[str, Any]]] = load_engine,
     ):
         device = torch.device(device)
@@ -42,59 +153,39 @@ class TensorRTEngine(Engine):
         # verify-then-deserialise: load_engine refuses a plan whose checksums, version or target do not match.
         self._engine, self.manifest = loader(artifact_dir, target=f"{major}.{minor}")
         request = self.manifest["request"]
-        if lanes > self.manifest["num_profiles"]:
-            raise EngineError(
-                f"{lanes} concurrent lanes need {lanes} optimization profiles; this export has "
-                f"{self.manifest['num_profiles']} (re-export with --profiles {lanes})"
-            )
         lo, hi = request["min_batch"], request["max_batch"]
         buckets = buckets or default_buckets(hi, lo)
         if buckets[0] < lo or buckets[-1] > hi:
             raise EngineError(f"buckets {buckets} leave the exported row range [{lo}, {hi}]")
         super().__init__(EngineSpec.from_manifest(self.manifest), buckets, device, lanes)
-        self._names = ("sample", "timestep", cond_input_name(self.manifest), self.manifest["io"]["outputs"][0]["name"])
-        self._contexts = [self._engine.create_execution_context() for _ in range(lanes)]
-        setup = torch.cuda.current_stream(device)
-        for profile, context in enumerate(self._contexts):
-            context.set_optimization_profile_async(profile, setup.cuda_stream)
-        setup.synchronize()
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.capture_failures: dict[tuple[int, int], str] = {}
-        if cuda_graphs:
-            self.capture()
+        from ...export.artifacts import tensorrt_module
 
-    def _execute(self, bucket: int, lane: int, stream: torch.cuda.Stream) -> None:
-        context, io = self._contexts[lane], self.io(bucket, lane)
-        sample, timestep, cond, output = self._names
-        for name, tensor in ((sample, io.sample), (timestep, io.timestep), (cond, io.cond)):
-            if not context.set_input_shape(name, tuple(tensor.shape)):
-                raise EngineError(f"TensorRT refused shape {tuple(tensor.shape)} for input {name!r}")
-            context.set_tensor_address(name, tensor.data_ptr())
-        context.set_tensor_address(output, io.output.data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"TensorRT execute_async_v3 failed for {bucket} rows (lane {lane})")
+        trt, _ = tensorrt_module()
+        setup = torch.cuda.current_stream(device)
+        self._lane_memory: list[torch.Tensor] = []  # kept alive: the contexts hold raw addresses into them
+        self.driver = ContextDriver(self._engine, trt, lanes=lanes, buckets=self.buckets,
+                                    num_profiles=self.manifest["num_profiles"], stream=setup.cuda_stream,
+                                    lane_memory=self._allocate_lane_memory)
+        sample, timestep, cond, output = ("sample", "timestep", cond_input_name(self.manifest),
+                                          self.manifest["io"]["outputs"][0]["name"])
+        for (lane, bucket), io in self._io.items():
+            tensors = tuple(Tensor(name, tuple(t.shape), t.data_ptr())
+                            for name, t in ((sample, io.sample), (timestep, io.timestep), (cond, io.cond)))
+            self.driver.bind(lane, bucket, tensors + (Tensor(output, None, io.output.data_ptr()),), setup.cuda_stream)
+        setup.synchronize()
+
+    def _allocate_lane_memory(self, lane: int, size: int) -> int:
+        block = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)  # torch blocks are 512-B aligned
+        self._lane_memory.append(block)
+        return block.data_ptr()
+
+    @property
+    def capture_failures(self) -> dict[tuple[int, int], str]:
+        """(lane, bucket) -> why a capture around its enqueue is refused (it then runs as a plain enqueue)."""
+        return self.driver.capture_failures
 
     def enqueue(self, bucket: int, lane: int = 0, stream: torch.cuda.Stream | None = None, *, replay: bool = True) -> None:
+        """execute_async_v3 on `stream`. `replay` is accepted for the Engine interface; this engine keeps no graphs
+        (the runner captures its own around this call)."""
         stream = stream or torch.cuda.current_stream(self.device)
-        graph = self._graphs.get((lane, bucket)) if replay else None
-        if graph is not None:
-            with torch.cuda.stream(stream):
-                graph.replay()
-        else:
-            self._execute(bucket, lane, stream)
-
-    def capture(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        for lane in range(self.lanes):
-            for bucket in reversed(self.buckets):
-                self._execute(bucket, lane, stream)  # warm-up enqueue
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, stream=stream):
-                        self._execute(bucket, lane, stream)
-                except Exception as exc:  # capture is an optimisation: keep the plain enqueue
-                    self.capture_failures[(lane, bucket)] = f"{type(exc).__name__}: {exc}"
-                    torch.cuda.synchronize(self.device)
-                    continue
-                self._graphs[(lane, bucket)] = graph
+        self.driver.execute(lane, bucket, stream.cuda_stream, capturing=torch.cuda.is_current_stream_capturing())

@@ -1,0 +1,80 @@
+"""--sampler auto (srds_trt.autotune): serial where latency grows with rows, parallel where calls are flat,
+never predicted slower than serial, multi-GPU tick cost = latency(ceil(R / K)) + all-gather."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from srds_trt import autotune
+from srds_trt.sampling import SAMPLERS
+
+H200_DIGITS = {1: 0.87, 2: 0.92, 8: 0.91, 16: 0.95, 32: 1.23, 64: 1.39, 128: 1.74}  # DESIGN.md, CUDA graphs
+H200_SD2 = {1: 9.2, 2: 11.5, 4: 15.8, 8: 25.3, 16: 45.0, 32: 86.3}
+
+
+@pytest.mark.parametrize("steps", [10, 100, 196, 1024])
+def test_throughput_bound_device_is_serial(steps):
+    choice = autotune.choose(steps=steps, latency_ms=lambda rows: 3.0 * rows)  # CPU: linear in rows
+    assert choice.sampler == "serial" and choice.options == {}
+    assert choice.predicted_ms == choice.serial_ms == steps * 3.0 * 2
+
+
+def test_flat_curve_picks_a_parallel_sampler_and_says_why():
+    choice = autotune.choose(steps=196, latency_ms=H200_DIGITS)
+    assert choice.sampler != "serial" and choice.sampler in SAMPLERS
+    assert choice.predicted_ms < 0.5 * choice.serial_ms
+    assert {c.sampler for c in choice.candidates} == {"serial", "srds", "paradigms", "eps-picard"}
+    assert choice.predicted_ms == min(c.predicted_ms for c in choice.candidates)
+    record = choice.as_dict()
+    assert record["sampler"] == choice.sampler and len(record["candidates"]) == len(choice.candidates)
+    assert choice.sampler in choice.reason
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        choice.sampler = "serial"
+
+
+def test_sd2_on_one_gpu_follows_the_curve():
+    # rows cost nearly linearly above 8 rows: at N=100 every parallel candidate prices above serial
+    assert autotune.choose(steps=100, latency_ms=H200_SD2).sampler == "serial"
+
+
+def test_never_predicted_slower_than_serial_on_random_curves():
+    rng = random.Random(0)
+    for _ in range(30):
+        table, ms = {}, rng.uniform(0.5, 20)
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+            ms += rng.uniform(0, 10)
+            table[rows] = ms
+        choice = autotune.choose(steps=rng.choice([20, 50, 196]), images=rng.choice([1, 2]), latency_ms=table,
+                                 world_size=rng.choice([1, 2, 4]), allgather_ms=rng.uniform(0, 2))
+        assert choice.predicted_ms <= choice.serial_ms
+
+
+def test_multi_gpu_tick_cost():
+    calls = []
+
+    def latency(rows):
+        calls.append(rows)
+        return 10.0
+
+    assert autotune.tick_ms(latency, 13, world_size=4, allgather_ms=0.5) == 10.5
+    assert calls == [4]  # ceil(13 / 4) rows per rank
+    assert autotune.tick_ms(latency, 13, world_size=1, allgather_ms=0.5) == 10.0  # one rank: no all-gather
+    # more ranks make wide calls cheaper on a throughput-bound curve: parallel samplers become worth it
+    linear = {1: 1.0, 128: 128.0}
+    assert autotune.choose(steps=196, latency_ms=linear).sampler == "serial"
+    assert autotune.choose(steps=196, latency_ms=linear, world_size=64, allgather_ms=0.01).sampler != "serial"
+
+
+def test_interpolation_and_bad_inputs():
+    assert autotune.interpolate_ms({2: 2.0, 4: 6.0}, 3) == 4.0
+    assert autotune.interpolate_ms({2: 2.0, 4: 6.0}, 1) == 2.0
+    assert autotune.interpolate_ms({2: 2.0, 4: 6.0}, 6) == 10.0
+    with pytest.raises(ValueError):
+        autotune.choose(steps=0, latency_ms=H200_SD2)
+    with pytest.raises(ValueError):
+        autotune.choose(steps=10, latency_ms=H200_SD2, world_size=0)
+    with pytest.raises(ValueError):
+        autotune.choose(steps=10, latency_ms=H200_SD2, samplers=("srds",))
