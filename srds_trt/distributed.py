@@ -173,7 +173,7 @@ class ShardedModel:
     def __call__(self, x: Tensor, t: Tensor, *row_args: Tensor) -> Tensor:
         rows = x.shape[0]
         per = shard_rows(rows, self.world_size)
-        lo, hi = 0, per  # MUTANT
+        lo, hi = self.rank * per, (self.rank + 1) * per
         args = [_pad(a, per * self.world_size)[lo:hi] for a in (x, t, *row_args)]
         local = self.model(*args)
         self.counts.add(rows)

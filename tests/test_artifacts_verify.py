@@ -213,3 +213,15 @@ def test_find_artifacts_advice_names_export_flags_and_skipped_folders(tmp_path):
     assert f"python -m srds_trt.export --model digits --out {tmp_path} --max-batch 220 --dtype fp16" in message
     assert "skipped 1 unreadable: z" in message and "malformed manifest" in message
     assert "weights_id" not in message
+
+
+def test_record_latency_merges_and_keeps_the_export_valid(tmp_path):
+    from srds_trt.export.artifacts import record_latency
+
+    folder = make_artifacts(tmp_path / "a")
+    record_latency(folder, {32: 1.23, 1: 0.87})
+    record_latency(folder, {2: 0.92, 1: 0.9})
+    assert verify(folder)["latency_per_rows"] == {"1": 0.9, "2": 0.92, "32": 1.23}
+    with pytest.raises(ArtifactError, match="latency_per_rows.4"):
+        record_latency(folder, {4: -1.0})
+    assert read_manifest(folder)["latency_per_rows"] == {"1": 0.9, "2": 0.92, "32": 1.23}

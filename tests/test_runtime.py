@@ -91,7 +91,7 @@ def test_runner_without_guidance_and_v_prediction():
     labels = torch.tensor([4, 5])
     engine = TorchEngine(cond_model, SPEC, max_rows=16)
     runner = SRDSRunner(engine, batch=2, timesteps=ts, alphas_cumprod=ac, prediction_type="v_prediction",
-                        guided=False, state_dtype=torch.float64)
+                        guided=False, state_dtype=torch.float64, num_blocks=4)
     got = runner.run(x, labels, tol=0.0)
     ref = serial_sample(conditional(cond_model, labels), x, ts, ac, prediction_type="v_prediction")
     torch.testing.assert_close(got.sample, ref, rtol=0, atol=1e-9)

@@ -109,11 +109,11 @@ def test_residuals_recorded_are_the_boundary_changes(n):
     grid, alphas = grid_for(n)
     model = RowwiseMLP(features=6, seed=3)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    bounds = list(block_bounds(n))
-    blocks = len(bounds) - 1
+    blocks = max(1, round(n ** 0.5))  # explicit: the default block count is schedule.py's business
+    bounds = list(block_bounds(n, blocks))
     ref = parareal_ref(model, x, grid.tolist(), alphas, bounds, blocks)
     seen = []
-    res = srds_sample(model, x, grid, alphas, tol=0.0, progress=lambda p, r: seen.append((p, r)))
+    res = srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=blocks, progress=lambda p, r: seen.append((p, r)))
     expected = [max(max_abs(ref[p][b], ref[p - 1][b]) for b in range(p, blocks + 1)) for p in range(1, blocks + 1)]
     assert res.residuals == pytest.approx(expected, abs=1e-10)
     assert [p for p, _ in seen] == list(range(1, res.iterations + 1))
@@ -125,17 +125,17 @@ def test_max_iters_beyond_blocks_never_runs_more_iterations_than_blocks():
     model = CountingModel(RowwiseMLP(features=6))
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for pipelined in (False, True):
-        res = srds_sample(model, x, grid, alphas, tol=0.0, max_iters=50, pipelined=pipelined)
+        res = srds_sample(model, x, grid, alphas, tol=0.0, num_blocks=3, max_iters=50, pipelined=pipelined)
         assert res.num_blocks == 3 and res.iterations == 3 and res.converged
-        assert res.sequential_calls == len(build_tick_plan(10, pipelined=pipelined).ticks)
+        assert res.sequential_calls == len(build_tick_plan(10, 3, pipelined=pipelined).ticks)
 
 
 def test_max_iters_zero_is_the_coarse_sample():
     grid, alphas = grid_for(9)
     model = RowwiseMLP(features=6)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    coarse_grid = grid[list(block_bounds(9))]  # every block boundary: a sqrt(N)-step DDIM sample
-    res = srds_sample(model, x, grid, alphas, max_iters=0)
+    coarse_grid = grid[list(block_bounds(9, 3))]  # every block boundary: a B-step DDIM sample
+    res = srds_sample(model, x, grid, alphas, num_blocks=3, max_iters=0)
     assert res.iterations == 0 and not res.converged and res.sequential_calls == 3 and res.model_evals == 9
     assert max_abs(res.sample, serial_sample(model, x, coarse_grid, alphas)) <= 1e-12
 

@@ -200,7 +200,8 @@ def test_tol_stops_earlier_than_tol_zero_and_reports_what_it_compared():
     x = _images(7, 2, 16)
     exact = srds_sample(gmm, x, grid, alphas, tol=0.0)
     loose = srds_sample(gmm, x, grid, alphas, tol=0.5)
-    assert loose.iterations < exact.iterations == exact.num_blocks
+    # tol = 0 runs to B, or stops earlier only when an iteration changed nothing at all (float64 fixed point)
+    assert loose.iterations < exact.iterations and (exact.iterations == exact.num_blocks or exact.residuals[-1] == 0.0)
     assert loose.converged and loose.error_estimates[-1] <= 0.5
     assert all(e > 0.5 for e in loose.error_estimates[:-1])
     assert loose.sequential_calls < exact.sequential_calls and loose.model_evals < exact.model_evals

@@ -24,6 +24,8 @@ from srds_trt.serve.protocol import INPUTS  # noqa: E402
 from srds_trt.triton_repo import row_buckets, write_triton_repo  # noqa: E402
 from test_export_support import digits_like  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module fixture runs a real digits-shaped export (ONNX, parity, TensorRT-RTX plan)
+
 PROTOCOL_TO_TRITON = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32",
                       "FP64": "TYPE_FP64"}
 MANIFEST_TO_TRITON = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
@@ -137,7 +139,6 @@ def _fake_pb_utils(unet):
     return pb, calls
 
 
-@pytest.mark.slow
 def test_sampler_model_gives_generates_pixels_through_bls(repo, monkeypatch):
     from srds_trt import SRDSPipeline
     from srds_trt.triton_sampler import TritonPythonModel

@@ -19,7 +19,7 @@ from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file, vali
 
 __all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
            "TensorRTUnavailableError", "check_external_data", "check_files", "normalise_capability",
-           "cond_input_name", "verify_onnx"]
+           "cond_input_name", "verify_onnx", "record_latency"]
 
 # `tensorrt` (TensorRT 11, a GPU machine) is preferred over `tensorrt_rtx` (TensorRT-RTX, which builds plans on a
 # CPU-only machine but runs them only on RTX-class GPUs). Both expose the builder/runtime API the code here uses.
@@ -190,6 +190,24 @@ def find_artifacts(engine_dir: str | os.PathLike, model: str, *, rows: int | Non
 def _negated(text: str) -> tuple[int, ...]:
     """Sort key putting the newest ISO timestamp first."""
     return tuple(-ord(c) for c in text)
+
+
+def record_latency(artifact_dir: str | os.PathLike, latency_per_rows: dict[int, float]) -> dict[str, Any]:
+    """Store measured ms per engine call by rows in the manifest's `latency_per_rows` (merged with earlier
+    measurements; written atomically). The manifest is not among the checksummed files, so this keeps the
+    export valid. Meant for a runtime that times its warm-up on the GPU that will serve the plan."""
+    folder = Path(artifact_dir)
+    manifest = read_manifest(folder)
+    merged = dict(manifest.get("latency_per_rows") or {})
+    merged.update({str(int(rows)): round(float(ms), 4) for rows, ms in latency_per_rows.items()})
+    manifest["latency_per_rows"] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+    problem = validate_manifest(manifest)
+    if problem is not None:
+        raise ArtifactError(f"latency_per_rows not recorded: {problem}")
+    tmp = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return manifest
 
 
 def load_engine(artifact_dir: str | os.PathLike, *, target: str | None) -> tuple[Any, dict[str, Any]]:
