@@ -220,15 +220,30 @@ class SRDSPipeline:
         return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples_cpu)
 
     def _auto_sampler(self, steps: int, images: int, scale: float) -> str:
-        """sampler="auto": srds_trt.autotune chooses when that module exists; otherwise SRDS."""
-        try:
-            from . import autotune
-        except ImportError:
-            return "srds"
-        name = autotune.choose(pipeline=self, steps=steps, images=images, guidance_scale=scale)
-        if name not in SAMPLERS or name == "auto":
-            raise ValueError(f"autotune chose an unknown sampler {name!r}")
-        return name
+        """sampler="auto": srds_trt.autotune picks from this model's latency-per-rows curve, measured here."""
+        from . import autotune
+
+        choice = autotune.choose(steps=steps, images=images, guided=scale != 1.0,
+                                 latency_ms=self._latency_curve(),
+                                 samplers=tuple(n for n in REFERENCE_SAMPLERS if n in autotune.choose.__kwdefaults__["samplers"]))
+        if choice.sampler not in REFERENCE_SAMPLERS:
+            raise ValueError(f"--sampler auto chose {choice.sampler!r}, which this pipeline does not run")
+        return choice.sampler
+
+    def _latency_curve(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[int, float]:
+        """ms per conditional model call vs rows (one warm-up, then the best of two timed calls per row count)."""
+        curve = {}
+        for r in rows:
+            x = torch.zeros((r, *self.loaded.sample_shape), device=self.device, dtype=self.dtype)
+            t = torch.full((r,), 500, device=self.device)
+            cond, _ = self.encode(["0" if self.family == "digits" else ""] * r)
+            times = []
+            for _ in range(3):
+                start = _now(self.device)
+                self.cond_model(x, t, cond)
+                times.append(_now(self.device) - start)
+            curve[r] = 1e3 * min(times[1:])
+        return curve
 
     def _sampler(self, name: str, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1

@@ -7,7 +7,20 @@ import pytest
 import torch
 
 from srds_trt import SRDSPipeline
+from srds_trt.schedule import default_num_blocks
 from tiny_sd import RESOLUTION, build_tiny_sd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +44,7 @@ def test_sd_path_end_to_end(tiny_sd32):
                     num_images_per_prompt=2, progress_bar=False)
     assert len(out.images) == 4 and all(im.size == (RESOLUTION, RESOLUTION) and im.mode == "RGB" for im in out.images)
     assert out.samples.shape == (4, 4, RESOLUTION // 2, RESOLUTION // 2) and torch.isfinite(out.samples).all()
-    assert out.stats["cfg_rows_per_image"] == 2 and out.stats["blocks"] == 3
+    assert out.stats["cfg_rows_per_image"] == 2 and out.stats["blocks"] == default_num_blocks(9)
     assert out.stats["prompts"] == ["a red cat", "a red cat", "dog", "dog"]
 
 
@@ -62,7 +75,7 @@ def test_digits_call_shapes_and_stats(digits):
     assert out.samples.shape == (2, 1, 16, 16)
     stats = out.stats
     assert stats["prompts"] == ["3", "7"] and stats["guidance_scale"] == digits.default_guidance_scale
-    assert stats["blocks"] == 4 and 1 <= stats["iterations"] <= 4
+    assert stats["blocks"] == default_num_blocks(16) and 1 <= stats["iterations"] <= stats["blocks"]
     assert stats["sequential_calls"] <= 2 * 4 * stats["iterations"] + 4 and stats["max_abs_diff_vs_serial"] >= 0
     assert digits(None, num_inference_steps=2, progress_bar=False).stats["prompts"] == [str(d) for d in range(10)]
 
@@ -100,8 +113,8 @@ def test_bad_arguments_are_refused(digits, kwargs, match):
 
 @pytest.mark.slow
 def test_pipelined_gives_the_same_sample_in_fewer_sequential_calls(digits):
-    kwargs = dict(num_inference_steps=16, progress_bar=False, tol=0.0)
-    plain, pipelined = digits(["4", "9"], **kwargs), digits(["4", "9"], pipelined=True, **kwargs)
+    kwargs = dict(num_inference_steps=16, num_blocks=4, progress_bar=False, tol=0.0)
+    plain, pipelined = digits(["4", "9"], pipelined=False, **kwargs), digits(["4", "9"], **kwargs)  # pipelined: default
     assert (plain.samples - pipelined.samples).abs().max() <= 1e-5
     assert pipelined.stats["sequential_calls"] < plain.stats["sequential_calls"] and pipelined.stats["pipelined"]
 

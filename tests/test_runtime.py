@@ -10,11 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_core import single_thread  # noqa: F401  (fixture)
 from srds_trt.runtime import NonFiniteError, SerialRunner, SRDSRunner
 from srds_trt.runtime.engines import EngineError, EngineSpec, TorchEngine, bucket_for, default_buckets
 from srds_trt.guidance import classifier_free_guidance, conditional
 from srds_trt.noise_schedule import ddim_grid
 from srds_trt.sampling import serial_sample, srds_sample
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: a second intra-op thread only spins
 
 SD_LIKE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                set_alpha_to_one=True, clip_sample=False, steps_offset=1)
