@@ -20,7 +20,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)" -e ".[dev,tensorrt-rtx]"
 
 run: install
-	$(BIN)/python -m srds_trt.generate --out out/digits
+	$(BIN)/python -m srds_trt.generate --out out/digits --overwrite
 
 test: install-dev
 	$(BIN)/python -m pytest -q

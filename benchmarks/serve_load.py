@@ -104,27 +104,6 @@ def load_level(url: str, concurrency: int, requests: int, timeout_s: float, step
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None}
 
 
-class LatentsShim:
-    """Stand-in for `SRDSPipeline.__call__(..., latents=)` (same as tests/test_serve.py's) until the pipeline takes
-    per-request noise: without it the server runs one request per job and "batched" would measure nothing.
-    Only the server's single worker thread calls it; the job's noise replaces __call__'s one torch.randn draw."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def __call__(self, prompts, *, latents=None, **kwargs):
-        import torch
-        from unittest import mock
-
-        if latents is None:
-            return self._pipe(prompts, **kwargs)
-        with mock.patch.object(torch, "randn", side_effect=lambda *a, **k: latents.clone()):
-            return self._pipe(prompts, **kwargs)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
@@ -143,8 +122,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     pipe = SRDSPipeline.from_pretrained("digits")
-    native = "latents" in __import__("inspect").signature(pipe.__call__).parameters
-    pipe = pipe if native else LatentsShim(pipe)
     configs = {
         "batched": BatchConfig(window_s=args.batch_window_ms / 1000, max_batch_images=args.max_batch_images,
                                max_queue=256, timeout_s=600),
@@ -164,7 +141,7 @@ def main(argv=None) -> int:
               "batch_window_ms": args.batch_window_ms, "max_batch_images": args.max_batch_images,
               "requests_per_level": args.requests, "machine": {"platform": platform.platform(),
               "cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-              "per_request_noise": "SRDSPipeline latents=" if native else "LatentsShim stand-in",
+              "per_request_noise": "SRDSPipeline latents=",
               "unbatched_note": "window 0 and max_batch_images 1: one request per sampling job", "rows": rows}
     (out / "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(rows))

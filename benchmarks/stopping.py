@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srds_trt.schedule import block_bounds, build_tick_plan, default_num_blocks
+from srds_trt.schedule import block_bounds, build_tick_plan
 from srds_trt.solvers import alphas_at, ddim_coefficients, ddim_update
 from srds_trt.stopping import StoppingRule
 

@@ -145,7 +145,7 @@ class SRDSPipeline:
                  sampler: str = "srds", tol: float = DEFAULT_TOL, num_blocks: int | None = None,
                  pipelined: bool = True, max_iters: int | None = None, num_images_per_prompt: int = 1,
                  negative_prompt: str = "", compare_serial: bool = False, max_rows: int | None = None,
-                 progress_bar: bool = True) -> SRDSPipelineOutput:
+                 latents: Tensor | None = None, progress_bar: bool = True) -> SRDSPipelineOutput:
         """Sample one image per prompt (times num_images_per_prompt) with SRDS, serial DDIM or another sampler
         of sampling.SAMPLERS ("auto": srds_trt.autotune chooses).
 
@@ -173,7 +173,12 @@ class SRDSPipeline:
         per_image = rows_per_image(num_inference_steps, num_blocks, guided, pipelined, max_iters) if sampler == "srds" \
             else (2 if guided else 1)
         chunk = max(1, (max_rows or MAX_ROWS) // per_image)
-        x_all = torch.randn((len(prompts), *self.loaded.sample_shape), generator=generator, device=generator.device)
+        # latents: the starting noise x_T itself (a server batching requests of different seeds draws each
+        # request's noise as this call would and passes the stack); None draws it from the generator.
+        expected = (len(prompts), *self.loaded.sample_shape)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+        x_all = latents.cpu() if latents is not None else torch.randn(expected, generator=generator, device=generator.device)
         timesteps, alphas_cumprod = ddim_grid(self.loaded.scheduler_config, num_inference_steps)
         alphas_cumprod = alphas_cumprod.to(self.device)
         prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .schedule import Plan, build_tick_plan
-from .solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update, parareal_update
 from .stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_finite, check_tol
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -185,7 +185,7 @@ def _run_plan(
             elif b == p:
                 U[(p, b)] = F[(p - 1, b - 1)]  # exact: no coarse terms, so no rounding either
             else:
-                U[(p, b)] = G[(p, b - 1)] + (F[(p - 1, b - 1)] - G[(p - 1, b - 1)])
+                U[(p, b)] = parareal_update(G[(p, b - 1)], F[(p - 1, b - 1)], G[(p - 1, b - 1)])
 
         for p in tick.completes:
             if p == 0:

@@ -5,7 +5,6 @@ the pixels `generate` saves as PNG."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 import urllib.request
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,23 +27,6 @@ from srds_trt import SRDSPipeline  # noqa: E402
 from srds_trt.serve import BatchConfig, ServeConfig, build_app  # noqa: E402
 
 STEPS = 4  # 2 SRDS blocks: a few seconds per test on 2 cores
-
-
-class LatentsShim:
-    """Stands in for `SRDSPipeline.__call__(..., latents=)` until the pipeline takes per-request noise itself:
-    the job's noise replaces the one torch.randn draw __call__ makes. Only the server's worker thread calls it."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def __call__(self, prompts, *, latents=None, **kwargs):
-        if latents is None:
-            return self._pipe(prompts, **kwargs)
-        with mock.patch.object(torch, "randn", side_effect=lambda *a, **k: latents.clone()):
-            return self._pipe(prompts, **kwargs)
 
 
 def _free_port() -> int:
@@ -86,7 +67,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def served(pipe):
-    served_pipe = pipe if "latents" in inspect.signature(pipe.__call__).parameters else LatentsShim(pipe)
+    served_pipe = pipe
     with _serve(served_pipe, BatchConfig(window_s=0.2, max_batch_images=16, max_queue=64, timeout_s=120)) as s:
         yield s
 

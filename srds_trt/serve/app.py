@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from .batching import Batcher, BatchConfig, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .protocol import HEADER_LENGTH, INPUTS, InferRequest, ProtocolError, Settings, encode_response, parse_infer, split_body
+from .protocol import HEADER_LENGTH, INPUTS, InferRequest, Settings, encode_response, parse_infer, split_body
 
 SERVER_NAME = "srds_trt"
 SERVER_VERSION = "0.1.0"
