@@ -77,10 +77,8 @@ class SRDSPipeline:
         if backend != "torch" or self.device.type == "cuda":
             from .runtime.sampler import RuntimeSampler
 
-            if process_group is not None:
-                raise ValueError("a process group needs the reference path for now (--backend torch on CPU): "
-                                 "srds_trt.distributed.ShardedEngine is not wired into RuntimeSampler yet")
-            self.runtime = RuntimeSampler(backend, loaded, device=self.device, dtype=self.dtype, engine_dir=engine_dir)
+            self.runtime = RuntimeSampler(backend, loaded, device=self.device, dtype=self.dtype, engine_dir=engine_dir,
+                                          process_group=process_group)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "digits", *, device="cpu", dtype=torch.float32,
@@ -219,7 +217,9 @@ class SRDSPipeline:
                 images_bar.update(len(part))
         stats.update(_merge_chunks(chunk_stats))
         if self.process_group is not None:  # world_size and every rank's engine calls and rows (all ranks agree)
-            stats.update(self.cond_model.counts.as_stats())
+            engine = self.runtime.engine if self.runtime is not None else None
+            counts = engine.counts if hasattr(engine, "counts") else self.cond_model.counts  # runtime: ShardedEngine
+            stats.update(counts.as_stats())
         samples_cpu = _check_finite(torch.cat(samples), sampler)  # whatever a sampler checks, no NaN leaves here
         pixels = torch.cat([self.decode(s.to(self.device)) .cpu() for s in samples])
         return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples_cpu)

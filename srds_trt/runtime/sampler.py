@@ -65,7 +65,8 @@ class RuntimeSampler:
     """One engine and a cache of runners keyed by (kind, grid, images, blocks, ...): built and captured on the
     first call with a key, replayed by every later one (one warm-up per runner, never per call)."""
 
-    def __init__(self, backend: str, loaded, *, device: torch.device, dtype: torch.dtype, engine_dir: str | Path | None = None):
+    def __init__(self, backend: str, loaded, *, device: torch.device, dtype: torch.dtype, engine_dir: str | Path | None = None,
+                 process_group=None):
         if backend not in BACKENDS:
             raise EngineError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         if backend == "tensorrt" and device.type != "cuda":
@@ -78,6 +79,9 @@ class RuntimeSampler:
         # rows is chosen on first use, when the rows are known
         self.artifacts = None if backend == "torch" else artifact_folder(self.engine_dir, loaded.spec.name, backend)
         self.engine: Engine | None = None
+        # torch.distributed: each engine call's rows are split across the group's ranks (distributed.ShardedEngine);
+        # every rank builds the same runners and gets the same samples
+        self.process_group = process_group
         self.noise_floor = 0.0
         self.noise_floor_rows = 0
         self._runners: dict[tuple, object] = {}
@@ -86,6 +90,21 @@ class RuntimeSampler:
     def _engine(self, rows: int) -> Engine:
         if self.engine is not None and self.engine.max_rows >= rows:
             return self.engine
+        world = 1
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size(self.process_group)
+        total, rows = rows, -(-rows // world)  # this rank's slice of the widest call
+        self._build_engine(rows)
+        if world > 1:
+            from ..distributed import ShardedEngine
+
+            self.engine = ShardedEngine(self.engine, self.process_group)
+        rows = total
+        return self._check_engine(rows)
+
+    def _build_engine(self, rows: int) -> None:
         if self.backend == "torch":
             # the runners capture their own graphs around the engine call: the engine itself stays eager
             self.engine = torch_engine(self.loaded, device=self.device, dtype=self.dtype, max_rows=rows, cuda_graphs=False)
@@ -107,6 +126,8 @@ class RuntimeSampler:
                 from .engines.tensorrt_engine import TensorRTEngine
 
                 self.engine = TensorRTEngine(self.artifacts, device=self.device)
+
+    def _check_engine(self, rows: int) -> Engine:
         if self.engine.max_rows < rows:
             raise EngineError(f"this run needs {rows} engine rows but the export at {self.artifacts} holds "
                               f"{self.engine.max_rows}; re-export with --max-batch {rows} (or use fewer --num-images "
