@@ -22,15 +22,6 @@ from srds_trt import generate
 from srds_trt.generate import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(argv, capsys):
     rc = main(argv)
     captured = capsys.readouterr()

@@ -12,17 +12,6 @@ pytest.importorskip("tensorrt_rtx")
 from srds_trt.generate import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits_export(tmp_path_factory):
     from srds_trt.export import ExportConfig, export_model

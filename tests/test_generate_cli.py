@@ -13,17 +13,6 @@ from PIL import Image
 from srds_trt.generate import main, summary_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def run(argv, capsys):
     rc = main(argv)

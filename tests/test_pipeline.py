@@ -11,17 +11,6 @@ from srds_trt.schedule import default_num_blocks
 from tiny_sd import RESOLUTION, build_tiny_sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(scope="module")
 def tiny_sd_folder(tmp_path_factory):
