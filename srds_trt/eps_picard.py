@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .sampling import Model, SampleResult, check_grid, state_dtype
+from .paradigms import window_result, window_width
 from .solvers import alphas_at, check_solver, ddim_coefficients
 from .stopping import DEFAULT_TOL, check_finite, check_tol
 
@@ -76,12 +77,7 @@ def eps_picard_sample(
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     steps = len(timesteps) - 1
-    w = default_window(steps) if window is None else int(window)
-    if w < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    w = min(w, steps)
-    if max_iters is not None and max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    w = window_width(steps, default_window(steps) if window is None else window, max_iters)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
@@ -141,16 +137,5 @@ def eps_picard_sample(
                 propagate(old_end, end)
             else:
                 points[old_end + 1 : end + 1] = points[old_end]
-    check_finite(float(points[steps].abs().max()), f"eps-Picard after {iterations} sweeps")
-    return SampleResult(
-        sample=points[steps].to(x.dtype),
-        sampler="eps-picard",
-        iterations=iterations,
-        window=w,
-        model_evals=model_evals,
-        sequential_calls=iterations,
-        residuals=residuals,
-        slides=slides,
-        converged=begin >= steps,
-        tol=tol,
-    )
+    return window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
+                         residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)

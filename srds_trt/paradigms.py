@@ -43,11 +43,30 @@ import torch
 from torch import Tensor
 
 from .sampling import Model, SampleResult, check_grid, state_dtype
-from .stopping import check_finite
+from .stopping import check_finite, check_tol
 from .solvers import alphas_at, check_solver, ddim_coefficients, ddim_update
 
 # diffusers' StableDiffusionParadigmsPipeline default (`tolerance=0.1`): per-step RMS change <= 0.1 sigma_j.
 DEFAULT_TOL = 0.1
+
+
+def window_width(steps: int, window: int, max_iters: int | None) -> int:
+    """The points per sweep of a sliding-window sampler (window capped at N), after checking its arguments."""
+    w = int(window)
+    if w < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if max_iters is not None and max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    return min(w, steps)
+
+
+def window_result(sampler: str, final: Tensor, x: Tensor, *, iterations: int, window: int, model_evals: int,
+                  residuals: list[float], slides: list[int], converged: bool, tol: float) -> SampleResult:
+    """A sliding-window sampler's result: one sweep is one sequential call; NaN/Inf in the sample is an error."""
+    check_finite(float(final.abs().max()), f"{sampler} after {iterations} sweeps")
+    return SampleResult(sample=final.to(x.dtype), sampler=sampler, iterations=iterations, window=window,
+                        model_evals=model_evals, sequential_calls=iterations, residuals=residuals, slides=slides,
+                        converged=converged, tol=tol)
 
 
 def default_window(num_steps: int) -> int:
@@ -86,14 +105,8 @@ def paradigms_sample(
     check_solver("ddim", prediction_type)
     timesteps = check_grid(x, timesteps)
     steps = len(timesteps) - 1
-    w = default_window(steps) if window is None else int(window)
-    if not 1 <= w:
-        raise ValueError(f"window must be >= 1, got {window}")
-    w = min(w, steps)
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    if max_iters is not None and max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    tol = check_tol(tol)
+    w = window_width(steps, default_window(steps) if window is None else window, max_iters)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
@@ -131,16 +144,5 @@ def paradigms_sample(
         end = min(begin + w, steps)
         if end > old_end:
             points[old_end + 1 : end + 1] = points[old_end]
-    check_finite(float(points[steps].abs().max()), f"ParaDiGMS after {iterations} sweeps")
-    return SampleResult(
-        sample=points[steps].to(x.dtype),
-        sampler="paradigms",
-        iterations=iterations,
-        window=w,
-        model_evals=model_evals,
-        sequential_calls=iterations,
-        residuals=residuals,
-        slides=slides,
-        converged=begin >= steps,
-        tol=tol,
-    )
+    return window_result("paradigms", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
+                         residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)
