@@ -151,3 +151,35 @@ def test_runner_rejects_what_the_engine_cannot_hold_and_bad_arguments():
         runner.run(torch.zeros(2, 2, 2, 2), torch.tensor([1, 2]), torch.tensor([10, 10]))
     with pytest.raises(ValueError, match="tol"):
         runner.run(torch.zeros(1, 2, 2, 2), torch.tensor([1]), torch.tensor([10]), tol=-1.0)
+
+
+def test_tf32_switches_belong_to_one_block_at_a_time():
+    """Two engines on two threads: while one block runs with TF32 off, the other's `tf32=True` must wait, not flip
+    the process-wide switches under it (they are read when kernels are launched)."""
+    import threading
+    import time
+
+    from srds_trt.runtime.engines.torch_engine import tf32_allowed
+
+    entered, seen = threading.Event(), []
+
+    def strict():
+        with tf32_allowed(False):
+            entered.set()
+            for _ in range(5):
+                seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+                time.sleep(0.01)
+
+    def loose():
+        entered.wait(5)
+        with tf32_allowed(True):
+            seen.append("loose")
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    threads = [threading.Thread(target=strict), threading.Thread(target=loose)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen[:5] == [(False, False)] * 5 and seen[5] == "loose"
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == saved

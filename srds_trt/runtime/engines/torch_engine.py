@@ -11,6 +11,7 @@ off around its own kernels (and restores the process's flags), unless tf32=True 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -22,15 +23,23 @@ from .base import Engine, EngineError, EngineSpec, default_buckets
 CondModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+# The TF32 switches are process-wide, so a block that sets them owns them until it restores them: without this
+# lock a second engine on another thread (a server's two runners) could flip them while the first one's kernels
+# are being launched (cuBLAS/cuDNN read the switches at launch and at graph capture, not at execution, so the
+# lock is held for the enqueue only). Re-entrant: a block may call another engine's call inside it.
+_TF32_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def tf32_allowed(allowed: bool) -> Iterator[None]:
-    """Set cuDNN's and cuBLAS's TF32 switches for a block and restore them after (they are process-wide)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """Set cuDNN's and cuBLAS's TF32 switches for a block and restore them after, one thread at a time."""
+    with _TF32_LOCK:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class TorchEngine(Engine):
@@ -60,7 +69,10 @@ class TorchEngine(Engine):
 
     def _run(self, bucket: int, lane: int = 0) -> None:
         io = self.io(bucket, lane)
-        with torch.no_grad(), tf32_allowed(self.tf32):
+        # TF32 exists only on CUDA: a CPU engine leaves the switches (and the lock) alone, so CPU runners on two
+        # threads still run in parallel
+        precision = tf32_allowed(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.no_grad(), precision:
             out = self._model(io.sample, io.timestep, io.cond)
             if out.shape != io.output.shape:  # shape metadata only (no sync): never broadcast a wrong batch
                 raise EngineError(f"the model returned shape {tuple(out.shape)} for {tuple(io.output.shape)}")
