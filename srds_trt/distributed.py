@@ -129,6 +129,15 @@ class RankCounts:
             self.rows[k] += max(0, min(per, rows - k * per))
             self.padded_rows[k] += per
 
+    def snapshot(self) -> "RankCounts":
+        return RankCounts(self.world_size, self.calls, list(self.rows), list(self.padded_rows))
+
+    def since(self, earlier: "RankCounts") -> "RankCounts":
+        """The calls and rows counted after `earlier` (a snapshot): one pipeline call's share of a long-lived engine."""
+        return RankCounts(self.world_size, self.calls - earlier.calls,
+                          [a - b for a, b in zip(self.rows, earlier.rows)],
+                          [a - b for a, b in zip(self.padded_rows, earlier.padded_rows)])
+
     def as_stats(self) -> dict:
         return {"world_size": self.world_size, "rank_engine_calls": self.calls, "rank_rows": list(self.rows),
                 "rank_padded_rows": list(self.padded_rows)}

@@ -188,6 +188,8 @@ class SRDSPipeline:
             "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
             "chunks": math.ceil(len(prompts) / chunk), "images_per_chunk": min(chunk, len(prompts)),
         }
+        counter = self._rank_counts()  # None until a runtime's first call builds its (sharded) engine
+        counts_before = counter.snapshot() if counter is not None else None
         samples, chunk_stats = [], []
         with _bar(progress_bar and len(prompts) > chunk, total=len(prompts), desc="images", unit="image") as images_bar:
             for start in range(0, len(prompts), chunk):
@@ -216,13 +218,25 @@ class SRDSPipeline:
                 chunk_stats.append(part_stats)
                 images_bar.update(len(part))
         stats.update(_merge_chunks(chunk_stats))
-        if self.process_group is not None:  # world_size and every rank's engine calls and rows (all ranks agree)
-            engine = self.runtime.engine if self.runtime is not None else None
-            counts = engine.counts if hasattr(engine, "counts") else self.cond_model.counts  # runtime: ShardedEngine
-            stats.update(counts.as_stats())
+        counts = self._rank_counts()
+        if counts is not None:  # world_size and every rank's engine calls and rows in THIS call (all ranks agree)
+            # on the runtime path a first call's warm-up/capture calls are in it (stats "first_call" says so); an
+            # engine built (or rebuilt larger) during this call counted from zero
+            stats.update((counts.since(counts_before) if counts is counter else counts).as_stats())
         samples_cpu = _check_finite(torch.cat(samples), sampler)  # whatever a sampler checks, no NaN leaves here
         pixels = torch.cat([self.decode(s.to(self.device)) .cpu() for s in samples])
         return SRDSPipelineOutput(images=to_pil(pixels), stats=stats, samples=samples_cpu)
+
+    def _rank_counts(self):
+        """Every rank's engine calls and rows so far (distributed.RankCounts), None when not sharded."""
+        if self.process_group is None:
+            return None
+        engine = self.runtime.engine if self.runtime is not None else None
+        if hasattr(engine, "counts"):  # runtime: the ShardedEngine (None until the first call builds it)
+            return engine.counts
+        if self.runtime is not None:
+            return None
+        return self.cond_model.counts
 
     def _auto_sampler(self, steps: int, images: int, scale: float) -> str:
         """sampler="auto": srds_trt.autotune picks from this model's latency-per-rows curve, measured here."""

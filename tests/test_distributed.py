@@ -112,3 +112,26 @@ def test_torchrun_generate_digits_two_ranks_matches_one_process(tmp_path):
     assert a["rank_engine_calls"] == a["sequential_calls"] + a["serial"]["sequential_calls"]
     assert sum(a["rank_rows"]) == 2 * (a["model_evals"] + a["serial"]["model_evals"])
     assert abs(a["max_abs_diff_vs_serial"] - b["max_abs_diff_vs_serial"]) < 1e-4
+
+
+def test_rank_counts_are_per_call_in_a_long_lived_pipeline():
+    """A server keeps one pipeline: its stats must give each call's engine calls and rows, not the running total.
+    One gloo rank in this process (world size 1: the counting path without a second process)."""
+    import torch.distributed as dist
+
+    from srds_trt import SRDSPipeline
+
+    store = dist.HashStore()
+    group_made = not dist.is_initialized()
+    if group_made:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        pipe = SRDSPipeline.from_pretrained("digits", process_group=dist.group.WORLD)
+        runs = [pipe(["3"], num_inference_steps=6, sampler="srds", tol=0.0, progress_bar=False).stats for _ in range(2)]
+    finally:
+        if group_made:
+            dist.destroy_process_group()
+    first, second = runs
+    assert first["world_size"] == 1
+    assert first["rank_engine_calls"] == second["rank_engine_calls"] == first["sequential_calls"]
+    assert first["rank_rows"] == second["rank_rows"] == [2 * first["model_evals"]]
