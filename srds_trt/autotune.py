@@ -19,8 +19,16 @@ The calls of each candidate:
   being a fraction of w measured in the benchmarks (EXPECTED below, tol 1e-3, benchmarks/run.py tables).
 The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
 samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
-never predicted slower than serial. A throughput-bound device (latency linear in rows, e.g. CPU) makes every
-parallel candidate cost at least its evaluations, which exceed N: auto = serial there.
+never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
+candidate cost at least its evaluations, which exceed N: auto = serial there. A CPU is throughput-bound for any
+real model (ONNX Runtime, digits, here: 3 ms at 1 row, 76 ms at 24), but PyTorch eager's per-call overhead makes a
+1.1 M-parameter UNet's curve sublinear on a CPU (14 ms at 1 row, 99 ms at 40): there auto may choose a
+parallel sampler, and measured that is right (digits N=100, one thread: eps-picard(window=20) 1.32 s vs serial
+2.09 s).
+
+Where the curve comes from and what runs (SRDSPipeline._auto_sampler): the export manifest's latency_per_rows, else
+the runtime engine measured at warm-up (srds_trt.runtime.latency), else the reference model; `runnable_choice`
+then keeps the lowest-predicted candidate the pipeline's path can run, and `Choice.fallback` says what it skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ from typing import Callable, Mapping
 from .schedule import build_tick_plan, default_num_blocks
 
 LatencyCurve = Callable[[int], float] | Mapping[int, float]
+
+CANDIDATES = ("serial", "srds", "paradigms", "eps-picard")  # every sampler auto prices (sampling.SAMPLERS' names)
+# The options a candidate of each sampler carries: keyword arguments of that sampler in sampling.SAMPLERS and of
+# SRDSPipeline.__call__ (tests/test_autotune.py checks both signatures), so a Choice's options apply as they are.
+OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("window",), "eps-picard": ("window",)}
 
 # Expected work per sampler at tol ~ 1e-3, from the benchmark tables (benchmarks/run.py; /tmp/readme/samplers.md):
 # sliding windows: mean points accepted per sweep as a fraction of the window; SRDS: Parareal iterations as a
@@ -61,17 +74,19 @@ class Choice:
     predicted_ms: float
     serial_ms: float
     candidates: tuple[Candidate, ...]
+    fallback: str | None = None  # why the lowest-predicted candidate did not run (runnable_choice), else None
 
     @property
     def reason(self) -> str:
         ranked = sorted(self.candidates, key=lambda c: c.predicted_ms)
         text = ", ".join(f"{c.sampler}{_opts(c.options)} {c.predicted_ms:.1f} ms" for c in ranked[:4])
-        return f"lowest predicted latency: {text} (serial {self.serial_ms:.1f} ms)"
+        head = f"{self.fallback}; " if self.fallback else ""
+        return f"{head}lowest predicted latency: {text} (serial {self.serial_ms:.1f} ms)"
 
     def as_dict(self) -> dict:
         """For stats.json."""
         return {"sampler": self.sampler, "options": dict(self.options), "predicted_ms": self.predicted_ms,
-                "serial_ms": self.serial_ms, "reason": self.reason,
+                "serial_ms": self.serial_ms, "reason": self.reason, "fallback": self.fallback,
                 "candidates": [{"sampler": c.sampler, "options": dict(c.options), "sequential_calls": c.sequential_calls,
                                 "rows_per_call": c.rows_per_call, "predicted_ms": c.predicted_ms}
                                for c in self.candidates]}
@@ -118,13 +133,16 @@ def choose(
     latency_ms: LatencyCurve,
     world_size: int = 1,
     allgather_ms: float = 0.0,
-    samplers: tuple[str, ...] = ("serial", "srds", "paradigms", "eps-picard"),
+    samplers: tuple[str, ...] = CANDIDATES,
 ) -> Choice:
     """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
     if world_size < 1 or not (allgather_ms >= 0 and math.isfinite(allgather_ms)):
         raise ValueError(f"world_size must be >= 1 and allgather_ms finite >= 0, got {world_size}, {allgather_ms}")
+    unknown = set(samplers) - set(CANDIDATES)
+    if unknown:
+        raise ValueError(f"auto prices {', '.join(CANDIDATES)}; unknown: {', '.join(sorted(unknown))}")
     if "serial" not in samplers:
         raise ValueError("serial must be a candidate: auto is never slower than serial")
     rows_per_point = images * (2 if guided else 1)
@@ -150,3 +168,26 @@ def choose(
             candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, price(calls)))
     best = min(candidates, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
     return Choice(best.sampler, dict(best.options), best.predicted_ms, serial_ms, tuple(candidates))
+
+
+def runnable_choice(choice: Choice, why_not: Callable[[Candidate], str | None]) -> Choice:
+    """`choice` restricted to the candidates that can run: why_not(candidate) says why one cannot (None: it can).
+
+    Every candidate keeps its prediction (stats show them all); the choice becomes the lowest-predicted runnable
+    one and `fallback` names what was skipped. Serial always runs, so there is always one.
+    """
+    best = next(c for c in choice.candidates if c.sampler == choice.sampler and c.options == choice.options)
+    blocked = why_not(best)
+    if blocked is None:
+        return choice
+    runnable = [c for c in choice.candidates if c.sampler == "serial" or why_not(c) is None]
+    pick = min(runnable, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
+    note = (f"{best.sampler}{_opts(best.options)} ({best.predicted_ms:.1f} ms) cannot run here: {blocked}; "
+            f"ran the best runnable candidate {pick.sampler}{_opts(pick.options)}")
+    return Choice(pick.sampler, dict(pick.options), pick.predicted_ms, choice.serial_ms, choice.candidates, note)
+
+
+def widest_rows(*, steps: int, images: int = 1, guided: bool = True, samplers: tuple[str, ...] = CANDIDATES) -> int:
+    """The most rows any candidate puts in one call (before splitting over ranks): what a curve must cover."""
+    flat = choose(steps=steps, images=images, guided=guided, latency_ms=lambda rows: 1.0, samplers=samplers)
+    return max(c.rows_per_call for c in flat.candidates)

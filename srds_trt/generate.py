@@ -111,6 +111,8 @@ def check_args(args: argparse.Namespace):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.sampler not in ("srds", "auto") and (args.blocks is not None or not args.pipelined):
         warnings.warn(f"--blocks and --no-pipelined apply to --sampler srds only; ignored for --sampler {args.sampler}")
+    if args.sampler == "auto" and args.blocks is not None:
+        warnings.warn("--sampler auto chooses the block count (or window) itself; --blocks is ignored")
     check_device(args)
     check_out(args.out, args.overwrite)
     check_backend(args, spec)
@@ -250,6 +252,14 @@ def summary_table(stats: dict) -> str:
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows), notes])
 
 
+def auto_line(auto: dict) -> str:
+    """--sampler auto's one line: what it chose, from which latency curve, and why (stats.json "auto" has it all)."""
+    options = ", ".join(f"{k}={v}" for k, v in auto["options"].items())
+    world = f", {auto['world_size']} ranks" if auto.get("world_size", 1) > 1 else ""
+    return (f"auto: chose {auto['sampler']}{f'({options})' if options else ''} (curve: {auto['curve_source']}{world}); "
+            f"{auto['reason']}")
+
+
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
@@ -335,6 +345,8 @@ def _main(argv: list[str] | None) -> int:
     except OSError as exc:
         return _fail(f"could not write --out {args.out}: {exc}", EXIT_RESOURCES)
     if not args.quiet:
+        if "auto" in output.stats:
+            print(auto_line(output.stats["auto"]))
         print(summary_table(output.stats))
         print(f"wrote {len(output.images)} image(s), grid.png and stats.json to {args.out}/")
     return EXIT_OK

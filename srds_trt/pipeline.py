@@ -33,6 +33,7 @@ from .stopping import NonFiniteError
 
 # every sampler of sampling.SAMPLERS, plus "auto" (srds_trt.autotune chooses from the measured latency curve)
 SAMPLERS = (*REFERENCE_SAMPLERS, "auto")
+RUNTIME_SAMPLERS = ("serial", "srds")  # what the runtime (GPU, exported engines) runs today: runnable_samplers()
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRDS's parallelism to show
 DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}
@@ -74,6 +75,7 @@ class SRDSPipeline:
         # torch on a CPU keeps the pure reference sampler (the runtime gives the same samples there, tested);
         # everything else samples through the runtime: static buffers, per-bucket programs, CUDA graphs.
         self.runtime = None
+        self._auto_cache: dict[tuple, Any] = {}  # --sampler auto: curves, all-gather times (per pipeline)
         if backend != "torch" or self.device.type == "cuda":
             from .runtime.sampler import RuntimeSampler
 
@@ -143,9 +145,11 @@ class SRDSPipeline:
                  sampler: str = "srds", tol: float = DEFAULT_TOL, num_blocks: int | None = None,
                  pipelined: bool = True, max_iters: int | None = None, num_images_per_prompt: int = 1,
                  negative_prompt: str = "", compare_serial: bool = False, max_rows: int | None = None,
-                 latents: Tensor | None = None, progress_bar: bool = True) -> SRDSPipelineOutput:
+                 latents: Tensor | None = None, progress_bar: bool = True, window: int | None = None) -> SRDSPipelineOutput:
         """Sample one image per prompt (times num_images_per_prompt) with SRDS, serial DDIM or another sampler
-        of sampling.SAMPLERS ("auto": srds_trt.autotune chooses).
+        of sampling.SAMPLERS ("auto": srds_trt.autotune chooses the sampler and its num_blocks/pipelined or window
+        from this pipeline's measured latency curve, replacing those arguments; stats["auto"] says what and why).
+        window: points per sweep of the sliding-window samplers (paradigms, eps-picard; None: their default).
 
         Images are processed in chunks whose widest model call fits `max_rows` rows (default MAX_ROWS), so
         memory stays bounded whatever the image count; the first call of a (steps, blocks, images) shape builds
@@ -161,11 +165,16 @@ class SRDSPipeline:
             generator = check_seed(generator)
         if not isinstance(generator, torch.Generator):
             generator = torch.Generator().manual_seed(0 if generator is None else generator)
-        if sampler == "auto":
-            sampler = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale)
-        if self.runtime is not None and sampler not in ("srds", "serial"):
-            raise ValueError(f"sampler {sampler!r} runs on the reference path only (backend torch on a CPU); "
-                             "the runtime runs srds and serial")
+        auto = None
+        if sampler == "auto":  # the choice's options (num_blocks/pipelined or window) replace the caller's
+            auto = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale)
+            sampler, options = auto["sampler"], auto["options"]
+            num_blocks, pipelined = options.get("num_blocks", num_blocks), options.get("pipelined", pipelined)
+            window = options.get("window", window)
+        if sampler not in self.runnable_samplers():
+            raise ValueError(f"sampler {sampler!r} does not run on this path (backend {self.backend} on {self.device}); "
+                             f"it runs {', '.join(self.runnable_samplers())} (the reference path, torch on a CPU, "
+                             "runs every sampler)")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         guided = scale != 1.0
         per_image = rows_per_image(num_inference_steps, num_blocks, guided, pipelined, max_iters) if sampler == "srds" \
@@ -188,6 +197,8 @@ class SRDSPipeline:
             "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
             "chunks": math.ceil(len(prompts) / chunk), "images_per_chunk": min(chunk, len(prompts)),
         }
+        if auto is not None:
+            stats["auto"] = auto
         counter = self._rank_counts()  # None until a runtime's first call builds its (sharded) engine
         counts_before = counter.snapshot() if counter is not None else None
         samples, chunk_stats = [], []
@@ -208,7 +219,8 @@ class SRDSPipeline:
                     part_stats.update(blocks=1, iterations=None, model_evals=num_inference_steps * len(part),
                                       sequential_calls=num_inference_steps, converged=True, residuals=[])
                 else:
-                    sample, part_stats = self._sampler(sampler, run, tol, num_blocks, pipelined, max_iters, progress_bar)
+                    sample, part_stats = self._sampler(sampler, run, tol, num_blocks, pipelined, max_iters, progress_bar,
+                                                       window)
                 if compare_serial and sampler != "serial":
                     reference, serial_stats = self._serial(run, progress_bar)
                     part_stats["serial"] = {**serial_stats, "model_evals": num_inference_steps * len(part),
@@ -238,33 +250,150 @@ class SRDSPipeline:
             return None
         return self.cond_model.counts
 
-    def _auto_sampler(self, steps: int, images: int, scale: float) -> str:
-        """sampler="auto": srds_trt.autotune picks from this model's latency-per-rows curve, measured here."""
+    def runnable_samplers(self) -> tuple[str, ...]:
+        """The samplers this pipeline's path runs: all of sampling.SAMPLERS on the reference path (torch on a CPU),
+        RUNTIME_SAMPLERS on the runtime. `sampler=` outside them is refused; --sampler auto falls back to the best
+        of them (autotune.runnable_choice) and says so in stats["auto"]["fallback"]."""
+        return tuple(REFERENCE_SAMPLERS) if self.runtime is None else RUNTIME_SAMPLERS
+
+    def _auto_sampler(self, steps: int, images: int, scale: float) -> dict:
+        """sampler="auto": srds_trt.autotune's choice for this model, engine, device, world size and N, as the
+        stats record it: Choice.as_dict() (every candidate's predicted ms, the reason, any fallback) plus where the
+        latency curve came from and what a tick's all-gather costs. Every rank of a process group gets rank 0's
+        curve and all-gather time, so all ranks choose the same sampler (they must run the same schedule)."""
         from . import autotune
+        from .runtime.latency import bucketed
 
-        choice = autotune.choose(steps=steps, images=images, guided=scale != 1.0,
-                                 latency_ms=self._latency_curve(),
-                                 samplers=tuple(n for n in REFERENCE_SAMPLERS if n in autotune.choose.__kwdefaults__["samplers"]))
-        if choice.sampler not in REFERENCE_SAMPLERS:
-            raise ValueError(f"--sampler auto chose {choice.sampler!r}, which this pipeline does not run")
-        return choice.sampler
+        guided = scale != 1.0
+        widest = autotune.widest_rows(steps=steps, images=images, guided=guided)
+        world = self._world_size()
+        curve, source, buckets, capacity = self._latency_curve(widest, world)
+        allgather_ms, allgather = self._allgather_cost(widest, world)
+        if self.process_group is not None and world > 1:  # agree on rank 0's numbers (timings differ a little per rank; all must run one schedule)
+            import torch.distributed as dist
 
-    def _latency_curve(self, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[int, float]:
-        """ms per conditional model call vs rows (one warm-up, then the best of two timed calls per row count)."""
+            shared = [curve, source, allgather_ms]
+            dist.broadcast_object_list(shared, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+            curve, source, allgather_ms = shared
+        if source == "engine warm-up":  # after every rank has read the manifest: none sees it change mid-decision
+            self._record_curve(curve)
+        latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
+        choice = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency, world_size=world,
+                                 allgather_ms=allgather_ms)
+        runnable = self.runnable_samplers()
+
+        def why_not(candidate) -> str | None:
+            if capacity is not None and candidate.rows_per_call > capacity:
+                return f"its widest call needs {candidate.rows_per_call} rows, the export holds {capacity}"
+            if candidate.sampler not in runnable:
+                return f"this path ({self.backend} on {self.device.type}) runs {', '.join(runnable)}"
+            return None
+
+        choice = autotune.runnable_choice(choice, why_not)
+        return {**choice.as_dict(), "curve_source": source,
+                "latency_per_rows_ms": {int(r): round(float(ms), 4) for r, ms in curve.items()},
+                "world_size": world, "allgather_ms": allgather_ms, "allgather": allgather,
+                "curve_recorded": self._auto_cache.get(("recorded", str(getattr(self.runtime, "artifacts", None))))}
+
+    def _world_size(self) -> int:
+        if self.process_group is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.process_group)
+
+    def _latency_curve(self, widest: int, world: int = 1):
+        """(curve {rows: ms}, source, the engine's buckets or None, rows the export can hold or None) for auto;
+        cached per pipeline and engine (measured once, reused by every later call that needs no wider rows).
+
+        Sources, first that applies: "manifest" (the export's latency_per_rows, measured earlier on the GPU that
+        serves its plan); "engine warm-up" (the runtime's engine, every bucket, runtime.latency); "reference model"
+        (the PyTorch model this pipeline samples with on a CPU). Per-rank rows: a sharded engine's inner engine is
+        what one rank runs, and autotune splits each call's rows over the ranks itself.
+        """
+        per_rank = -(-widest // world)
+        if self.runtime is None:
+            key = ("reference", per_rank)
+            if key not in self._auto_cache:
+                self._auto_cache[key] = self._measure_reference_curve(per_rank)
+            return self._auto_cache[key], "reference model", None, None
+        capacity = None
+        if self.runtime.artifacts is not None:  # an export: its manifest may hold the curve, its profile bounds rows
+            from .export.artifacts import read_manifest
+
+            manifest = read_manifest(self.runtime.artifacts)
+            capacity = int(manifest["request"]["max_batch"]) * world
+            stored = manifest.get("latency_per_rows")
+            if stored:
+                return {int(r): float(ms) for r, ms in stored.items()}, "manifest", None, capacity
+        engine = self.runtime._engine(min(widest, capacity or widest))  # built as a run would build it, then kept
+        local = getattr(engine, "inner", engine)  # a ShardedEngine's own engine: one rank's share of a call
+        key = ("engine", id(local), local.buckets)
+        if key not in self._auto_cache:
+            self._auto_cache[key] = self._measure_engine_curve(local)
+        return self._auto_cache[key], "engine warm-up", local.buckets, capacity
+
+    def _measure_reference_curve(self, widest: int) -> dict[int, float]:
+        """ms per conditional model call of this rank's model vs rows: 1, 2, 4, ... below `widest`, and `widest`
+        (at most 64: wider calls extrapolate with the last slope); one warm-up, then the best of three."""
+        from .runtime.latency import _best_ms
+
+        model = self.cond_model.model if self.process_group is not None else self.cond_model  # unsharded
+        top = min(widest, 64)
         curve = {}
-        for r in rows:
+        for r in sorted({*(2**k for k in range(7) if 2**k < top), top}):
             x = torch.zeros((r, *self.loaded.sample_shape), device=self.device, dtype=self.dtype)
             t = torch.full((r,), 500, device=self.device)
             cond, _ = self.encode(["0" if self.family == "digits" else ""] * r)
-            times = []
-            for _ in range(3):
-                start = _now(self.device)
-                self.cond_model(x, t, cond)
-                times.append(_now(self.device) - start)
-            curve[r] = 1e3 * min(times[1:])
+            curve[r] = _best_ms(lambda: model(x, t, cond), self.device, 3)
         return curve
 
-    def _sampler(self, name: str, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar) -> tuple[Tensor, dict]:
+    def _measure_engine_curve(self, engine) -> dict[int, float]:
+        from .runtime.latency import measure_engine_curve
+
+        return measure_engine_curve(engine)
+
+    def _record_curve(self, curve: dict[int, float]) -> None:
+        """Store a measured engine curve in the export's manifest when it has none (rank 0 only; atomic). Only a
+        TensorRT plan's: a plan is built for one GPU target, so its curve belongs to it. An ONNX export is device-
+        neutral and serves CPUs of any size and load: a curve measured on one would mislead a run on another."""
+        folder = getattr(self.runtime, "artifacts", None)
+        key = ("recorded", str(folder))
+        if folder is None or key in self._auto_cache:
+            return
+        if self.backend != "tensorrt":
+            self._auto_cache[key] = f"not recorded: an {self.backend} export is not tied to one device"
+            return
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            if dist.get_rank(self.process_group) != 0:
+                return
+        from .export.artifacts import ArtifactError, record_latency
+
+        try:
+            record_latency(folder, curve)
+            self._auto_cache[key] = f"recorded in {folder}/manifest.json"
+        except (ArtifactError, OSError) as exc:  # a read-only export still runs: say why, go on
+            self._auto_cache[key] = f"not recorded: {exc}"
+
+    def _allgather_cost(self, widest: int, world: int) -> tuple[float, str | None]:
+        """ms of one all-gather of a tick's state on this pipeline's group (the widest candidate's rows per rank),
+        measured once per pipeline at warm-up; (0, None) on one rank."""
+        if world == 1:
+            return 0.0, None
+        from .runtime.latency import measure_allgather_ms
+
+        per_rank = -(-widest // world)
+        key = ("allgather", per_rank)
+        if key not in self._auto_cache:
+            ms = measure_allgather_ms(self.process_group, per_rank, self.loaded.sample_shape, self.dtype, self.device)
+            self._auto_cache[key] = (ms, f"measured at warm-up: one all-gather of {per_rank} rows x "
+                                         f"{tuple(self.loaded.sample_shape)} per rank, best of 3")
+        return self._auto_cache[key]
+
+    def _sampler(self, name: str, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar,
+                 window: int | None = None) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1
         blocks = num_blocks or default_num_blocks(steps)
         with _bar(progress_bar, total=min(blocks, max_iters or blocks), desc=f"{name} {steps} steps / {blocks} blocks",
@@ -289,6 +418,8 @@ class SRDSPipeline:
                 options = dict(max_iters=max_iters, progress=progress)
                 if name == "srds":
                     options.update(num_blocks=num_blocks, pipelined=pipelined)
+                elif window is not None:  # the sliding-window samplers (paradigms, eps-picard)
+                    options.update(window=window)
                 reference = {k: v for k, v in run.items() if k != "engine_inputs"}
                 start = _now(self.device)
                 result = REFERENCE_SAMPLERS[name](**reference, tol=tol, **options)
@@ -300,6 +431,7 @@ class SRDSPipeline:
             "residuals": [_finite_or_none(r) for r in result.residuals],
             "error_estimates": [_finite_or_none(e) for e in result.error_estimates],
             "tol": tol, "pipelined": pipelined if name == "srds" else None,
+            "window": getattr(result, "window", None),
         }
 
     def _serial(self, run: dict, progress_bar: bool) -> tuple[Tensor, dict]:

@@ -78,3 +78,56 @@ def test_interpolation_and_bad_inputs():
         autotune.choose(steps=10, latency_ms=H200_SD2, world_size=0)
     with pytest.raises(ValueError):
         autotune.choose(steps=10, latency_ms=H200_SD2, samplers=("srds",))
+
+
+def test_options_are_exactly_what_the_samplers_and_the_pipeline_accept():
+    import inspect
+
+    from srds_trt import SRDSPipeline
+    from srds_trt.eps_picard import eps_picard_sample
+    from srds_trt.paradigms import paradigms_sample
+
+    functions = {"serial": SAMPLERS["serial"], "srds": SAMPLERS["srds"], "paradigms": paradigms_sample,
+                 "eps-picard": eps_picard_sample}  # SAMPLERS' entries for the last two are lazy-import wrappers
+    call = inspect.signature(SRDSPipeline.__call__).parameters
+    choice = autotune.choose(steps=196, latency_ms=H200_DIGITS)
+    assert {c.sampler for c in choice.candidates} == set(autotune.CANDIDATES) == set(autotune.OPTIONS)
+    for c in choice.candidates:
+        assert set(c.options) == set(autotune.OPTIONS[c.sampler]), c
+        accepted = inspect.signature(functions[c.sampler]).parameters
+        assert set(c.options) <= set(accepted) and set(c.options) <= set(call), c
+    with pytest.raises(ValueError, match="unknown"):
+        autotune.choose(steps=10, latency_ms=H200_SD2, samplers=("serial", "ddpm"))
+
+
+def test_runnable_choice_falls_back_to_the_best_runnable_candidate_and_says_why():
+    choice = autotune.choose(steps=196, latency_ms=H200_DIGITS)
+    assert choice.sampler != "srds"
+    kept = autotune.runnable_choice(choice, lambda c: None)
+    assert kept is choice and kept.fallback is None and kept.as_dict()["fallback"] is None
+    only_srds = autotune.runnable_choice(choice, lambda c: None if c.sampler in ("serial", "srds") else "not here")
+    srds = [c for c in choice.candidates if c.sampler == "srds"]
+    best = min(srds, key=lambda c: c.predicted_ms)
+    assert (only_srds.sampler, only_srds.options, only_srds.predicted_ms) == ("srds", best.options, best.predicted_ms)
+    assert only_srds.candidates == choice.candidates  # every prediction is still reported
+    assert choice.sampler in only_srds.fallback and "not here" in only_srds.fallback
+    assert only_srds.fallback in only_srds.reason and only_srds.as_dict()["fallback"] == only_srds.fallback
+    nothing = autotune.runnable_choice(choice, lambda c: "never")  # serial always runs
+    assert nothing.sampler == "serial" and nothing.predicted_ms == choice.serial_ms
+
+
+def test_world_size_changes_the_prediction_of_parallel_candidates_only():
+    one = autotune.choose(steps=100, latency_ms=H200_SD2)
+    two = autotune.choose(steps=100, latency_ms=H200_SD2, world_size=2, allgather_ms=0.3)
+    assert two.serial_ms == one.serial_ms  # serial runs on one device
+    for a, b in zip(one.candidates, two.candidates):
+        assert (a.sampler, a.options) == (b.sampler, b.options)
+        if a.sampler != "serial":
+            assert b.predicted_ms < a.predicted_ms  # half the rows per rank on a curve that grows with rows
+
+
+def test_widest_rows_covers_every_candidate():
+    for steps, images, guided in ((16, 1, True), (196, 2, False), (1024, 1, True)):
+        widest = autotune.widest_rows(steps=steps, images=images, guided=guided)
+        choice = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=H200_DIGITS)
+        assert widest == max(c.rows_per_call for c in choice.candidates)

@@ -1,0 +1,194 @@
+"""`sampler="auto"` in the pipeline and the CLI: where the latency curve comes from (reference model, engine
+warm-up, export manifest), that the choice's options are the ones the run used, the fallback when the chosen
+sampler cannot run on the path, and what stats.json and the CLI say."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from srds_trt import SRDSPipeline, autotune
+
+FLAT = {1: 1.0, 64: 1.0}  # a GPU left idle by a small model: wide calls cost what narrow ones do
+LINEAR = {1: 1.0, 64: 64.0}  # throughput-bound
+
+
+@pytest.fixture()
+def digits():
+    return SRDSPipeline.from_pretrained("digits")
+
+
+def inject(pipe, monkeypatch, curve):
+    """Replace the pipeline's measurement of its reference model (the only thing faked: choice and run are real)."""
+    seen = []
+
+    def measured(widest):
+        seen.append(widest)
+        return dict(curve)
+
+    monkeypatch.setattr(pipe, "_measure_reference_curve", measured)
+    return seen
+
+
+def check_record(auto: dict, steps: int) -> None:
+    """stats["auto"]: every candidate priced, the choice is the cheapest (or a named fallback), with a reason."""
+    flat = autotune.choose(steps=steps, latency_ms=FLAT)
+    assert [(c["sampler"], c["options"]) for c in auto["candidates"]] == [(c.sampler, c.options) for c in flat.candidates]
+    assert {c["sampler"] for c in auto["candidates"]} == set(autotune.CANDIDATES)
+    assert all(c["predicted_ms"] > 0 for c in auto["candidates"])
+    assert auto["predicted_ms"] <= auto["serial_ms"]
+    if auto["fallback"] is None:
+        assert auto["predicted_ms"] == min(c["predicted_ms"] for c in auto["candidates"])
+    assert auto["sampler"] in auto["reason"] and "predicted" in auto["reason"]
+
+
+def test_throughput_bound_curve_gives_serial(digits, monkeypatch):
+    inject(digits, monkeypatch, LINEAR)
+    out = digits("3", num_inference_steps=12, sampler="auto", progress_bar=False)
+    auto = out.stats["auto"]
+    check_record(auto, 12)
+    assert auto["sampler"] == out.stats["sampler"] == "serial" and auto["options"] == {}
+    assert auto["curve_source"] == "reference model" and auto["latency_per_rows_ms"] == LINEAR
+    assert out.stats["sequential_calls"] == 12
+
+
+def test_measured_reference_curve_is_used_and_cached(digits):
+    out = digits("3", num_inference_steps=12, sampler="auto", progress_bar=False)
+    auto = out.stats["auto"]
+    check_record(auto, 12)
+    assert auto["curve_source"] == "reference model" and auto["world_size"] == 1 and auto["allgather_ms"] == 0.0
+    widest = autotune.widest_rows(steps=12, images=1, guided=True)
+    assert max(auto["latency_per_rows_ms"]) == widest and min(auto["latency_per_rows_ms"]) == 1
+    assert out.stats["sampler"] == auto["sampler"]
+    digits._measure_reference_curve = lambda widest: pytest.fail("measured twice: the curve is cached per pipeline")
+    again = digits("7", num_inference_steps=12, sampler="auto", progress_bar=False)
+    assert again.stats["auto"]["latency_per_rows_ms"] == auto["latency_per_rows_ms"]
+
+
+def test_flat_curve_picks_a_parallel_sampler_and_the_run_uses_its_window(digits, monkeypatch):
+    inject(digits, monkeypatch, FLAT)
+    out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False, window=3)
+    auto = out.stats["auto"]
+    check_record(auto, 16)
+    assert auto["sampler"] in ("paradigms", "eps-picard") and auto["fallback"] is None
+    assert out.stats["sampler"] == auto["sampler"]
+    assert out.stats["window"] == auto["options"]["window"] != 3  # the choice replaced the caller's window
+
+
+def test_fallback_to_the_best_runnable_candidate_applies_its_options(digits, monkeypatch):
+    inject(digits, monkeypatch, FLAT)
+    # paradigms only (and serial): its best window, 2 round(sqrt N) = 8, differs from its default round(sqrt N) = 4
+    monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "paradigms"))
+    out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False)
+    auto = out.stats["auto"]
+    assert auto["sampler"] == out.stats["sampler"] == "paradigms" and "eps-picard" in auto["fallback"]
+    assert out.stats["window"] == auto["options"]["window"] == 8
+    # srds only: round(sqrt 16) = 4 blocks beat default_num_blocks(16) = 8 on a flat curve; the run uses 4
+    monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "srds"))
+    out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False, num_blocks=2)
+    auto = out.stats["auto"]
+    assert auto["sampler"] == out.stats["sampler"] == "srds" and auto["fallback"]
+    assert out.stats["blocks"] == auto["options"]["num_blocks"] == 4
+    assert out.stats["pipelined"] is True
+
+
+def test_world_size_changes_the_prediction(digits, monkeypatch):
+    inject(digits, monkeypatch, {1: 1.0, 8: 8.0, 64: 64.0})
+    one = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False).stats["auto"]
+    monkeypatch.setattr(digits, "_world_size", lambda: 2)
+    monkeypatch.setattr(digits, "_allgather_cost", lambda widest, world: (0.01, "constant (test)"))
+    two = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False).stats["auto"]
+    assert (one["world_size"], two["world_size"], two["allgather_ms"], two["allgather"]) == (1, 2, 0.01, "constant (test)")
+    assert two["serial_ms"] == one["serial_ms"]
+    parallel = [(a["predicted_ms"], b["predicted_ms"]) for a, b in zip(one["candidates"], two["candidates"])
+                if a["sampler"] != "serial"]
+    assert all(b < a for a, b in parallel)  # half the rows per rank on a linear curve
+
+
+# ---- exported engines (ONNX Runtime on the CPU): engine warm-up and the manifest's latency_per_rows -----------
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tensorrt_rtx")
+    from srds_trt.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("engines")
+    export_model(ExportConfig(model="digits", out=out, dtype="fp32", min_batch=1, max_batch=24), quiet=True)
+    return next(out.glob("digits/*/manifest.json")).parent
+
+
+@pytest.fixture()
+def export_copy(digits_export, tmp_path):
+    return shutil.copytree(digits_export, tmp_path / "export")
+
+
+def test_engine_warm_up_curve_on_onnxruntime_is_serial_and_not_recorded(export_copy):
+    from srds_trt.export.artifacts import read_manifest
+
+    pipe = SRDSPipeline.from_pretrained("digits", backend="onnxruntime", engine_dir=export_copy)
+    out = pipe("3", num_inference_steps=16, sampler="auto", progress_bar=False)
+    auto = out.stats["auto"]
+    check_record(auto, 16)
+    assert auto["curve_source"] == "engine warm-up"
+    assert sorted(auto["latency_per_rows_ms"]) == list(pipe.runtime.engine.buckets)  # every bucket, measured
+    # ONNX Runtime on a CPU is throughput-bound (~3 ms per row here): serial, with a wide margin
+    assert auto["sampler"] == out.stats["sampler"] == "serial"
+    assert auto["curve_recorded"].startswith("not recorded")
+    assert read_manifest(export_copy).get("latency_per_rows") is None
+
+
+def test_manifest_latency_per_rows_is_used_and_a_choice_wider_than_the_export_falls_back(export_copy):
+    from srds_trt.export.artifacts import record_latency
+
+    record_latency(export_copy, {1: 1.0, 24: 1.0})  # as a GPU warm-up would have stored it
+    pipe = SRDSPipeline.from_pretrained("digits", backend="onnxruntime", engine_dir=export_copy)
+    pipe._measure_engine_curve = lambda engine: pytest.fail("measured although the manifest has a curve")
+    out = pipe("3", num_inference_steps=100, sampler="auto", progress_bar=False, max_iters=3)
+    auto = out.stats["auto"]
+    assert auto["curve_source"] == "manifest" and auto["latency_per_rows_ms"] == {1: 1.0, 24: 1.0}
+    # on a flat curve the widest window wins (2 round(sqrt 100) points x 2 guided rows = 40): the export holds 24
+    best = min(auto["candidates"], key=lambda c: c["predicted_ms"])
+    assert best["rows_per_call"] == 40 and "the export holds 24" in auto["fallback"]
+    picked = next(c for c in auto["candidates"] if (c["sampler"], c["options"]) == (auto["sampler"], auto["options"]))
+    assert picked["rows_per_call"] <= 24 and picked["sampler"] in pipe.runnable_samplers()
+    assert picked["predicted_ms"] == min(c["predicted_ms"] for c in auto["candidates"]
+                                         if c["rows_per_call"] <= 24 and c["sampler"] in pipe.runnable_samplers())
+    assert out.stats["sampler"] == auto["sampler"]
+    if auto["sampler"] == "srds":
+        assert out.stats["blocks"] == auto["options"]["num_blocks"]
+    else:
+        assert out.stats["window"] == auto["options"]["window"]
+
+
+def test_a_measured_tensorrt_curve_is_recorded_once(export_copy, monkeypatch):
+    from srds_trt.export.artifacts import read_manifest, verify_artifacts
+
+    pipe = SRDSPipeline.from_pretrained("digits", backend="onnxruntime", engine_dir=export_copy)
+    monkeypatch.setattr(pipe, "backend", "tensorrt")  # the recording policy reads the backend; nothing else runs
+    pipe._record_curve({1: 2.5, 2: 2.75})
+    assert read_manifest(export_copy)["latency_per_rows"] == {"1": 2.5, "2": 2.75}
+    pipe._record_curve({1: 9.0})  # once per export and pipeline
+    assert read_manifest(export_copy)["latency_per_rows"] == {"1": 2.5, "2": 2.75}
+    assert pipe._auto_cache[("recorded", str(export_copy))].startswith("recorded in")
+    trt = read_manifest(export_copy)["tensorrt"]
+    verify_artifacts(export_copy, flavour=trt["flavour"], version=trt["version"], target=None)  # still valid
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------------
+
+def test_generate_auto_prints_the_choice_and_writes_it(tmp_path, capsys):
+    from srds_trt.generate import main
+
+    assert main(["--sampler", "auto", "--steps", "9", "--prompt", "3", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    auto = stats["auto"]
+    assert stats["sampler"] == auto["sampler"] and auto["curve_source"] == "reference model"
+    line = next(l for l in printed.splitlines() if l.startswith("auto: chose"))
+    assert auto["sampler"] in line and auto["reason"] in line and "reference model" in line
+    assert main(["--sampler", "auto", "--steps", "9", "--prompt", "3", "--quiet", "--out", str(tmp_path / "b")]) == 0
+    assert "auto:" not in capsys.readouterr().out
+    assert "auto" in json.loads((tmp_path / "b" / "stats.json").read_text())
