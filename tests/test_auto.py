@@ -192,3 +192,34 @@ def test_generate_auto_prints_the_choice_and_writes_it(tmp_path, capsys):
     assert main(["--sampler", "auto", "--steps", "9", "--prompt", "3", "--quiet", "--out", str(tmp_path / "b")]) == 0
     assert "auto:" not in capsys.readouterr().out
     assert "auto" in json.loads((tmp_path / "b" / "stats.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_price_world_size_and_a_measured_all_gather(tmp_path):
+    """torchrun, 2 ranks: auto prices world size 2 and an all-gather measured on the group, and the job runs the
+    choice on both ranks (every rank takes rank 0's curve; ranks that chose differently would mismatch their
+    all-gathers and time out, though this test cannot force timings that would make them choose differently)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "srds_trt.generate", "--steps", "16", "--prompt", "3", "--quiet",
+               "--sampler", "auto", "--dist-timeout", "60", "--out", str(tmp_path / "dist")]
+    run = subprocess.run(command, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    stats = json.loads((tmp_path / "dist" / "stats.json").read_text())
+    auto = stats["auto"]
+    assert auto["world_size"] == stats["world_size"] == 2 and auto["allgather_ms"] > 0
+    assert auto["allgather"].startswith("measured at warm-up")
+    assert stats["sampler"] == auto["sampler"]  # the measurements are no engine calls of the run:
+    assert stats["rank_engine_calls"] == stats["sequential_calls"] + stats["serial"]["sequential_calls"]
+    one_rank = autotune.choose(steps=16, latency_ms={int(r): ms for r, ms in auto["latency_per_rows_ms"].items()})
+    assert [c["predicted_ms"] for c in auto["candidates"]] != [c.predicted_ms for c in one_rank.candidates]
