@@ -223,3 +223,38 @@ def test_two_gloo_ranks_price_world_size_and_a_measured_all_gather(tmp_path):
     assert stats["rank_engine_calls"] == stats["sequential_calls"] + stats["serial"]["sequential_calls"]
     one_rank = autotune.choose(steps=16, latency_ms={int(r): ms for r, ms in auto["latency_per_rows_ms"].items()})
     assert [c["predicted_ms"] for c in auto["candidates"]] != [c.predicted_ms for c in one_rank.candidates]
+
+
+def test_bucketed_prices_a_call_at_its_padded_bucket():
+    from srds_trt.runtime.latency import bucketed
+
+    latency = bucketed({1: 1.0, 2: 2.0, 4: 4.0}, (1, 2, 4))
+    assert [latency(r) for r in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 4.0]  # 3 rows run in the 4-row bucket
+    assert latency(6) == 6.0  # beyond the largest bucket: autotune's last slope
+
+
+def test_engine_curve_times_every_bucket_on_the_cpu():
+    import torch
+
+    from srds_trt.models import load_unet
+    from srds_trt.runtime.engines.factory import torch_engine
+    from srds_trt.runtime.latency import measure_engine_curve
+
+    engine = torch_engine(load_unet("digits"), device="cpu", dtype=torch.float32, max_rows=6)
+    curve = measure_engine_curve(engine, repeats=1)
+    assert list(curve) == list(engine.buckets) and all(ms > 0 for ms in curve.values())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (this machine has none)")
+def test_engine_curve_on_a_gpu_is_timed_as_graph_replays():
+    import torch
+
+    from srds_trt.models import load_unet
+    from srds_trt.runtime.engines.factory import torch_engine
+    from srds_trt.runtime.latency import measure_engine_curve
+
+    engine = torch_engine(load_unet("digits", device="cuda"), device="cuda", dtype=torch.float32, max_rows=32,
+                          cuda_graphs=False)
+    curve = measure_engine_curve(engine)
+    assert list(curve) == list(engine.buckets) and all(ms > 0 for ms in curve.values())
+    assert curve[1] < 5.0  # graph replay of a 1.1 M-parameter UNet (H200: 0.87 ms); eager is 7-22 ms

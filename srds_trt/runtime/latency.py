@@ -44,7 +44,7 @@ def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None,
 
     buckets = tuple(sorted(buckets or engine.buckets, reverse=True))  # largest first: smaller graphs fit its pool
     gen = torch.Generator().manual_seed(seed)
-    spec, device, pool, curve = engine.spec, engine.device, None, {}
+    spec, device, pool, curve, graphs = engine.spec, engine.device, None, {}, []
     for rows in buckets:
         x = torch.randn(rows, *spec.sample_shape, generator=gen).to(device, spec.dtype)
         t = torch.linspace(999, 0, rows).to(device, spec.timestep_dtype)
@@ -56,9 +56,10 @@ def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None,
         graph = capture_graph(lambda b=bucket: engine.enqueue(b, replay=False), device=device, pool=pool)
         pool = graph.pool or pool
         curve[bucket] = _best_ms(graph.run, device, repeats)
-        del graph
+        graphs.append(graph)  # alive until every bucket is timed: the shared pool stays valid for the next capture
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    graphs.clear()  # the runners capture their own graphs; these were for timing only
     return dict(sorted(curve.items()))
 
 
