@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TESTS = ("tests/test_runtime_iterates.py",)
+WINDOW_TESTS = ("tests/test_runtime_window.py",)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,29 @@ MUTANTS = (
     Mutant("exit-waits-for-speculative-ticks", "srds_trt/runtime/srds_runner.py",
            "done = self._iteration_done[stop]", "done = self._tick_done",
            "the host waits for the last launched tick, not the one that completed the accepted iteration"),
+    Mutant("window-warm-start-off", "srds_trt/runtime/window_runner.py",
+           'if self.sampler == "eps-picard" and self.warm_start:\n            # outputs extrapolated',
+           'if False:\n            # outputs extrapolated',
+           "eps-Picard's warm start off in the runner: entering points copy x[old_end] (ParaDiGMS's start)",
+           WINDOW_TESTS),
+    Mutant("window-entering-off-by-one", "srds_trt/runtime/window_runner.py",
+           "entering = (nidx >= old_end) & (nidx < self.steps)", "entering = (nidx > old_end) & (nidx < self.steps)",
+           "off by one in the window index: the first point entering the window is not initialised",
+           WINDOW_TESTS),
+    Mutant("window-tail-not-masked", "srds_trt/runtime/window_runner.py",
+           "residual = torch.where(valid, change, torch.zeros_like(change)).amax()", "residual = change.amax()",
+           "the padding rows past N count in the residual (the tail of the grid)",
+           WINDOW_TESTS),
+    Mutant("window-slope-not-inherited", "srds_trt/runtime/window_runner.py",
+           "inherited = previous if self.inherit_slope else torch.zeros_like(previous)",
+           "inherited = torch.zeros_like(previous)",
+           "a point evaluated for the first time gets no secant slope instead of its predecessor's",
+           WINDOW_TESTS),
+    Mutant("window-slide-one-too-far", "srds_trt/runtime/window_runner.py",
+           "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
+           "slide = torch.minimum(self._first_moved(moved, valid) + 2, span)",
+           "eps-Picard slides past the first moved point and the one after it",
+           WINDOW_TESTS),
 )
 
 

@@ -33,7 +33,9 @@ from .stopping import NonFiniteError
 
 # every sampler of sampling.SAMPLERS, plus "auto" (srds_trt.autotune chooses from the measured latency curve)
 SAMPLERS = (*REFERENCE_SAMPLERS, "auto")
-RUNTIME_SAMPLERS = ("serial", "srds")  # what the runtime (GPU, exported engines) runs today: runnable_samplers()
+# what the runtime (GPU, exported engines) runs: runnable_samplers(); the window samplers on runtime.window_runner
+RUNTIME_SAMPLERS = ("serial", "srds", "eps-picard", "paradigms")
+WINDOW_SAMPLERS = ("eps-picard", "paradigms")  # sliding-window samplers: runtime.window_runner on the runtime
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRDS's parallelism to show
 DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}
@@ -178,6 +180,7 @@ class SRDSPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         guided = scale != 1.0
         per_image = rows_per_image(num_inference_steps, num_blocks, guided, pipelined, max_iters) if sampler == "srds" \
+            else window_rows(sampler, num_inference_steps, window, 1, guided) if sampler in WINDOW_SAMPLERS \
             else (2 if guided else 1)
         chunk = max(1, (max_rows or MAX_ROWS) // per_image)
         # latents: the starting noise x_T itself (a server batching requests of different seeds draws each
@@ -405,15 +408,23 @@ class SRDSPipeline:
             extra: dict[str, Any] = {}
             if self.runtime is not None:
                 start = _now(self.device)
-                result, timing = self.runtime.srds(**run["engine_inputs"], tol=tol, num_blocks=num_blocks,
-                                                   max_iters=max_iters, pipelined=pipelined, progress=progress)
+                window_stats = {}
+                if name in WINDOW_SAMPLERS:  # one captured sweep, one host read per sweep (window_runner.py)
+                    result, timing = self.runtime.window(name, **run["engine_inputs"], tol=tol, window=window,
+                                                         max_iters=max_iters, progress=progress)
+                    reads = self.runtime.last_window_stats
+                    window_stats = {"slides": result.slides, "host_reads": reads.host_reads,
+                                    "host_read_ms": 1e3 * reads.host_read_s}
+                else:
+                    result, timing = self.runtime.srds(**run["engine_inputs"], tol=tol, num_blocks=num_blocks,
+                                                       max_iters=max_iters, pipelined=pipelined, progress=progress)
                 elapsed = _now(self.device) - start
                 extra = {"engine": self.runtime.engine.name,
                          "engine_dtype": str(self.runtime.engine.spec.dtype).replace("torch.", ""),
                          "engine_noise_floor": self.runtime.noise_floor,
                          "engine_noise_floor_rows": self.runtime.noise_floor_rows,
                          "tol_used": result.tol, "ticks_launched": result.ticks_launched,
-                         **_timing(timing, elapsed)}
+                         **window_stats, **_timing(timing, elapsed)}
             else:
                 options = dict(max_iters=max_iters, progress=progress)
                 if name == "srds":
@@ -462,6 +473,13 @@ MAX_ROWS = 512
 MAX_STEPS = 8192  # grids finer than the training schedule use fractional timesteps (solvers.alphas_at)
 MAX_GUIDANCE = 1e3  # far beyond any useful scale; larger ones overflow fp16 (and soon fp32) outright
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+def window_rows(sampler: str, steps: int, window: int | None, images: int, guided: bool) -> int:
+    """Rows of one sweep of a sliding-window sampler: window x images x (2 under guidance)."""
+    from .runtime.window_runner import window_rows as rows
+
+    return rows(sampler, steps, window, images, guided)
 
 
 def rows_per_image(steps: int, num_blocks: int | None, guided: bool, pipelined: bool, max_iters: int | None) -> int:

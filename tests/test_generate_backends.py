@@ -33,6 +33,19 @@ def test_onnxruntime_backend_generates_and_matches_serial(digits_export, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "grid.png", "stats.json"]
 
 
+@pytest.mark.parametrize("sampler", ["eps-picard", "paradigms"])
+def test_onnxruntime_backend_runs_the_sliding_window_samplers(digits_export, tmp_path, sampler):
+    """--sampler eps-picard / paradigms on the runtime (runtime/window_runner.py): one host read per sweep."""
+    out = tmp_path / "gen"
+    rc = main(["--backend", "onnxruntime", "--engine-dir", str(digits_export), "--steps", "9", "--prompt", "3", "7",
+               "--sampler", sampler, "--out", str(out), "--tol", "0", "--quiet", "--compare-serial"])
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sampler"] == sampler and stats["engine"] == "onnxruntime" and stats["converged"]
+    assert stats["host_reads"] == stats["iterations"] == len(stats["slides"]) and stats["host_read_ms"] >= 0
+    assert stats["max_abs_diff_vs_serial"] <= 1e-4  # tol = 0: the serial sample
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backend", "onnxruntime", "--engine-dir", "{missing}"], "no export of 'digits'"),
     (["--backend", "tensorrt", "--engine-dir", "{export}", "--device", "cpu"], "needs a CUDA GPU"),

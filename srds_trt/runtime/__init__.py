@@ -10,6 +10,7 @@ Layout (one idea per module, in the order data flows):
     host.py          what a host hands over: its CUDA stream (int, __cuda_stream__, torch) and DLPack tensors
     srds_runner.py   SRDSRunner: SRDS ticks as programs, CUDA graphs, a second stream, async residuals, early exit
     serial_runner.py SerialRunner: the serial sampler on the same engine and graphs (the speedup baseline)
+    window_runner.py WindowRunner: eps-Picard and ParaDiGMS sweeps as one captured program, one host read per sweep
     sampler.py       RuntimeSampler: what the pipeline calls; one engine and cached runners per pipeline
 
 The runtime owns device state (streams, graphs, buffers); samplers (srds_trt.sampling) stay pure functions.
@@ -19,8 +20,9 @@ from .engines import BucketIO, Engine, EngineError, EngineSpec, TorchEngine
 from .serial_runner import SerialRunner
 from ..stopping import NonFiniteError
 from .srds_runner import COARSE_MODES, RunResult, SRDSRunner
+from .window_runner import WINDOW_SAMPLERS, WindowRunner
 
 __all__ = [
     "COARSE_MODES", "BucketIO", "Engine", "EngineError", "EngineSpec", "NonFiniteError", "RunResult", "SRDSRunner",
-    "SerialRunner", "TorchEngine",
+    "SerialRunner", "TorchEngine", "WINDOW_SAMPLERS", "WindowRunner",
 ]

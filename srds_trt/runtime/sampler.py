@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .serial_runner import SerialRunner
 from .srds_runner import RunResult, SRDSRunner
+from .window_runner import WindowRunner, window_rows
 from .engines.base import Engine, EngineError
 from .engines.factory import BACKENDS, torch_engine
 from ..schedule import build_tick_plan
@@ -86,6 +87,7 @@ class RuntimeSampler:
         self.noise_floor_rows = 0
         self._runners: dict[tuple, object] = {}
         self.runner_builds = 0  # runners constructed (and captured) so far: one per key
+        self.last_window_stats = None  # the last sliding-window run's host reads (window_runner.WindowStats)
 
     def _engine(self, rows: int) -> Engine:
         if self.engine is not None and self.engine.max_rows >= rows:
@@ -159,6 +161,22 @@ class RuntimeSampler:
             engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
             num_blocks=num_blocks, max_iters=max_iters, pipelined=pipelined, guided=guided, noise_floor=self.noise_floor))
         result = runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, tol=tol, progress=progress)
+        return result, timing
+
+    def window(self, sampler: str, x: Tensor, cond: Tensor, uncond: Tensor, *, scale: float, timesteps: Tensor,
+               alphas_cumprod: Tensor, prediction_type: str, tol: float, window: int | None, max_iters: int | None,
+               progress: Callable[[int, float], None] | None) -> tuple[RunResult, CallTiming]:
+        """A sliding-window sampler ("eps-picard", "paradigms") on a WindowRunner: one captured sweep program per
+        key, one host read per sweep (runner.last_run: host_reads, host_read_s). max_iters is per run."""
+        guided = scale != 1.0
+        rows = window_rows(sampler, len(timesteps) - 1, window, x.shape[0], guided)
+        key = (sampler, tuple(timesteps.tolist()), x.shape[0], window, guided, prediction_type)
+        runner, timing = self._runner(key, rows, lambda engine: WindowRunner(
+            engine, sampler=sampler, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod,
+            prediction_type=prediction_type, window=window, guided=guided, noise_floor=self.noise_floor))
+        result = runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, tol=tol,
+                            max_iters=max_iters, progress=progress)
+        self.last_window_stats = runner.last_run
         return result, timing
 
     def serial(self, x: Tensor, cond: Tensor, uncond: Tensor, *, scale: float, timesteps: Tensor, alphas_cumprod: Tensor,

@@ -1,0 +1,469 @@
+"""The sliding-window samplers (eps-Picard, ParaDiGMS) on the runtime: one captured sweep, one host read per sweep.
+
+A sweep of either sampler (eps_picard.py, paradigms.py) evaluates the w points of its window in ONE batched
+model call, updates the window's states, and slides the window past the points that stopped moving. Here that
+sweep is one fixed-shape program over static buffers:
+
+    gather    the window's w states and tables by a device-held window start `begin` (index_select)
+    call      one engine call at a fixed bucket (w x images rows, x2 under guidance: engine_call.guided_call)
+    update    eps-Picard: secant slopes (inherited by points not yet evaluated, plus the rank-1 Broyden term),
+              then the w-point DDIM recurrence unrolled in the program;
+              ParaDiGMS: the cumulative sum of the window's DDIM updates
+    slide     the first moved point (a device argmax), the new `begin`, the points entering the window
+              (eps-Picard's extrapolated warm start, ParaDiGMS's copy of the last state), written back by
+              index_copy_; eps-Picard's prior (a multiple of x_T for points 1..w) is set per run, before sweep 1
+    status    [begin, slide, residual] into a small static buffer
+
+The slide is data-dependent, but only the HOST needs its value (to know when to stop): the program itself reads
+`begin` from the device, so ONE captured program (cuda_graphs.capture_graph; eager where capture fails, the
+reason kept in capture_failures) serves every sweep, tail of the grid included. The tail needs no second
+program: every table (timesteps, DDIM coefficients, thresholds) and the state buffer are padded by w (+2)
+entries past the grid end (padding steps are the identity: c_x = 1, c_out = 0, a valid timestep), so window
+points past N compute finite values into padding rows, and a `valid = j < N` mask keeps them out of the
+residual and the slide. The host reads the 3-entry status once per sweep (pinned memory + event on a GPU);
+the number of reads and the time spent in them are kept in `last_run` (WindowStats): measured, not assumed.
+
+Iterate-for-iterate the same as the reference functions (tests/test_runtime_window.py compares every sweep
+short of convergence): the recurrence runs point by point in the reference's op order (products by per-point
+coefficients, the secant correction added to the newest output), so float64 states agree to rounding of the
+vectorised reductions (the secant's per-image dot products), and tol = 0 gives the serial sample.
+
+eps-Picard's algorithm options (EPS_PICARD_OPTIONS) and their defaults are read from eps_picard_sample's
+signature. The reference's "None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is
+not stored, because it cannot change a result: outs[j] of points entering the window (every such point is
+evaluated, which overwrites it, before it is read) and the rank-1 terms (set and used within one sweep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..eps_picard import default_window as eps_picard_window
+from ..paradigms import default_window as paradigms_window, step_noise_variance, window_result, window_width
+from ..sampling import SampleResult
+from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from ..stopping import NonFiniteError, check_tol
+from .cuda_graphs import CapturedGraph, capture_graph
+from .engine_call import guided_call, load_conditioning
+from .engines.base import Engine, EngineError
+from .host import as_tensor, host_stream
+from .srds_runner import effective_tol
+
+WINDOW_SAMPLERS = ("eps-picard", "paradigms")
+# eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
+EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "coord", "prior", "broyden")
+BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
+
+
+def default_window(sampler: str, steps: int) -> int:
+    """The reference sampler's default window (eps-Picard: 2 round(sqrt N); ParaDiGMS: round(sqrt N))."""
+    _check_sampler(sampler)
+    return eps_picard_window(steps) if sampler == "eps-picard" else paradigms_window(steps)
+
+
+def window_rows(sampler: str, steps: int, window: int | None, images: int, guided: bool) -> int:
+    """Engine rows of one sweep: window x images x (2 under guidance)."""
+    w = min(default_window(sampler, steps) if window is None else int(window), steps)
+    return max(1, w) * images * (2 if guided else 1)
+
+
+@dataclass
+class WindowStats:
+    """What the last run did beyond its SampleResult: the host reads that decide the slide, measured."""
+
+    sweeps: int = 0
+    host_reads: int = 0
+    host_read_s: float = 0.0  # wall time the host spent waiting for and reading the per-sweep status
+    begins: list[int] = field(default_factory=list)  # window start before each sweep
+
+    @property
+    def host_read_ms_per_sweep(self) -> float:
+        return 1e3 * self.host_read_s / max(1, self.host_reads)
+
+
+class WindowRunner:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        sampler: str = "eps-picard",
+        batch: int,
+        timesteps: Tensor,
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        window: int | None = None,
+        guided: bool = True,
+        cuda_graphs: bool | None = None,
+        state_dtype: torch.dtype = torch.float32,
+        noise_floor: float = 0.0,
+        **options: Any,
+    ):
+        _check_sampler(sampler)
+        check_solver("ddim", prediction_type)
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        on_cuda = engine.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs a CUDA engine")
+        self.sampler, self.engine, self.batch, self.guided = sampler, engine, batch, guided
+        self.device, self.dtype, self.noise_floor = engine.device, state_dtype, noise_floor
+        self.options = eps_picard_options(**options) if sampler == "eps-picard" else _no_options(options)
+        self.warm_start = self.options.get("warm_start", False)
+        self.secant = self.options.get("secant", False)
+        self.inherit_slope = self.secant and self.options.get("inherit_slope", False)
+        self.broyden = self.secant and self.options.get("broyden", False)
+        timesteps = as_grid(timesteps)
+        self.steps = n = len(timesteps) - 1
+        self.window = w = window_width(n, default_window(sampler, n) if window is None else window, None)
+        factor = 2 if guided else 1
+        rows = w * batch * factor
+        if rows > engine.max_rows:
+            raise EngineError(f"a {sampler} sweep needs {rows} engine rows (window {w} x {batch} images x {factor}) "
+                              f"but the engine holds {engine.max_rows}: use a smaller window, fewer images or a "
+                              "larger max batch")
+        self.bucket = engine.bucket_for(rows)
+
+        # Tables padded past the grid end by identity steps, so a window hanging over N needs no other program.
+        pad = w + 2
+        alphas = alphas_at(timesteps, alphas_cumprod)
+        c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+        ones, zeros = torch.ones(pad, dtype=torch.float64), torch.zeros(pad, dtype=torch.float64)
+        dev = dict(device=self.device)
+        self._c_x = torch.cat([c_x, ones]).to(**dev, dtype=state_dtype)
+        self._c_out = torch.cat([c_out, zeros]).to(**dev, dtype=state_dtype)
+        self._drift = torch.cat([c_x - 1, zeros]).to(**dev, dtype=state_dtype)  # ParaDiGMS: the update, not the state
+        self._var = torch.cat([step_noise_variance(alphas), zeros]).to(**dev)  # ParaDiGMS thresholds / tol^2, float64
+        self._t = torch.cat([timesteps[:-1].to(torch.float64), timesteps[-2:-1].to(torch.float64).expand(pad)]
+                            ).to(**dev, dtype=engine.spec.timestep_dtype)
+        if sampler == "eps-picard" and self.warm_start:
+            weights = extrapolation_table(alphas, timesteps, w, self.options)
+            self._weights = weights.to(**dev, dtype=state_dtype)  # [(N + 1) * w, 3]: row old_end * w + offset
+        # eps-Picard's prior: window points 1..w start at a multiple of x_T (set per run, on the host stream)
+        self._prior = prior_factors(alphas, w) if sampler == "eps-picard" and self.warm_start and self.options.get(
+            "prior", False) else []
+        self._nodes = torch.arange(3, **dev)  # extrapolation nodes old_end - 1 - k
+        self._points_w = torch.arange(w, **dev)  # window point i = begin + i
+        self._points_w1 = torch.arange(w + 1, **dev)  # its states: begin .. begin + w
+        self._row_point = torch.arange(w * batch, **dev) // batch  # engine row r belongs to window point r // batch
+        self._sentinel = torch.ones(1, dtype=torch.bool, **dev)
+
+        sample = engine.spec.sample_shape
+        self.points = torch.zeros(n + pad + 1, batch, *sample, dtype=state_dtype, **dev)  # points[j]: state at t_j
+        self.outs = torch.zeros(n + pad, batch, *sample, dtype=state_dtype, **dev)  # eps-Picard: newest output
+        self.used = torch.zeros_like(self.outs)  # the output the last propagation used at point j (slope-corrected)
+        # an eps_picard.py without `extrapolate` warm-starts from the newest raw output (outs), not from `used`
+        self._warm_source = self.used if "extrapolate" in self.options else self.outs
+        self.evaluated_at = torch.zeros_like(self.outs)  # the state outs[j] was evaluated at
+        self.has_eval = torch.zeros(n + pad, dtype=torch.bool, **dev)  # False: never evaluated (or warm-started)
+        self.slopes = torch.zeros(n + pad, batch, *([1] * len(sample)), dtype=state_dtype, **dev)  # 0: no secant
+        self.begin = torch.zeros(1, dtype=torch.int64, **dev)
+        self.scale = torch.ones((), dtype=state_dtype, **dev)
+        self.tol = torch.zeros((), dtype=state_dtype, **dev)  # eps-Picard: max-abs change in units of x
+        self.tol_sq = torch.zeros((), dtype=torch.float64, **dev)  # ParaDiGMS: tol^2 (thresholds = tol^2 sigma_j^2)
+        self.status = torch.zeros(3, dtype=torch.float64, **dev)
+        self._status_host = torch.zeros(3, dtype=torch.float64, pin_memory=on_cuda)
+        self._read_done = torch.cuda.Event() if on_cuda else None
+        self.sweep_program: CapturedGraph | None = None
+        self.capture_failures: dict[str, str] = {}
+        self.last_run = WindowStats()
+
+    # ----- the sweep program (fixed shapes, static buffers, no host read) -----
+    def _sweep(self) -> None:
+        b, n, w = self.begin, self.steps, self.window
+        idx = b + self._points_w
+        pts = self.points.index_select(0, b + self._points_w1)  # [w + 1, batch, ...]: states begin .. begin + w
+        t = self._t.index_select(0, b + self._row_point)
+        out = guided_call(self.engine, self.bucket, 0, pts[:w].flatten(0, 1), t, self.scale if self.guided else None)
+        out = out.view(w, *pts.shape[1:])
+        valid = idx < n
+        span = (n - b).clamp(max=w)  # [1]: window points on the grid
+        if self.sampler == "eps-picard":
+            change, moved, slide, reported = self._eps_picard_update(idx, pts, out, valid, span)
+        else:
+            change, moved, slide, reported = self._paradigms_update(idx, pts, out, valid, span)
+        residual = torch.where(valid, change, torch.zeros_like(change)).amax()
+        old_end = b + span
+        new_begin = b + slide
+        self._enter(new_begin, old_end)
+        self.status.copy_(torch.cat([new_begin, reported, residual.reshape(1)]).to(torch.float64))
+        b.copy_(new_begin)
+
+    def _first_moved(self, moved: Tensor, valid: Tensor) -> Tensor:
+        """Index of the first moved point among the valid ones; a point past N counts as moved, and when none
+        moved the sentinel gives w (the reference's `span` either way)."""
+        return torch.cat([moved | ~valid, self._sentinel]).int().argmax().reshape(1)
+
+    def _eps_picard_update(self, idx, pts, out, valid, span):
+        """eps_picard.py's sweep: secant slopes from the previous evaluation, then the DDIM recurrence along the
+        window with the newest outputs moved along their slopes to this sweep's states."""
+        w = self.window
+        c_x, c_out = (c.index_select(0, idx) for c in (self._c_x, self._c_out))
+        evaluated = pts[:w].clone()
+        slopes = self.slopes.index_select(0, idx)
+        if self.secant:
+            dx, dout = pts[:w] - self.evaluated_at.index_select(0, idx), out - self.outs.index_select(0, idx)
+            norm = dx.flatten(2).pow(2).sum(2)  # [w, batch]
+            slope = (dout * dx).flatten(2).sum(2) / norm.clamp_min(torch.finfo(self.dtype).tiny)
+            slope = torch.where(norm > 0, slope, torch.zeros_like(slope)).view_as(slopes)
+            if self.broyden:  # rank-1 (Broyden) term of an evaluated point: (dout - s dx, dx / |dx|^2); else 0
+                inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(norm))
+                evaluated_before = self.has_eval.index_select(0, idx).view(w, *([1] * (dx.dim() - 1)))
+                rank_u = torch.where(evaluated_before, dout - slope * dx, torch.zeros_like(dx))
+                rank_v = torch.where(evaluated_before, dx * inv.view_as(slope), torch.zeros_like(dx))
+            has = self.has_eval.index_select(0, idx)
+            # a point never evaluated inherits its predecessor's slope (the reference's loop order); "no slope"
+            # is a zero slope here: out + 0 * dx is out exactly
+            before = self.slopes.index_select(0, (self.begin - 1).clamp(min=0))[0]
+            previous = torch.where(self.begin > 0, before, torch.zeros_like(before))
+            rows = []
+            for i in range(w):
+                inherited = previous if self.inherit_slope else torch.zeros_like(previous)
+                previous = torch.where(has[i], slope[i], inherited)
+                rows.append(previous)
+            slopes = torch.stack(rows)
+            self.slopes.index_copy_(0, idx, slopes)
+        self.outs.index_copy_(0, idx, out)
+        self.evaluated_at.index_copy_(0, idx, evaluated)
+        self.has_eval.index_fill_(0, idx, True)
+        old = pts[1:].clone()
+        used = []
+        for i in range(w):  # unrolled: the reference's propagate(begin, end), op for op
+            out_i = out[i]
+            if self.secant:
+                d = pts[i] - evaluated[i]
+                out_i = out_i + slopes[i] * d
+                if self.broyden:
+                    out_i = out_i + rank_u[i] * (rank_v[i] * d).flatten(1).sum(1).view_as(slopes[i])
+            used.append(out_i)
+            pts[i + 1] = c_x[i] * pts[i] + c_out[i] * out_i
+        self.used.index_copy_(0, idx, torch.stack(used))
+        self.points.index_copy_(0, idx + 1, pts[1:])
+        change = (pts[1:] - old).abs().flatten(1).amax(1)  # [w]
+        moved = change > self.tol
+        slide = torch.minimum(self._first_moved(moved, valid) + 1, span)
+        return change, moved, slide, slide
+
+    def _paradigms_update(self, idx, pts, out, valid, span):
+        """paradigms.py's sweep: x_{j+1} = x_begin + cumsum of the window's DDIM updates (Jacobi), slide by the
+        per-point RMS change against tol^2 sigma_j^2."""
+        w, batch = self.window, self.batch
+        rows = pts[:w].flatten(0, 1)
+        row_index = self.begin + self._row_point
+        delta = ddim_update(rows, out.flatten(0, 1), self._drift.index_select(0, row_index),
+                            self._c_out.index_select(0, row_index))
+        new = pts[0] + delta.view(w, batch, *pts.shape[2:]).cumsum(0)
+        change = new - pts[1:]
+        mean_square = change.to(torch.float64).pow(2).flatten(2).mean(-1)  # [w, batch]
+        thresholds = self.tol_sq * self._var.index_select(0, idx + 1)
+        moved = (mean_square > thresholds[:, None]).any(1)
+        self.points.index_copy_(0, idx + 1, new)
+        slide = torch.clamp(self._first_moved(moved, valid) + 1, max=w)
+        return change.abs().flatten(1).amax(1), moved, slide, torch.minimum(slide, self.steps - self.begin)
+
+    def _enter(self, new_begin: Tensor, old_end: Tensor) -> None:
+        """Points entering the window (j in [old_end, min(new_begin + w, N))): eps-Picard's warm start continues
+        the recurrence with the last evaluated output; ParaDiGMS (and warm_start=False) copy x[old_end]."""
+        w = self.window
+        nidx = new_begin + self._points_w
+        entering = (nidx >= old_end) & (nidx < self.steps)
+        pts = self.points.index_select(0, new_begin + self._points_w1)
+        if self.sampler == "eps-picard" and self.warm_start:
+            # outputs extrapolated (Lagrange, fixed weights per (old_end, offset)) from the outputs the last
+            # propagation used at old_end - 1, - 2, - 3, then propagated; unused nodes have weight 0
+            nodes = self._warm_source.index_select(0, (old_end - 1 - self._nodes).clamp(min=0))
+            offset = (nidx - old_end).clamp(0, w - 1)
+            weights = self._weights.index_select(0, old_end * w + offset)  # [w, 3]
+            c_x, c_out = (c.index_select(0, nidx) for c in (self._c_x, self._c_out))
+            used = self.used.index_select(0, nidx)
+            extrapolated = []
+            for i in range(w):
+                guess = weights[i, 0] * nodes[0] + weights[i, 1] * nodes[1] + weights[i, 2] * nodes[2]
+                extrapolated.append(torch.where(entering[i], guess, used[i]))
+                pts[i + 1] = torch.where(entering[i], c_x[i] * pts[i] + c_out[i] * guess, pts[i + 1])
+            self.used.index_copy_(0, nidx, torch.stack(extrapolated))
+        else:
+            start = self.points.index_select(0, old_end)[0]
+            for i in range(w):
+                pts[i + 1] = torch.where(entering[i], start, pts[i + 1])
+        self.points.index_copy_(0, nidx + 1, pts[1:])
+
+    def capture(self) -> None:
+        """Warm up and capture the sweep (once per runner); a failure leaves it eager and says why."""
+        if self.sweep_program is not None:
+            return
+        self.begin.zero_()  # the warm-up sweeps zeros; run() resets every buffer
+        self.sweep_program = capture_graph(self._sweep, device=self.device, enabled=self.cuda_graphs)
+        if self.sweep_program.failure is not None:
+            self.capture_failures["sweep"] = self.sweep_program.failure
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ----- one generation -----
+    def run(
+        self,
+        x: Any,
+        cond: Any,
+        uncond: Any = None,
+        *,
+        guidance_scale: float = 1.0,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        progress: Callable[[int, float], None] | None = None,
+        stream: Any = None,
+    ) -> SampleResult:
+        """The sampler from x_T = x [batch, C, H, W]; tol defaults to the reference sampler's default.
+
+        tol (eps-Picard: max-abs change in units of x, raised above the engine's noise floor like SRDS's;
+        ParaDiGMS: its own per-step RMS knob, paradigms.py) and max_iters (sweeps) are per run: the captured
+        program reads tol from a device scalar. stream: the host's CUDA stream (see host.py).
+        """
+        x, cond = as_tensor(x, "x"), as_tensor(cond, "cond")
+        uncond = None if uncond is None else as_tensor(uncond, "uncond")
+        if x.shape != (self.batch, *self.engine.spec.sample_shape):
+            raise ValueError(f"x must have shape {(self.batch, *self.engine.spec.sample_shape)}, got {tuple(x.shape)}")
+        if self.guided and uncond is None:
+            raise ValueError("this runner was built for guidance: pass uncond")
+        if max_iters is not None and max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+        tol = check_tol(_default_tol(self.sampler) if tol is None else tol)
+        if self.sampler == "eps-picard":
+            tol = effective_tol(tol, self.noise_floor)
+        host = host_stream(stream, self.device)
+        self.capture()
+        stats = self.last_run = WindowStats()
+        residuals: list[float] = []
+        slides: list[int] = []
+        model_evals, begin = 0, 0
+        with torch.cuda.stream(host) if host is not None else contextlib.nullcontext():
+            self._reset(x, cond, uncond, guidance_scale, tol)
+            while begin < self.steps and (max_iters is None or stats.sweeps < max_iters):
+                stats.begins.append(begin)
+                self.sweep_program.run()
+                stats.sweeps += 1
+                model_evals += min(self.window, self.steps - begin) * self.batch
+                begin, slide, residual = self._read_status(host)
+                residuals.append(residual)
+                slides.append(slide)
+                if residual != residual or abs(residual) == float("inf"):
+                    raise NonFiniteError(f"{self.sampler} sweep {stats.sweeps}: NaN/Inf in the state (engine "
+                                         f"{self.engine.name}, {self.engine.spec.dtype}); fp16 overflow is the usual "
+                                         "cause: export with upcast attention or run fp32")
+                if progress is not None:
+                    progress(stats.sweeps, residual)
+            final = self.points[self.steps].clone()
+        result = window_result(self.sampler, final, x, iterations=stats.sweeps, window=self.window,
+                               model_evals=model_evals, residuals=residuals, slides=slides,
+                               converged=begin >= self.steps, tol=tol)
+        result.ticks_launched = stats.sweeps
+        result.engine_calls = {self.bucket: stats.sweeps} if stats.sweeps else {}
+        return result
+
+    def _reset(self, x: Tensor, cond: Tensor, uncond: Tensor | None, guidance_scale: float, tol: float) -> None:
+        self.scale.fill_(guidance_scale)
+        self.tol.fill_(tol)
+        self.tol_sq.fill_(tol**2)
+        rows = self.window * self.batch
+        load_conditioning(self.engine, self.bucket, 0, rows, self.batch, [uncond, cond] if self.guided else [cond])
+        self.points.copy_(x.to(self.device, self.dtype).unsqueeze(0).expand_as(self.points))
+        for j, factor in enumerate(self._prior, start=1):
+            self.points[j] = factor * self.points[0]
+        for buffer in (self.outs, self.used, self.evaluated_at, self.slopes, self.has_eval, self.begin):
+            buffer.zero_()
+
+    def _read_status(self, host) -> tuple[int, int, float]:
+        """THE host read of a sweep: [begin, slide, residual], 24 bytes (pinned + event on a GPU), timed."""
+        start = time.perf_counter()
+        if host is not None:
+            self._status_host.copy_(self.status, non_blocking=True)
+            self._read_done.record(host)
+            self._read_done.synchronize()
+            values = self._status_host.tolist()
+        else:
+            values = self.status.tolist()
+        self.last_run.host_read_s += time.perf_counter() - start
+        self.last_run.host_reads += 1
+        return int(values[BEGIN]), int(values[SLIDE]), values[RESIDUAL]
+
+
+def eps_picard_options(**given: Any) -> dict[str, Any]:
+    """eps_picard_sample's algorithm options (warm start, secant, ...), defaults read from its signature, so a
+    runner built without options runs what the reference runs by default."""
+    from ..eps_picard import eps_picard_sample
+
+    known = {name: p.default for name, p in inspect.signature(eps_picard_sample).parameters.items()
+             if name in EPS_PICARD_OPTIONS}
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ValueError(f"unknown eps-Picard options {sorted(unknown)}; the runner mirrors {sorted(known)}")
+    options = {**known, **given}
+    if options.get("extrapolate", 0) not in (0, 1, 2):
+        raise ValueError(f"extrapolate must be 0, 1 or 2, got {options['extrapolate']}")
+    return options
+
+
+def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, options: dict[str, Any]) -> Tensor:
+    """Warm-start weights, float64 [(N + 1) * w, 3]: row old_end * w + d holds the Lagrange weights (in the
+    reference's coordinate) of the nodes old_end - 1 - k, k = 0..order, for the entering point old_end + d;
+    weight 0 for unused nodes and for points past the grid. Computed by the reference's own function."""
+    steps = len(timesteps) - 1
+    table = torch.zeros(steps + 1, w, 3, dtype=torch.float64)
+    if options.get("extrapolate", 0) == 0:  # one node, weight 1 (the empty Lagrange product)
+        table[:, :, 0] = 1.0
+        return table.view(-1, 3)
+    from ..eps_picard import extrapolation_weights
+
+    s = warm_start_coordinate(alphas, timesteps, options.get("coord", "index"))
+    for first in range(1, steps + 1):
+        order = min(options.get("extrapolate", 0), first - 1)
+        nodes = [first - 1 - k for k in range(order + 1)]
+        for d in range(min(w, steps - first)):
+            table[first, d, : order + 1] = torch.tensor(extrapolation_weights(s, nodes, first + d), dtype=torch.float64)
+    return table.view(-1, 3)
+
+
+def prior_factors(alphas: Tensor, w: int) -> list[float]:
+    """eps_picard.py's prior: x_j = (sqrt(a_j) x0_hat + sqrt(1 - a_j)) x_T for j = 1..w (python floats, as there)."""
+    a0 = float(alphas[0])
+    x0_hat = (1 - math.sqrt(1 - a0)) / math.sqrt(a0)
+    return [math.sqrt(float(alphas[j])) * x0_hat + math.sqrt(1 - float(alphas[j])) for j in range(1, w + 1)]
+
+
+def warm_start_coordinate(alphas: Tensor, timesteps: Tensor, coord: str) -> list[float]:
+    """The coordinate eps_picard.py extrapolates outputs in, per grid point (python floats, as there)."""
+    a = alphas[:-1]
+    if coord == "lambda":
+        return (0.5 * (a / (1 - a)).log()).tolist()
+    if coord == "sigma":
+        return ((1 - a) / a).sqrt().tolist()
+    if coord == "index":
+        return [float(j) for j in range(len(a))]
+    if coord == "t":
+        return timesteps[:-1].double().tolist()
+    raise ValueError(f"unknown warm-start coordinate {coord!r}")
+
+
+def _no_options(options: dict[str, Any]) -> dict[str, Any]:
+    if options:
+        raise ValueError(f"ParaDiGMS takes no algorithm options here, got {sorted(options)}")
+    return {}
+
+
+def _default_tol(sampler: str) -> float:
+    from ..paradigms import DEFAULT_TOL as PARADIGMS_TOL
+    from ..stopping import DEFAULT_TOL
+
+    return DEFAULT_TOL if sampler == "eps-picard" else PARADIGMS_TOL
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in WINDOW_SAMPLERS:
+        raise ValueError(f"sampler must be one of {WINDOW_SAMPLERS}, got {sampler!r}")

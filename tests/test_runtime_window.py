@@ -1,0 +1,236 @@
+"""The sliding-window samplers on the runtime (runtime/window_runner.py) against their reference functions.
+
+The reference (eps_picard.py, paradigms.py) is the specification, sweep by sweep. Comparing converged samples
+proves little (tol = 0 returns the serial sample whatever the warm start or the secant do), so these tests
+compare every sweep short of convergence: the states each sweep hands the model (recorded on both sides: the
+reference's model calls and the engine's input buffer), the residual and the slide of every sweep, and the
+sample of runs stopped at max_iters = 1, 2, 3, ... They run guided and not, with a window that divides N and
+one that leaves a tail, and with every eps-Picard option flipped one at a time (the options and their defaults
+are read from eps_picard_sample's signature: a new or changed option there shows up here as a failure).
+
+scripts/mutants.py breaks the runner on purpose (warm start off, window index off by one, ...) and checks this
+file fails for each.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from helpers_core import single_thread  # noqa: F401  (fixture)
+from test_runtime_iterates import BATCH, LABELS, NULL, SCALE, SD_LIKE, SPEC, cond_model, x_T
+from srds_trt.eps_picard import eps_picard_sample
+from srds_trt.guidance import classifier_free_guidance, conditional
+from srds_trt.noise_schedule import ddim_grid
+from srds_trt.paradigms import paradigms_sample
+from srds_trt.runtime.engines import EngineError, TorchEngine
+from srds_trt.runtime.window_runner import WindowRunner, eps_picard_options, window_rows
+from srds_trt.sampling import serial_sample
+from srds_trt.stopping import NonFiniteError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REFERENCE = {"eps-picard": eps_picard_sample, "paradigms": paradigms_sample}
+TOL = {"eps-picard": 1e-3, "paradigms": 0.05}  # loose enough that windows slide by more than one point
+GRIDS = [(17, None), (16, 5)]  # default window (eps-Picard 8: tail of 1; ParaDiGMS 4: tail of 1), and w = 5 with a tail
+
+
+@functools.lru_cache(maxsize=None)
+def grid(steps: int):
+    return ddim_grid(SD_LIKE, steps)
+
+
+class Recorder:
+    """The states and timesteps of every model call (state rows only: the unconditional half under guidance)."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def reference_model(self, guided: bool):
+        model = classifier_free_guidance(cond_model, LABELS, NULL, SCALE) if guided else conditional(cond_model, LABELS)
+
+        def recorded(x, t):
+            self.calls.append((x.clone(), t.clone()))
+            return model(x, t)
+
+        return recorded
+
+
+def make_runner(sampler: str, steps: int, window, guided: bool, max_rows: int = 64, **options):
+    ts, ac = grid(steps)
+    calls: list[torch.Tensor] = []
+
+    def engine_model(x, t, c):
+        calls.append((x.clone(), t.clone()))
+        return cond_model(x, t, c)
+
+    engine = TorchEngine(engine_model, SPEC, max_rows=max_rows)
+    runner = WindowRunner(engine, sampler=sampler, batch=BATCH, timesteps=ts, alphas_cumprod=ac, window=window,
+                          guided=guided, state_dtype=torch.float64, **options)
+    return runner, calls
+
+
+def run(runner: WindowRunner, guided: bool, seed: int, **kwargs):
+    if guided:
+        return runner.run(x_T(seed), LABELS, NULL, guidance_scale=SCALE, **kwargs)
+    return runner.run(x_T(seed), LABELS, **kwargs)
+
+
+def reference(sampler: str, steps: int, window, guided: bool, seed: int, recorder: Recorder | None = None, **kwargs):
+    ts, ac = grid(steps)
+    model = (recorder or Recorder()).reference_model(guided)
+    return REFERENCE[sampler](model, x_T(seed), ts, ac, window=window, **kwargs)
+
+
+def assert_same_result(got, ref, atol=1e-12):
+    assert got.iterations == ref.iterations and got.sequential_calls == ref.sequential_calls
+    assert got.slides == ref.slides, "the window slid differently"
+    assert got.model_evals == ref.model_evals and got.converged == ref.converged and got.window == ref.window
+    torch.testing.assert_close(torch.tensor(got.residuals), torch.tensor(ref.residuals), rtol=0, atol=atol)
+    torch.testing.assert_close(got.sample, ref.sample, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("steps,window", GRIDS)
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_every_sweep_equals_the_reference(sampler, steps, window, guided):
+    """Per sweep: the window states the model sees, the timesteps, the residual and the slide; the tail of the
+    grid included (the engine is called at one fixed bucket, past-N rows are padding and are not compared)."""
+    tol = TOL[sampler]
+    recorder = Recorder()
+    ref = reference(sampler, steps, window, guided, seed=0, recorder=recorder, tol=tol)
+    runner, engine_calls = make_runner(sampler, steps, window, guided)
+    got = run(runner, guided, seed=0, tol=tol)
+    assert_same_result(got, ref)
+    assert max(ref.slides) > 1, "tol too tight to test the slide"
+    assert len(engine_calls) == len(recorder.calls) == got.iterations
+    assert len({x.shape[0] for x, _ in engine_calls}) == 1, "one fixed bucket for every sweep"
+    for k, ((ref_x, ref_t), (x, t)) in enumerate(zip(recorder.calls, engine_calls)):
+        rows = ref_x.shape[0]
+        torch.testing.assert_close(x[:rows], ref_x, rtol=0, atol=1e-12, msg=lambda m, k=k: f"sweep {k + 1} states: {m}")
+        torch.testing.assert_close(t[:rows].double(), ref_t.double(), rtol=0, atol=0)
+    assert runner.last_run.host_reads == got.iterations == runner.last_run.sweeps  # ONE host read per sweep
+    assert got.engine_calls == {runner.bucket: got.iterations}
+
+
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_runs_stopped_at_every_sweep_equal_the_reference(sampler, guided):
+    steps, window = 16, 5
+    full = reference(sampler, steps, window, guided, seed=1, tol=TOL[sampler])
+    runner, _ = make_runner(sampler, steps, window, guided)  # one runner for every run: nothing may leak between
+    for k in range(0, full.iterations + 1):
+        ref = reference(sampler, steps, window, guided, seed=1, tol=TOL[sampler], max_iters=k)
+        assert_same_result(run(runner, guided, seed=1, tol=TOL[sampler], max_iters=k), ref)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("steps,window", GRIDS)
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_tol_zero_returns_the_serial_sample(sampler, steps, window, guided):
+    ts, ac = grid(steps)
+    model = classifier_free_guidance(cond_model, LABELS, NULL, SCALE) if guided else conditional(cond_model, LABELS)
+    serial = serial_sample(model, x_T(2), ts, ac)
+    runner, _ = make_runner(sampler, steps, window, guided)
+    got = run(runner, guided, seed=2, tol=0.0)
+    assert got.converged
+    torch.testing.assert_close(got.sample, serial, rtol=0, atol=1e-12)
+    assert_same_result(got, reference(sampler, steps, window, guided, seed=2, tol=0.0))
+
+
+def _flipped_options() -> list[dict]:
+    """Every eps-Picard option of the reference moved off its default, one at a time."""
+    flips = []
+    for name, default in eps_picard_options().items():
+        if isinstance(default, bool):
+            flips.append({name: not default})
+        elif name == "extrapolate":
+            flips += [{name: k} for k in (0, 1, 2) if k != default]
+        elif name == "coord":
+            flips += [{name: c} for c in ("lambda", "sigma", "index", "t") if c != default]
+    return flips
+
+
+@pytest.mark.parametrize("options", _flipped_options(), ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_eps_picard_option_follows_the_reference(options):
+    steps, window = 16, 5
+    for guided in (True, False):
+        ref = reference("eps-picard", steps, window, guided, seed=3, tol=TOL["eps-picard"], **options)
+        runner, _ = make_runner("eps-picard", steps, window, guided, **options)
+        assert_same_result(run(runner, guided, seed=3, tol=TOL["eps-picard"]), ref)
+
+
+def test_defaults_are_the_references():
+    """A runner built without options runs what eps_picard_sample runs by default, window and tol included."""
+    runner, _ = make_runner("eps-picard", 17, None, True)
+    assert runner.window == 8 and runner.options == eps_picard_options()
+    assert_same_result(run(runner, True, seed=4), reference("eps-picard", 17, None, True, seed=4))
+    runner, _ = make_runner("paradigms", 17, None, False)
+    assert runner.window == 4
+    assert_same_result(run(runner, False, seed=4), reference("paradigms", 17, None, False, seed=4))
+
+
+def test_host_reads_are_counted_and_timed():
+    runner, _ = make_runner("eps-picard", 16, 5, True)
+    got = run(runner, True, seed=0, tol=TOL["eps-picard"])
+    stats = runner.last_run
+    assert stats.sweeps == stats.host_reads == got.iterations == len(stats.begins)
+    assert stats.host_read_s > 0 and stats.host_read_ms_per_sweep > 0
+    assert stats.begins == [sum(got.slides[:k]) for k in range(got.iterations)]  # the host saw every slide
+
+
+def test_refusals():
+    with pytest.raises(EngineError, match="engine rows"):
+        make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows
+    with pytest.raises(ValueError, match="unknown eps-Picard options"):
+        make_runner("eps-picard", 16, 5, True, anderson=True)
+    with pytest.raises(ValueError, match="no algorithm options"):
+        make_runner("paradigms", 16, 5, True, secant=False)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        make_runner("srds", 16, 5, True)
+    assert window_rows("eps-picard", 100, None, 3, True) == 20 * 3 * 2
+    assert window_rows("paradigms", 100, None, 3, False) == 10 * 3
+
+
+def test_nan_in_the_state_is_an_error():
+    ts, ac = grid(16)
+
+    def nan_model(x, t, c):
+        return torch.where(t[:, None, None, None] < 500, torch.nan, cond_model(x, t, c))
+
+    engine = TorchEngine(nan_model, SPEC, max_rows=64)
+    runner = WindowRunner(engine, sampler="eps-picard", batch=BATCH, timesteps=ts, alphas_cumprod=ac, window=5,
+                          guided=False, state_dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="eps-picard sweep"):
+        runner.run(x_T(0), LABELS, tol=0.0)
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_pipeline_runtime_path_equals_reference_path(sampler):
+    """SRDSPipeline(sampler=...) through RuntimeSampler and the torch engine (the GPU glue, on the CPU)."""
+    from srds_trt import SRDSPipeline
+    from srds_trt.runtime.sampler import RuntimeSampler
+
+    reference_pipe = _digits()
+    fast = SRDSPipeline(reference_pipe.loaded, default_guidance_scale=reference_pipe.default_guidance_scale)
+    fast.runtime = RuntimeSampler("torch", fast.loaded, device=torch.device("cpu"), dtype=torch.float32)
+    kwargs = dict(num_inference_steps=10, generator=3, tol=1e-2, progress_bar=False, sampler=sampler)
+    a = reference_pipe(["1", "8"], **kwargs)
+    b = fast(["1", "8"], **kwargs)
+    for key in ("iterations", "sequential_calls", "model_evals", "converged"):
+        assert a.stats[key] == b.stats[key], key
+    assert b.stats["engine"] == "torch" and b.stats["slides"] and b.stats["host_reads"] == b.stats["iterations"]
+    assert b.stats["host_read_ms"] >= 0
+    torch.testing.assert_close(b.samples, a.samples, rtol=0, atol=1e-4)
+    again = fast(["1", "8"], **kwargs)  # the cached runner: no second build
+    assert again.stats["first_call"] is False and fast.runtime.runner_builds == 1
+    torch.testing.assert_close(again.samples, b.samples, rtol=0, atol=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _digits():
+    from srds_trt import SRDSPipeline
+
+    return SRDSPipeline.from_pretrained("digits")
