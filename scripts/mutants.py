@@ -92,6 +92,11 @@ MUTANTS = (
            "slide = torch.minimum(self._first_moved(moved, valid) + 2, span)",
            "eps-Picard slides past the first moved point and the one after it",
            WINDOW_TESTS),
+    Mutant("window-host-read-in-sweep", "srds_trt/runtime/window_runner.py",
+           "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
+           "slide = torch.minimum(self._first_moved(moved, valid) + 1, span) + 0 * int(moved.any())",
+           "a host read inside the sweep program (same results; breaks CUDA-graph capture, stalls the GPU)",
+           WINDOW_TESTS),
 )
 
 

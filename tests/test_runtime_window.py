@@ -181,6 +181,49 @@ def test_host_reads_are_counted_and_timed():
     assert stats.begins == [sum(got.slides[:k]) for k in range(got.iterations)]  # the host saw every slide
 
 
+class NoHostSync:
+    """A dispatch mode that fails on every op that reads a tensor's value on the host (.item(), bool(), .tolist():
+    aten._local_scalar_dense) or makes a shape from data (nonzero, masked_select): what breaks CUDA-graph capture
+    and stalls the GPU, caught on the CPU."""
+
+    FORBIDDEN = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+                 "aten::_unique2", "aten::repeat_interleave"}
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            ops: list[str] = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(func._schema.name)
+                if func._schema.name in cls.FORBIDDEN:
+                    raise AssertionError(f"host read inside the sweep program: {func._schema.name}")
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_the_sweep_program_never_reads_the_device(sampler):
+    """Everything data-dependent (the slide, the tail mask, the entering points) stays on the device inside the
+    sweep; the host's one read per sweep is outside it. And one engine call per sweep."""
+    runner, engine_calls = make_runner(sampler, 17, None, True)
+    runner.capture()
+    sweep, modes = runner.sweep_program.fn, []
+
+    def guarded():
+        mode = NoHostSync()
+        modes.append(mode)
+        with mode:
+            sweep()
+
+    runner.sweep_program.fn = guarded
+    got = run(runner, True, seed=0, tol=TOL[sampler])
+    assert len(modes) == got.iterations == len(engine_calls) and all(m.ops for m in modes)
+    assert_same_result(got, reference(sampler, 17, None, True, seed=0, tol=TOL[sampler]))
+
+
 def test_refusals():
     with pytest.raises(EngineError, match="engine rows"):
         make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows

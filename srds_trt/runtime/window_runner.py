@@ -422,11 +422,13 @@ def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, options: dict
     from ..eps_picard import extrapolation_weights
 
     s = warm_start_coordinate(alphas, timesteps, options.get("coord", "index"))
+    rows = [[0.0] * 3 for _ in range((steps + 1) * w)]
     for first in range(1, steps + 1):
-        order = min(options.get("extrapolate", 0), first - 1)
+        order = min(options["extrapolate"], first - 1)
         nodes = [first - 1 - k for k in range(order + 1)]
         for d in range(min(w, steps - first)):
-            table[first, d, : order + 1] = torch.tensor(extrapolation_weights(s, nodes, first + d), dtype=torch.float64)
+            rows[first * w + d][: order + 1] = extrapolation_weights(s, nodes, first + d)
+    table = torch.tensor(rows, dtype=torch.float64).view(steps + 1, w, 3)
     return table.view(-1, 3)
 
 
