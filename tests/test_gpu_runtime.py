@@ -208,3 +208,26 @@ def test_window_runner_graph_equals_eager_every_sweep(sampler, record_property):
           f"({stats.host_read_ms_per_sweep:.3f} ms each), vs serial {err:.3g}")
     assert stats.host_reads == got.iterations and got.converged
     assert err <= 1e-3
+
+
+def test_window_runner_on_a_host_stream():
+    """The window runner ordered on a host's stream (a torch stream, then its raw handle): same sample as the
+    current stream, and the input produced on that stream is waited for."""
+    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.runtime.window_runner import WindowRunner
+
+    ts, ac = ddim_grid(SD_LIKE, 30)
+    engine = digits_like_engine(torch.float32, graphs=False, max_rows=64)
+    runner = WindowRunner(engine, sampler="eps-picard", batch=2, timesteps=ts, alphas_cumprod=ac, guided=True)
+    x = torch.randn(2, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    cond, uncond = torch.tensor([3, 7], device="cuda"), torch.full((2,), 10, device="cuda")
+    ref = runner.run(x, cond, uncond, guidance_scale=3.0, tol=1e-3)
+    host = torch.cuda.Stream()
+    for stream in (host, host.cuda_stream):
+        with torch.cuda.stream(host):
+            x_host = x.clone()
+            got = runner.run(x_host, cond, uncond, guidance_scale=3.0, tol=1e-3, stream=stream)
+            out = got.sample.clone()
+        host.synchronize()
+        assert torch.equal(out, ref.sample) and got.slides == ref.slides
+        assert runner.last_run.host_reads == got.iterations

@@ -224,6 +224,19 @@ def test_the_sweep_program_never_reads_the_device(sampler):
     assert_same_result(got, reference(sampler, 17, None, True, seed=0, tol=TOL[sampler]))
 
 
+def test_dlpack_inputs_and_a_host_stream_handle():
+    """What a host service hands over (runtime/host.py): DLPack tensors (NumPy here) and a stream handle, checked on
+    the CPU too; the result equals torch inputs."""
+    runner, _ = make_runner("eps-picard", 16, 5, True)
+    expected = run(runner, True, seed=5, tol=TOL["eps-picard"])
+    got = runner.run(x_T(5).numpy(), LABELS.numpy(), NULL.numpy(), guidance_scale=SCALE, tol=TOL["eps-picard"], stream=0)
+    assert_same_result(got, expected, atol=0)
+    with pytest.raises(TypeError, match="stream"):
+        runner.run(x_T(5), LABELS, NULL, guidance_scale=SCALE, stream=True)
+    with pytest.raises(TypeError, match="DLPack"):
+        runner.run([[0.0]], LABELS, NULL, guidance_scale=SCALE)
+
+
 def test_refusals():
     with pytest.raises(EngineError, match="engine rows"):
         make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows
