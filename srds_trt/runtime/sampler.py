@@ -3,7 +3,8 @@
 `--backend torch` on a GPU, `onnxruntime` and `tensorrt` sample through srds_trt.runtime (static buffers,
 one program per bucket, CUDA graphs on a GPU) instead of the pure reference sampler. The engine is built on
 first use, sized to the rows the run needs; its batch-noise floor is measured once and keeps a positive tol
-above it (runner.effective_tol).
+above it (runner.effective_tol). Runners: srds (SRDSRunner), serial (SerialRunner), and the sliding-window
+samplers eps-picard and paradigms (WindowRunner: one captured sweep, one host read per sweep).
 """
 
 from __future__ import annotations
