@@ -162,6 +162,18 @@ def test_every_eps_picard_option_follows_the_reference(options):
         assert_same_result(run(runner, guided, seed=3, tol=TOL["eps-picard"]), ref)
 
 
+def test_the_runner_mirrors_every_option_of_the_reference():
+    """An algorithm option added to eps_picard_sample must be mirrored by the runner (EPS_PICARD_OPTIONS), not
+    silently left at whatever the runner does: the contract's own keywords aside, the sets are equal."""
+    import inspect
+
+    from srds_trt.runtime.window_runner import EPS_PICARD_OPTIONS
+
+    contract = {"model", "x", "timesteps", "alphas_cumprod", "prediction_type", "window", "tol", "max_iters", "progress"}
+    options = set(inspect.signature(eps_picard_sample).parameters) - contract
+    assert options <= set(EPS_PICARD_OPTIONS), f"not mirrored by the runner: {sorted(options - set(EPS_PICARD_OPTIONS))}"
+
+
 def test_defaults_are_the_references():
     """A runner built without options runs what eps_picard_sample runs by default, window and tol included."""
     runner, _ = make_runner("eps-picard", 17, None, True)

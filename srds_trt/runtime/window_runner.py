@@ -11,7 +11,7 @@ sweep is one fixed-shape program over static buffers:
               ParaDiGMS: the cumulative sum of the window's DDIM updates
     slide     the first moved point (a device argmax), the new `begin`, the points entering the window
               (eps-Picard's extrapolated warm start, ParaDiGMS's copy of the last state), written back by
-              index_copy_; eps-Picard's prior (a multiple of x_T for points 1..w) is set per run, before sweep 1
+              index_copy_
     status    [begin, slide, residual] into a small static buffer
 
 The slide is data-dependent, but only the HOST needs its value (to know when to stop): the program itself reads
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -59,7 +58,7 @@ from .srds_runner import effective_tol
 
 WINDOW_SAMPLERS = ("eps-picard", "paradigms")
 # eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
-EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "coord", "prior", "broyden")
+EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden")
 BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
 
 
@@ -147,9 +146,6 @@ class WindowRunner:
         if sampler == "eps-picard" and self.warm_start:
             weights = extrapolation_table(alphas, timesteps, w, self.options)
             self._weights = weights.to(**dev, dtype=state_dtype)  # [(N + 1) * w, 3]: row old_end * w + offset
-        # eps-Picard's prior: window points 1..w start at a multiple of x_T (set per run, on the host stream)
-        self._prior = prior_factors(alphas, w) if sampler == "eps-picard" and self.warm_start and self.options.get(
-            "prior", False) else []
         self._nodes = torch.arange(3, **dev)  # extrapolation nodes old_end - 1 - k
         self._points_w = torch.arange(w, **dev)  # window point i = begin + i
         self._points_w1 = torch.arange(w + 1, **dev)  # its states: begin .. begin + w
@@ -220,16 +216,16 @@ class WindowRunner:
                 rank_u = torch.where(evaluated_before, dout - slope * dx, torch.zeros_like(dx))
                 rank_v = torch.where(evaluated_before, dx * inv.view_as(slope), torch.zeros_like(dx))
             has = self.has_eval.index_select(0, idx)
-            # a point never evaluated inherits its predecessor's slope (the reference's loop order); "no slope"
-            # is a zero slope here: out + 0 * dx is out exactly
-            before = self.slopes.index_select(0, (self.begin - 1).clamp(min=0))[0]
-            previous = torch.where(self.begin > 0, before, torch.zeros_like(before))
-            rows = []
-            for i in range(w):
-                inherited = previous if self.inherit_slope else torch.zeros_like(previous)
-                previous = torch.where(has[i], slope[i], inherited)
-                rows.append(previous)
-            slopes = torch.stack(rows)
+            # "no slope" is a zero slope here (out + 0 * dx is out exactly). A point never evaluated inherits its
+            # predecessor's slope, which the reference's loop order makes the slope of the nearest evaluated point
+            # before it in the window, or the one behind the window: a selection (cummax of indices), no arithmetic
+            if self.inherit_slope:
+                before = self.slopes.index_select(0, (self.begin - 1).clamp(min=0))
+                behind = torch.where(self.begin > 0, before, torch.zeros_like(before))  # [1, batch, 1, ...]
+                nearest = torch.where(has, self._points_w, -1).cummax(0).values  # -1: none in the window
+                slopes = torch.cat([behind, slope]).index_select(0, nearest + 1)
+            else:
+                slopes = torch.where(has.view(w, *([1] * (slope.dim() - 1))), slope, torch.zeros_like(slope))
             self.slopes.index_copy_(0, idx, slopes)
         self.outs.index_copy_(0, idx, out)
         self.evaluated_at.index_copy_(0, idx, evaluated)
@@ -244,8 +240,8 @@ class WindowRunner:
                 if self.broyden:
                     out_i = out_i + rank_u[i] * (rank_v[i] * d).flatten(1).sum(1).view_as(slopes[i])
             used.append(out_i)
-            pts[i + 1] = c_x[i] * pts[i] + c_out[i] * out_i
-        self.used.index_copy_(0, idx, torch.stack(used))
+            torch.add(c_x[i] * pts[i], c_out[i] * out_i, out=pts[i + 1])
+        self.used.index_copy_(0, idx, torch.stack(used) if self.secant else out)
         self.points.index_copy_(0, idx + 1, pts[1:])
         change = (pts[1:] - old).abs().flatten(1).amax(1)  # [w]
         moved = change > self.tol
@@ -282,18 +278,17 @@ class WindowRunner:
             nodes = self._warm_source.index_select(0, (old_end - 1 - self._nodes).clamp(min=0))
             offset = (nidx - old_end).clamp(0, w - 1)
             weights = self._weights.index_select(0, old_end * w + offset)  # [w, 3]
-            c_x, c_out = (c.index_select(0, nidx) for c in (self._c_x, self._c_out))
-            used = self.used.index_select(0, nidx)
-            extrapolated = []
-            for i in range(w):
-                guess = weights[i, 0] * nodes[0] + weights[i, 1] * nodes[1] + weights[i, 2] * nodes[2]
-                extrapolated.append(torch.where(entering[i], guess, used[i]))
-                pts[i + 1] = torch.where(entering[i], c_x[i] * pts[i] + c_out[i] * guess, pts[i + 1])
-            self.used.index_copy_(0, nidx, torch.stack(extrapolated))
+            column = lambda k: weights[:, k].view(w, *([1] * (pts.dim() - 1)))  # noqa: E731
+            guess = column(0) * nodes[0] + column(1) * nodes[1] + column(2) * nodes[2]  # [w, batch, ...]
+            c_x, c_out = (c.index_select(0, nidx).view_as(column(0)) for c in (self._c_x, self._c_out))
+            c_guess = c_out * guess  # elementwise, as the reference's c_out[j] * out_j per point
+            entering = entering.view_as(column(0))
+            self.used.index_copy_(0, nidx, torch.where(entering, guess, self.used.index_select(0, nidx)))
+            for i in range(w):  # the recurrence along the entering points (which ones: data, so a where per point)
+                pts[i + 1] = torch.where(entering[i], c_x[i] * pts[i] + c_guess[i], pts[i + 1])
         else:
-            start = self.points.index_select(0, old_end)[0]
-            for i in range(w):
-                pts[i + 1] = torch.where(entering[i], start, pts[i + 1])
+            start = self.points.index_select(0, old_end)
+            pts[1:] = torch.where(entering.view(w, *([1] * (pts.dim() - 1))), start, pts[1:])
         self.points.index_copy_(0, nidx + 1, pts[1:])
 
     def capture(self) -> None:
@@ -374,8 +369,6 @@ class WindowRunner:
         rows = self.window * self.batch
         load_conditioning(self.engine, self.bucket, 0, rows, self.batch, [uncond, cond] if self.guided else [cond])
         self.points.copy_(x.to(self.device, self.dtype).unsqueeze(0).expand_as(self.points))
-        for j, factor in enumerate(self._prior, start=1):
-            self.points[j] = factor * self.points[0]
         for buffer in (self.outs, self.used, self.evaluated_at, self.slopes, self.has_eval, self.begin):
             buffer.zero_()
 
@@ -421,7 +414,7 @@ def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, options: dict
         return table.view(-1, 3)
     from ..eps_picard import extrapolation_weights
 
-    s = warm_start_coordinate(alphas, timesteps, options.get("coord", "index"))
+    s = warm_start_coordinate(alphas)
     rows = [[0.0] * 3 for _ in range((steps + 1) * w)]
     for first in range(1, steps + 1):
         order = min(options["extrapolate"], first - 1)
@@ -432,25 +425,10 @@ def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, options: dict
     return table.view(-1, 3)
 
 
-def prior_factors(alphas: Tensor, w: int) -> list[float]:
-    """eps_picard.py's prior: x_j = (sqrt(a_j) x0_hat + sqrt(1 - a_j)) x_T for j = 1..w (python floats, as there)."""
-    a0 = float(alphas[0])
-    x0_hat = (1 - math.sqrt(1 - a0)) / math.sqrt(a0)
-    return [math.sqrt(float(alphas[j])) * x0_hat + math.sqrt(1 - float(alphas[j])) for j in range(1, w + 1)]
-
-
-def warm_start_coordinate(alphas: Tensor, timesteps: Tensor, coord: str) -> list[float]:
-    """The coordinate eps_picard.py extrapolates outputs in, per grid point (python floats, as there)."""
-    a = alphas[:-1]
-    if coord == "lambda":
-        return (0.5 * (a / (1 - a)).log()).tolist()
-    if coord == "sigma":
-        return ((1 - a) / a).sqrt().tolist()
-    if coord == "index":
-        return [float(j) for j in range(len(a))]
-    if coord == "t":
-        return timesteps[:-1].double().tolist()
-    raise ValueError(f"unknown warm-start coordinate {coord!r}")
+def warm_start_coordinate(alphas: Tensor) -> list[float]:
+    """The coordinate eps_picard.py extrapolates outputs in: lambda = log(sqrt(a / (1 - a))) per grid point (python
+    floats, computed as there)."""
+    return (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
 
 
 def _no_options(options: dict[str, Any]) -> dict[str, Any]:
