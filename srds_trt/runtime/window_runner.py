@@ -354,10 +354,10 @@ class WindowRunner:
                                          "cause: export with upcast attention or run fp32")
                 if progress is not None:
                     progress(stats.sweeps, residual)
-            final = self.points[self.steps].clone()
-        result = window_result(self.sampler, final, x, iterations=stats.sweeps, window=self.window,
-                               model_evals=model_evals, residuals=residuals, slides=slides,
-                               converged=begin >= self.steps, tol=tol)
+            # on the host's stream: the copy-out and the finite check are ordered after the last sweep there
+            result = window_result(self.sampler, self.points[self.steps].clone(), x, iterations=stats.sweeps,
+                                   window=self.window, model_evals=model_evals, residuals=residuals, slides=slides,
+                                   converged=begin >= self.steps, tol=tol)
         result.ticks_launched = stats.sweeps
         result.engine_calls = {self.bucket: stats.sweeps} if stats.sweeps else {}
         return result
