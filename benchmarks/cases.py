@@ -28,6 +28,16 @@ from srds_trt.noise_schedule import ddim_grid
 
 CASES = ("gmm", "digits", "digits-random")
 
+# Gaussian-mixture variants for the matched sampler comparison (benchmarks/matched.py): besides hard_mixture (8
+# narrow modes in 2-D, "hard2"), wider and higher-dimensional mixtures with uneven weights, so that a sampler is
+# not tuned to one geometry. name -> (dim, modes, std, seed of means/weights, spread of the means, uneven weights).
+MIXTURES = {
+    "hard2": None,  # srds_trt.analytic.hard_mixture (dim 2, 8 modes, std 0.05)
+    "wide2": dict(dim=2, modes=3, std=0.3, seed=3, spread=2.0, uneven=True),
+    "mix16": dict(dim=16, modes=6, std=0.1, seed=1, spread=2.0, uneven=True),
+    "mix64": dict(dim=64, modes=10, std=0.2, seed=2, spread=1.0, uneven=True),
+}
+
 # A cosine training schedule over 1024 steps, linspace spacing (see the module docstring).
 GMM_SCHEDULER = {"num_train_timesteps": 1024, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
                  "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "linspace", "steps_offset": 0}
@@ -67,6 +77,33 @@ def build_case(name: str, *, images: int, device: torch.device, seed: int = 0) -
     if name in ("digits", "digits-random"):
         return _digits_case(images, device, seed, random_weights=name == "digits-random")
     raise ValueError(f"unknown case {name!r}; known: {', '.join(CASES)}")
+
+
+def mixture(alphas_cumprod: Tensor, *, dim: int, modes: int, std: float, seed: int, spread: float = 2.0,
+            uneven: bool = False):
+    """A seeded analytic mixture: means N(0, spread^2 I), one std, weights uniform or uniform(0.2, 1.2) normalised."""
+    from srds_trt.analytic import GaussianMixture
+
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(modes, dim, generator=gen, dtype=torch.float64) * spread
+    weights = torch.rand(modes, generator=gen, dtype=torch.float64) + 0.2 if uneven else torch.ones(modes, dtype=torch.float64)
+    return GaussianMixture(means, torch.full((modes,), std, dtype=torch.float64), weights / weights.sum(),
+                           torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+
+
+def mixture_case(name: str, *, images: int, device: torch.device, seed: int = 0) -> Case:
+    """One of MIXTURES on the GMM_SCHEDULER grid, float64, `images` samples."""
+    from srds_trt.analytic import hard_mixture
+
+    _, alphas = ddim_grid(GMM_SCHEDULER, 1)
+    spec = MIXTURES[name]
+    gmm = hard_mixture(alphas) if spec is None else mixture(alphas, **spec)
+    dim = gmm.means.shape[1]
+    x = torch.randn(images, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    what = "8 modes, std 0.05, equal weights" if spec is None else (
+        f"{spec['modes']} modes, std {spec['std']:g}, {'uneven' if spec['uneven'] else 'equal'} weights")
+    return Case(name, gmm, x.to(device), dict(GMM_SCHEDULER), "epsilon",
+                f"analytic Gaussian mixture in {dim}-D ({what}), float64, {images} samples")
 
 
 def _gmm_case(images: int, device: torch.device, seed: int) -> Case:

@@ -3,31 +3,53 @@
 ParaDiGMS (paradigms.py) writes the N-step DDIM solution as x_{j+1} = x_s + sum_{s<=i<=j} d_i(x_i) and iterates
 all of it Jacobi-style: BOTH parts of d_i(x) = (c_x[i] - 1) x + c_out[i] out_i(x) come from the previous sweep,
 so even a model whose output does not depend on x (out constant) needs one sweep per point. Here only the
-model output is stale; the linear part of each DDIM step is applied to the state of THIS sweep:
+model output is stale; the linear part of each DDIM step is applied to the state of THIS sweep (in y = x /
+sqrt(alpha) coordinates, epsilon prediction, Picard on the exponential-integrator form that ParaSolver and
+ParaTAA iterate), and the stale output is moved to the new state along a quasi-Newton model of d out / d x.
+The Picard error then contracts with what the quasi-Newton model misses of the output's x-dependence, not with
+the Lipschitz constant of the whole step.
 
-    sweep:  out_j = model(x_j, t_j) for every window point j in ONE batched call (each row its own timestep)
-            x_{j+1} <- c_x[j] x_{j+1 - 1}^{new} + c_out[j] out_j         (a recurrence along the window, no model)
+One sweep (window = points begin .. end-1; `w` = 2 round(sqrt N) at most; fixed-shape tensor ops given the window
+position, only the slide is data-dependent, so a CUDA-graph runner can replay it):
 
-(in y = x / sqrt(alpha) coordinates, epsilon prediction, this is the cumulative sum y_{j+1} = y_s + sum c'_i
-eps_i: Picard on the exponential-integrator form, the form ParaSolver and ParaTAA iterate). The Picard error then
-contracts with the Lipschitz constant of the noise prediction alone, which is small where trajectories are
-straight. The recurrence is w small elementwise ops on the host/device, no model call, no host read.
+ 1. out_j = model(x_j, t_j) for every window point, ONE batched call (rows point-major, each row its timestep).
+ 2. Quasi-Newton model per point and image, from the last two evaluations (dx = x_j - x_j', dout = out_j - out_j'):
+      secant slope  s_j = <dout, dx> / |dx|^2                      (0 where dx = 0)
+      Broyden term  u_j = dout - s_j dx,  v_j = dx / |dx|^2        (J_j = s_j I + u_j v_j^T: J_j dx = dout exactly,
+                                                                    s_j on the directions the secant has not seen)
+    A point evaluated for the first time has no secant: it inherits s_{j-1} (the slope varies slowly in t, and
+    the point's first evaluation was at a warm-start state, so its correction is what matters most); no Broyden
+    term. Why: the scalar secant alone measures the output's stiffness along the error direction, which
+    dominates where modes separate; the rank-1 term keeps the part of dout that is not parallel to dx.
+ 3. Recurrence along the window, no model call:
+      x_{j+1} <- c_x[j] x_j + c_out[j] (out_j + s_j d_j + u_j <v_j, d_j>),  d_j = x_j (this sweep) - x_j (evaluated)
+ 4. Slide (the one host read): past the prefix whose states moved <= tol and the first point that moved (it was
+    computed from converged inputs), at least one point.
+ 5. Warm start of the points entering the window (ParaSolver's "initialise from a cheap solve", at zero model
+    cost): their outputs are EXTRAPOLATED, linearly in lambda = log(sqrt(alpha / (1 - alpha))) (the
+    exponential integrator's variable: DPM-Solver's second-order multistep predictor, Adams-Bashforth-like), from
+    the outputs the recurrence just used at the last two points of the old window, and propagated by step 3 with
+    d = 0. A straight trajectory (output linear in lambda) is then predicted exactly, and the first evaluation of
+    a new point lands near its converged state. The first window has no outputs to extrapolate from: its points
+    start at x_T.
 
-Warm start (ParaSolver's "initialise from a cheap solve", at zero model cost): a point entering the window is
-not set to the last state (ParaDiGMS / diffusers) but continued by the same recurrence with the newest model
-output available (that of the last evaluated point): DDIM with a frozen noise prediction, exact for straight
-trajectories.
+Measured (benchmarks/matched.py, results under benchmarks/results/matched-2026-11-27/): the extrapolated warm
+start and the inherited slope buy the most (mixtures N=1024: 27-29 -> 21-26 sequential calls at 1e-2); the
+Broyden term ~1 call where the output is high-dimensional (digits). Tried and dropped: second-order
+extrapolation (better at N=1024, worse at N<=196), a data-prior first window (x_t = sqrt(1 - a_t) x_T: no
+change), accepting points by predicted error (change x contraction estimate: unsafe at loose tol, no gain).
 
-What `tol` means and how the window decides (sampling.py's meaning: max-abs distance to the serial sample)
---------------------------------------------------------------------------------------------------------
+What `tol` means (sampling.py's meaning: max-abs distance to the serial sample)
+-------------------------------------------------------------------------------
 As in ParaDiGMS, a point whose state did not move in a sweep (max-abs change over images and elements <= tol)
-had converged inputs, so the point after it was computed from exact model outputs: the window slides past the
-unmoved prefix and the first moved point, at least one point per sweep. The threshold is `tol` itself in units
-of x (not ParaDiGMS's per-step RMS relative to the noise std). This is a per-point rule, not a proof: an accepted
-point carries an error up to about the contraction of its last change, and the flow carries it to x_N. The
-benchmarks (benchmarks/run.py) therefore report the measured max-abs error against serial beside every tol.
-tol = 0 slides only past bit-for-bit unchanged points, and the recurrence is the serial DDIM update itself, so the
-result is the serial sample bit-for-bit (float64 and float32 alike).
+had converged inputs. The threshold is `tol` itself in units of x (not ParaDiGMS's per-step RMS relative to the
+noise std). This is a per-point rule, not a proof: an accepted point carries an error up to about the
+contraction of its last change, and the flow carries it to x_N (near a mode decision it can flip the mode at
+loose tol). The benchmarks therefore match samplers by the measured max-abs error against serial.
+tol = 0 slides only past bit-for-bit unchanged points, where every correction term is exactly zero and the
+recurrence is the serial DDIM update itself, so the result is the serial sample (float64 and float32 alike).
+The switches (extrapolate=0: the frozen last output; inherit_slope, broyden, secant, warm_start=False:
+ParaDiGMS's "last state") exist so the benchmark can show what each mechanism buys.
 
 Row layout: rows stacked point-major (row r belongs to image r % batch), as in sampling.py, so guidance.py's
 wrappers apply.
@@ -53,6 +75,18 @@ def default_window(num_steps: int) -> int:
     return max(1, min(2 * round(math.sqrt(num_steps)), num_steps))
 
 
+def extrapolation_weights(coord: list[float], nodes: list[int], target: int) -> list[float]:
+    """Lagrange weights of the polynomial through coord[nodes] evaluated at coord[target] (fixed per window)."""
+    weights = []
+    for m in nodes:
+        w = 1.0
+        for k in nodes:
+            if k != m:
+                w *= (coord[target] - coord[k]) / (coord[m] - coord[k])
+        weights.append(w)
+    return weights
+
+
 def eps_picard_sample(
     model: Model,
     x: Tensor,
@@ -65,40 +99,67 @@ def eps_picard_sample(
     max_iters: int | None = None,
     warm_start: bool = True,
     secant: bool = True,
+    extrapolate: int = 1,
+    inherit_slope: bool = True,
+    broyden: bool = True,
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Sliding-window Picard on the model outputs over the N-step DDIM grid; converges to `serial_sample`.
 
     window: points per sweep (default 2 * round(sqrt(N)), capped at N). max_iters bounds the sweeps (None: until
-    the window has slid past the end, at most N sweeps). warm_start=False starts new window points at the last
-    state, as ParaDiGMS does (kept to measure what the warm start buys). progress(sweep, residual) per sweep.
+    the window has slid past the end, at most N sweeps). progress(sweep, residual) per sweep. The switches turn
+    single mechanisms off (module docstring), to measure what each buys: extrapolate = the warm start's
+    polynomial order in lambda (0: the frozen last output, 2: quadratic), inherit_slope, broyden, secant, and
+    warm_start=False (entering points start at the last state, as in ParaDiGMS / diffusers).
     """
     check_solver("ddim", prediction_type)
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     steps = len(timesteps) - 1
     w = window_width(steps, default_window(steps) if window is None else window, max_iters)
+    if extrapolate not in (0, 1, 2):
+        raise ValueError(f"extrapolate must be 0, 1 or 2, got {extrapolate}")
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
     c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
     c_x, c_out = c_x.tolist(), c_out.tolist()  # python floats: the recurrence is serial_sample's update, op for op
+    # the warm start's extrapolation variable: lambda = log sqrt(alpha / (1 - alpha)) at the evaluated points
+    lam = (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
     times = timesteps.to(device)
 
     points = x.to(dtype).unsqueeze(0).repeat(steps + 1, *([1] * x.dim()))  # points[j]: state at t_j
     outs: list[Tensor | None] = [None] * steps  # newest model output per point (None: never evaluated)
     evaluated_at: list[Tensor | None] = [None] * steps  # the state outs[j] was evaluated at (None: extrapolated)
     slopes: list[Tensor | None] = [None] * steps  # secant d out / d x per image at point j (None: unknown)
+    used: list[Tensor | None] = [None] * steps  # the output the last propagation used at point j
+    rank1: list[tuple[Tensor, Tensor] | None] = [None] * steps  # (dout - s dx, dx / |dx|^2) of the last secant
     shape = (batch,) + (1,) * (x.dim() - 1)
 
     def propagate(first: int, last: int) -> None:
-        """points[j+1] = c_x[j] points[j] + c_out[j] out_j for j = first..last-1, out_j the newest output,
-        moved along its secant slope to the state of this sweep (zero correction at the fixed point)."""
+        """points[j+1] = c_x[j] points[j] + c_out[j] out_j for j = first..last-1, out_j the newest output moved
+        along the point's quasi-Newton model to the state of this sweep (zero correction at the fixed point)."""
         for j in range(first, last):
             out_j = outs[j]
-            if slopes[j] is not None:
-                out_j = out_j + slopes[j] * (points[j] - evaluated_at[j])
+            if slopes[j] is not None and evaluated_at[j] is not None:
+                d = points[j] - evaluated_at[j]
+                out_j = out_j + slopes[j] * d
+                if rank1[j] is not None:
+                    u, v = rank1[j]
+                    out_j = out_j + u * (v * d).flatten(1).sum(1).view(shape)
+            used[j] = out_j
             points[j + 1] = c_x[j] * points[j] + c_out[j] * out_j
+
+    def warm(first: int, last: int) -> None:
+        """New points first..last-1: outputs extrapolated from the last evaluated ones, then propagated."""
+        order = min(extrapolate, first - 1)
+        nodes = [first - 1 - k for k in range(order + 1)]
+        for j in range(first, last):
+            weights = extrapolation_weights(lam, nodes, j)
+            outs[j] = sum(wt * used[m] for wt, m in zip(weights, nodes))
+            evaluated_at[j] = None
+            slopes[j] = None
+        propagate(first, last)
 
     begin, end = 0, w
     iterations = model_evals = 0
@@ -116,6 +177,17 @@ def eps_picard_sample(
                 norm = dx.flatten(1).pow(2).sum(1)
                 slope = (dout * dx).flatten(1).sum(1) / norm.clamp_min(torch.finfo(dtype).tiny)
                 slopes[j] = torch.where(norm > 0, slope, 0).view(shape)
+                if broyden:
+                    inv = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(dtype).tiny), 0).view(shape)
+                    rank1[j] = (dout - slopes[j] * dx, dx * inv)
+            elif secant and inherit_slope and j > 0 and slopes[j - 1] is not None:
+                slopes[j] = slopes[j - 1]
+                rank1[j] = None
+            else:
+                slopes[j] = None
+                rank1[j] = None
+            if not (secant and broyden):
+                rank1[j] = None
             outs[j], evaluated_at[j] = new_outs[i], points[j].clone()
         old = points[begin + 1 : end + 1].clone()
         propagate(begin, end)
@@ -132,9 +204,7 @@ def eps_picard_sample(
         end = min(begin + w, steps)
         if end > old_end:  # new points enter the window
             if warm_start:
-                outs[old_end:end] = [outs[old_end - 1]] * (end - old_end)
-                evaluated_at[old_end:end] = [None] * (end - old_end)
-                propagate(old_end, end)
+                warm(old_end, end)
             else:
                 points[old_end + 1 : end + 1] = points[old_end]
     return window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,

@@ -54,43 +54,56 @@ def test_tol_zero_is_the_serial_sample(steps, prediction_type):
         assert rel(result.sample, ref) < 1e-13, (window, rel(result.sample, ref))
 
 
-def textbook_iterates(model, x, grid, alphas, sweeps):
+def textbook_iterates(model, x, grid, alphas, sweeps, broyden=True):
     """Whole-trajectory sweeps (window = N, no sliding), written from the formulas with python loops:
-    out_j = model(x_j); slope_j = <out_j - out_j', x_j - x_j'> / |x_j - x_j'|^2 per image (previous sweep ');
-    x_{j+1} = DDIM step from x_j^new with out_j + slope_j (x_j^new - x_j)."""
+    out_j = model(x_j); from the previous sweep (') dx = x_j - x_j', dout = out_j - out_j';
+    slope_j = <dout, dx> / |dx|^2 per image; J_j = slope_j I + (dout - slope_j dx) dx^T / |dx|^2 (Broyden);
+    x_{j+1} = DDIM step from x_j^new with out_j + J_j (x_j^new - x_j)."""
     n = len(grid) - 1
     xs = [x.clone() for _ in range(n + 1)]
     prev_x, prev_out, iterates = None, None, []
     for _ in range(sweeps):
         outs = [model(xs[j], torch.full((x.shape[0],), grid[j], dtype=torch.long)) for j in range(n)]
-        slopes = [None] * n
+        jac = [None] * n
         if prev_out is not None:
             for j in range(n):
                 dx, dout = xs[j] - prev_x[j], outs[j] - prev_out[j]
                 norm = (dx * dx).sum(1)
-                slopes[j] = torch.where(norm > 0, (dout * dx).sum(1) / norm.clamp_min(1e-300), 0.0)[:, None]
+                slope = torch.where(norm > 0, (dout * dx).sum(1) / norm.clamp_min(1e-300), 0.0)
+                eye = torch.eye(x.shape[1], dtype=x.dtype)
+                mats = slope[:, None, None] * eye  # [batch, d, d]
+                if broyden:
+                    inv = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0)
+                    mats = mats + torch.einsum("bi,bj->bij", dout - slope[:, None] * dx, dx) * inv[:, None, None]
+                jac[j] = mats
         evaluated = [v.clone() for v in xs]
         new = [xs[0]]
         for j in range(n):
-            out = outs[j] if slopes[j] is None else outs[j] + slopes[j] * (new[j] - evaluated[j])
+            out = outs[j]
+            if jac[j] is not None:
+                out = out + torch.einsum("bij,bj->bi", jac[j], new[j] - evaluated[j])
             new.append(ddim_step_ref(new[j], out, alpha_of(grid[j], alphas), alpha_of(grid[j + 1], alphas), "epsilon"))
         prev_x, prev_out, xs = evaluated, outs, new
         iterates.append(xs[n])
     return iterates
 
 
+@pytest.mark.parametrize("broyden", [True, False])
 @pytest.mark.parametrize("sweeps", [1, 2, 3, 5])
-def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps):
+def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps, broyden):
     steps = 24  # the analytic mixture: nonlinear enough that 5 sweeps are far from converged
     timesteps, alphas = ddim_grid(GMM_CONFIG, steps)
     model = hard_mixture(alphas)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps)[-1]
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps)
+    expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, broyden)[-1]
+    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps, broyden=broyden)
     assert result.iterations == sweeps
     assert rel(result.sample, expected) < 1e-9  # the textbook x0-form step rounds differently near alpha ~ 0
     # ... and far from converged: the comparison is not the fixed point in disguise.
     assert rel(result.sample, serial_sample(model, x, timesteps, alphas)) > 1e-6
+    if sweeps >= 3:  # and the Broyden term is in play: the other variant's iterate differs
+        other = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, not broyden)[-1]
+        assert rel(other, expected) > 1e-6
 
 
 def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T():
@@ -152,3 +165,67 @@ def test_fewer_sequential_calls_than_paradigms_at_matched_error():
                 theirs.append(run.sequential_calls)
     assert theirs, "ParaDiGMS reached the target with none of its tolerances"
     assert ours.sequential_calls <= 0.6 * min(theirs), (ours.sequential_calls, min(theirs))
+
+
+class LambdaLinear:
+    """out(x, t) = a + b lambda(t) + k x, lambda = log sqrt(alpha / (1 - alpha)): linear in the warm start's
+    extrapolation variable and (k != 0) linear in x with one scalar slope, so each mechanism's prediction is exact."""
+
+    def __init__(self, alphas, features: int, k: float = 0.0):
+        gen = torch.Generator().manual_seed(1)
+        self.a = torch.randn(features, generator=gen, dtype=torch.float64)
+        self.b = torch.randn(features, generator=gen, dtype=torch.float64) * 0.3
+        self.alphas, self.k = alphas, k
+
+    def __call__(self, x, t):
+        from srds_trt.solvers import alphas_at
+
+        alpha = alphas_at(t, self.alphas).to(x)
+        lam = 0.5 * (alpha / (1 - alpha)).log()
+        return self.a + self.b * lam[:, None] + self.k * x
+
+
+def test_extrapolated_warm_start_is_exact_for_an_output_linear_in_lambda():
+    """Frozen outputs (extrapolate=0) put entering points off the trajectory; the linear extrapolation puts them
+    on it, so after the first window every sweep accepts the whole window: 2 + ceil((N - w) / w) sweeps."""
+    steps, w = 60, 8
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = LambdaLinear(alphas, features=3)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = serial_sample(model, x, timesteps, alphas)
+    ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w)
+    assert rel(ours.sample, ref) < 1e-12
+    assert ours.slides[2:-1] == [w] * (len(ours.slides) - 3)
+    assert ours.iterations == 2 + math.ceil((steps - w) / w)
+    frozen = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, extrapolate=0)
+    assert frozen.iterations >= ours.iterations + 4, (frozen.iterations, ours.iterations)
+
+
+def test_first_evaluation_inherits_the_neighbours_secant_slope():
+    """out = k x + (linear in lambda): the secant slope is k exactly; a point evaluated for the first time at its
+    warm-start state is corrected by the inherited k and is exact after that one sweep. Without inheritance its
+    state moves again in the next sweep: one more sweep per window."""
+    steps, w = 60, 8
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = LambdaLinear(alphas, features=3, k=0.4)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = serial_sample(model, x, timesteps, alphas)
+    runs = {inherit: eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, inherit_slope=inherit)
+            for inherit in (True, False)}
+    for run in runs.values():
+        assert rel(run.sample, ref) < 1e-10
+    assert runs[True].iterations + 4 <= runs[False].iterations, {k: r.slides for k, r in runs.items()}
+
+
+def test_every_switch_keeps_the_serial_fixed_point():
+    """tol = 0 with each mechanism off (and all off): still the serial sample, v prediction with CFG."""
+    steps = 30
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = guided_mlp(2)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref = serial_ref(model, x, timesteps.tolist(), alphas, "v_prediction")
+    for kwargs in ({"extrapolate": 0}, {"extrapolate": 2}, {"inherit_slope": False}, {"broyden": False},
+                   {"secant": False}, {"warm_start": False}):
+        result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
+                                   **kwargs)
+        assert result.converged and rel(result.sample, ref) < 1e-13, kwargs
