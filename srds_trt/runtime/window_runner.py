@@ -32,6 +32,11 @@ eps-Picard's algorithm options (EPS_PICARD_OPTIONS) and their defaults are read 
 signature. The reference's "None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is
 not stored, because it cannot change a result: outs[j] of points entering the window (every such point is
 evaluated, which overwrites it, before it is read) and the rank-1 terms (set and used within one sweep).
+
+Cost besides the model call (kernel-launching ops counted on the CPU): eps-Picard ~16-20 per window point (w = 64:
+~1000 per sweep: the price of mirroring the reference op for op; a fused kernel walking the w points per image
+would be one), ParaDiGMS 67 per sweep whatever w. Not done: launching sweep k+1 before reading sweep k's status
+(SRDSRunner's lookahead) would take the read off the GPU's critical path; it needs x_N snapshotted per sweep.
 """
 
 from __future__ import annotations
