@@ -19,7 +19,9 @@ digits only the default and "-base" (CPU time).
 Cases: the analytic mixtures of cases.MIXTURES (exact models, float64) at N = 196 and 1024 and the embedded digits
 UNet with classifier-free guidance (cases.py "digits", fp32) at N = 100, 196, 1024 (N = 1024 with few images
 and a coarser grid: minutes per run on 2 CPU cores). Results: results.json + results.md under --out (default
-benchmarks/results/matched-<date>/).
+benchmarks/results/matched-<date>/). On two cores, run parts in two processes and join them:
+`python -m benchmarks.matched --digits-steps --out A & python -m benchmarks.matched --mixtures --out B;
+python -m benchmarks.matched --merge A B`.
 """
 
 from __future__ import annotations
@@ -253,7 +255,27 @@ def run(config: Config, out: Path, log=print) -> dict:
         torch.set_num_threads(threads)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
+def merge(parts: list[Path], out: Path, log=print) -> dict:
+    """One results folder from several partial runs (e.g. mixtures and digits run as two processes on two cores):
+    runs, cases and configs concatenated, the matched table recomputed."""
+    loaded = [json.loads((part / "results.json").read_text()) for part in parts]
+    runs = [Run(**r) for part in loaded for r in part["runs"]]
+    results = {"machine": loaded[0]["machine"], "config": [part["config"] for part in loaded],
+               "cases": {k: v for part in loaded for k, v in part["cases"].items()},
+               "skipped": {k: v for part in loaded for k, v in part["skipped"].items()},
+               "paradigms_tols": PARADIGMS_TOLS, "eps_picard_tols": EPS_PICARD_TOLS, "ablations": ABLATIONS,
+               "runs": [asdict(r) for r in runs], "matched": matched(runs),
+               "parts_wall_s": [part["total_wall_s"] for part in loaded],
+               "total_wall_s": sum(part["total_wall_s"] for part in loaded)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    if log:
+        log((out / "results.md").read_text())
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] | None]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.matched", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two mixtures at N=196, digits N=100 with 4 images")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/matched[-quick]-<date>)")
@@ -262,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
     parser.add_argument("--digits-steps", nargs="*", type=int, default=None, help="empty: no digits")
     parser.add_argument("--digits-images", type=int, default=None)
     parser.add_argument("--digits-images-large", type=int, default=None, help="images at N >= 1000 (default 4)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="merge these result folders (partial runs) into --out instead of running")
     args = parser.parse_args(argv)
     kwargs = dict(QUICK) if args.quick else {}
     for key in ("mixtures", "mixture_steps", "digits_steps", "digits_images", "digits_images_large"):
@@ -269,11 +293,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
             kwargs[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
     config = Config(**kwargs)
     day = _dt.date.today().isoformat()
-    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}-{day}"
+    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}-{day}", args.merge
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, out = parse_args(argv)
+    config, out, parts = parse_args(argv)
+    if parts:
+        return merge(parts, out, log=lambda msg: print(msg, flush=True))
     return run(config, out, log=lambda msg: print(msg, flush=True))
 
 
