@@ -196,14 +196,16 @@ def markdown(results: dict) -> str:
 
     for row in results["matched"]:
         pd, ep = row.get("paradigms"), row.get("eps-picard")
-        ratio = "–" if row["ratio"] is None else f"**{row['ratio']:.2f}**" if row["ratio"] <= 0.6 else f"{row['ratio']:.2f}"
+        if row["ratio"] is None:
+            ratio = "–"
+        else:
+            ratio = f"**{row['ratio']:.2f}**" if row["ratio"] <= 0.6 else f"{row['ratio']:.2f}"
+        per_image = [("–" if cell is None else f"{cell['evals_per_image']:.0f}") for cell in (pd, ep)]
         extra = [("–" if s not in row else "not reached" if row[s] is None else str(row[s]["sequential_calls"]))
                  for s in samplers[1:]]
-        lines.append(f"| {row['case']} | {row['steps']} | {row['target']:g} | {calls(pd, True)} | {calls(ep)} | {ratio} "
-                     f"| {pd['evals_per_image']:.0f} | " if pd else f"| {row['case']} | {row['steps']} | {row['target']:g} "
-                     f"| not reached | {calls(ep)} | {ratio} | – | ")
-        lines[-1] += f"{ep['evals_per_image']:.0f} | " if ep else "– | "
-        lines[-1] += " | ".join(extra) + " |"
+        cells = [row["case"], str(row["steps"]), f"{row['target']:g}", calls(pd, True), calls(ep), ratio,
+                 *per_image, *extra]
+        lines.append("| " + " | ".join(cells) + " |")
     met = [r for r in results["matched"] if r["ratio"] is not None]
     lines += ["", f"Goal (ratio <= 0.6) met in {sum(r['ratio'] <= 0.6 for r in met)} of {len(met)} rows "
               f"(rows where both samplers reached the target).", ""]
@@ -278,7 +280,8 @@ def merge(parts: list[Path], out: Path, log=print) -> dict:
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] | None]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.matched", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two mixtures at N=196, digits N=100 with 4 images")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/matched[-quick]-<date>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default benchmarks/results/matched[-quick]-<date>)")
     parser.add_argument("--mixtures", nargs="*", choices=tuple(MIXTURES), default=None)
     parser.add_argument("--mixture-steps", nargs="*", type=int, default=None)
     parser.add_argument("--digits-steps", nargs="*", type=int, default=None, help="empty: no digits")

@@ -33,11 +33,15 @@ position, only the slide is data-dependent, so a CUDA-graph runner can replay it
     a new point lands near its converged state. The first window has no outputs to extrapolate from: its points
     start at x_T.
 
-Measured (benchmarks/matched.py, results under benchmarks/results/matched-2026-11-27/): the extrapolated warm
-start and the inherited slope buy the most (mixtures N=1024: 27-29 -> 21-26 sequential calls at 1e-2); the
-Broyden term ~1 call where the output is high-dimensional (digits). Tried and dropped: second-order
-extrapolation (better at N=1024, worse at N<=196), a data-prior first window (x_t = sqrt(1 - a_t) x_T: no
-change), accepting points by predicted error (change x contraction estimate: unsafe at loose tol, no gain).
+Measured (CPU, sequential calls at matched max-abs error, `python -m benchmarks.matched`, results in
+benchmarks/results/matched-2026-11-27/): on the mixtures the three mechanisms together save 1-8 calls over the
+sampler before them (frozen output, no inheritance, scalar secant; e.g. N=1024 at 1e-2: 28 -> 23, 27 -> 21,
+30 -> 25, 32 -> 27). Switching one off costs: the extrapolation 1-6 calls, the inherited slope 0-5, the Broyden
+term -1..3 (it pays only where the output is high-dimensional; in 2-D a wash). Tried and dropped: quadratic
+extrapolation (1-2 fewer calls at N=1024, no better at N=196, worse on digits N=100: 15/18 vs 14/16 calls),
+inheriting the neighbour's Broyden term too (more calls), a data-prior first window (x_t = sqrt(1 - a_t) x_T:
+no change), accepting points by predicted error (change x the point's contraction estimate: unsafe at loose
+tol, no gain).
 
 What `tol` means (sampling.py's meaning: max-abs distance to the serial sample)
 -------------------------------------------------------------------------------

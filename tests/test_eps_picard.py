@@ -229,3 +229,80 @@ def test_every_switch_keeps_the_serial_fixed_point():
         result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
                                    **kwargs)
         assert result.converged and rel(result.sample, ref) < 1e-13, kwargs
+
+
+def textbook_window(model, x, grid, alphas, w, tol, sweeps):
+    """Sliding windows from the formulas, one dict per point (python loops, x0-form DDIM step of helpers_core):
+    evaluate the window; secant s and Broyden (u, v) from the last two evaluations, or s of the point before for a
+    first evaluation; recurrence with out + s d + u <v, d>; slide past the unmoved prefix + 1; entering points get
+    the output line through the last two used outputs in lambda = log sqrt(a / (1 - a)), evaluated at their lambda."""
+    n = len(grid) - 1
+    lam = [0.5 * math.log(alpha_of(g, alphas) / (1 - alpha_of(g, alphas))) for g in grid[:n]]
+    xs = [x.clone() for _ in range(n + 1)]
+    pt = [dict() for _ in range(n)]  # out, at (state evaluated), s, u, v, used
+    zero = torch.zeros(x.shape[0], 1, dtype=x.dtype)
+
+    def run(first, last):
+        for j in range(first, last):
+            p = pt[j]
+            d = xs[j] - p["at"] if "at" in p else torch.zeros_like(x)
+            used = p["out"] + p.get("s", zero) * d
+            if "u" in p:
+                used = used + p["u"] * (p["v"] * d).sum(1, keepdim=True)
+            p["used"] = used
+            xs[j + 1] = ddim_step_ref(xs[j], used, alpha_of(grid[j], alphas), alpha_of(grid[j + 1], alphas), "epsilon")
+
+    begin, end = 0, w
+    residuals, slides = [], []
+    for _ in range(sweeps):
+        if begin >= n:
+            break
+        for j in range(begin, end):
+            out, p = model(xs[j], torch.full((x.shape[0],), grid[j], dtype=torch.long)), pt[j]
+            if "at" in p:
+                dx, dout = xs[j] - p["at"], out - p["out"]
+                norm = (dx * dx).sum(1, keepdim=True)
+                p["s"] = torch.where(norm > 0, (dout * dx).sum(1, keepdim=True) / norm.clamp_min(1e-300), 0.0)
+                p["u"], p["v"] = dout - p["s"] * dx, torch.where(norm > 0, dx / norm.clamp_min(1e-300), 0.0)
+            else:
+                p.pop("u", None)
+                p.pop("v", None)
+                if j > 0 and "s" in pt[j - 1]:
+                    p["s"] = pt[j - 1]["s"]
+            p["out"], p["at"] = out, xs[j].clone()
+        old = [v.clone() for v in xs]
+        run(begin, end)
+        changes = [float((xs[j + 1] - old[j + 1]).abs().max()) for j in range(begin, end)]
+        moved = [c > tol for c in changes]
+        slide = moved.index(True) + 1 if True in moved else end - begin
+        residuals.append(max(changes))
+        slides.append(slide)
+        begin, old_end, end = begin + slide, end, min(begin + slide + w, n)
+        if end > old_end:
+            m0, m1 = old_end - 1, old_end - 2
+            for j in range(old_end, end):
+                if m1 < 0:
+                    out = pt[m0]["used"]
+                else:
+                    out = ((lam[j] - lam[m1]) * pt[m0]["used"] - (lam[j] - lam[m0]) * pt[m1]["used"]) / (lam[m0] - lam[m1])
+                pt[j] = {"out": out}
+            run(old_end, end)
+    return xs[n], residuals, slides
+
+
+@pytest.mark.parametrize("tol, steps, w, sweeps", [(0.0, 24, 20, 5), (1e-4, 40, 10, 11), (1e-2, 40, 10, 8)])
+def test_sliding_iterates_match_a_textbook_loop(tol, steps, w, sweeps):
+    """Every mechanism at once, short of convergence: windows that slide (data-dependent at tol > 0), warm
+    starts extrapolated from the used outputs, inherited slopes, Broyden terms. Every sweep's largest change and
+    slide (they see every window point) and the final point once the window reached the end."""
+    timesteps, alphas = ddim_grid(GMM_CONFIG, steps)
+    model = hard_mixture(alphas)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    final, residuals, slides = textbook_window(model, x, timesteps.tolist(), alphas, w, tol, sweeps)
+    result = eps_picard_sample(model, x, timesteps, alphas, tol=tol, window=w, max_iters=sweeps)
+    assert result.slides == slides
+    assert result.residuals == pytest.approx(residuals, rel=1e-9, abs=1e-12)
+    assert sum(slides[:-1]) + w >= steps, slides  # the window reached x_N: the final point is an iterate, not x_T
+    assert not result.converged
+    assert rel(result.sample, final) < 1e-9
+    assert residuals[-1] > max(tol, 1e-6)  # still moving: not the fixed point in disguise
