@@ -37,7 +37,11 @@ Measured (CPU, sequential calls at matched max-abs error, `python -m benchmarks.
 benchmarks/results/matched-2026-11-27/): on the mixtures the three mechanisms together save 1-8 calls over the
 sampler before them (frozen output, no inheritance, scalar secant; e.g. N=1024 at 1e-2: 28 -> 23, 27 -> 21,
 30 -> 25, 32 -> 27). Switching one off costs: the extrapolation 1-6 calls, the inherited slope 0-5, the Broyden
-term -1..3 (it pays only where the output is high-dimensional; in 2-D a wash). Tried and dropped: quadratic
+term -1..3 (it pays only where the output is high-dimensional; in 2-D a wash). On the digits UNet (fp32, CFG 4)
+they buy 1-2 calls at 1e-2 (N=100/196/1024: 16 -> 14, 17 -> 16, 25 -> 24) but LOSE at 1e-3 for N >= 196 (20 -> 22,
+32 -> 36, N=1024 on a coarse tol grid); likely because a point that starts nearer its fixed point moves less
+per sweep for the same remaining error, so change <= tol accepts it with more error (not verified). At N=100
+they still win (17 -> 16). Tried and dropped: quadratic
 extrapolation (1-2 fewer calls at N=1024, no better at N=196, worse on digits N=100: 15/18 vs 14/16 calls),
 inheriting the neighbour's Broyden term too (more calls), a data-prior first window (x_t = sqrt(1 - a_t) x_T:
 no change), accepting points by predicted error (change x the point's contraction estimate: unsafe at loose
