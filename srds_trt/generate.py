@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: srds_trt.autotune picks from the measured latency curve")
     p.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max-abs distance to the serial sample accepted")
     p.add_argument("--blocks", type=int, default=None, help="SRDS blocks (unset: round(sqrt(steps)))")
+    p.add_argument("--window", type=int, default=None,
+                   help="points per sweep of --sampler eps-picard / paradigms (unset: 2 round(sqrt(steps)) / round(sqrt(steps)))")
     p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                    help="pipelined SRDS: each segment starts as soon as its start state exists")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -107,12 +109,16 @@ def check_args(args: argparse.Namespace):
             check_guidance_scale(args.guidance_scale)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.window is not None and not 1 <= args.window <= args.steps:
+        raise UsageError(f"--window must be in [1, --steps={args.steps}], got {args.window}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.sampler not in ("srds", "auto") and (args.blocks is not None or not args.pipelined):
         warnings.warn(f"--blocks and --no-pipelined apply to --sampler srds only; ignored for --sampler {args.sampler}")
-    if args.sampler == "auto" and args.blocks is not None:
-        warnings.warn("--sampler auto chooses the block count (or window) itself; --blocks is ignored")
+    if args.sampler == "auto" and (args.blocks is not None or args.window is not None):
+        warnings.warn("--sampler auto chooses the block count (or window) itself; --blocks / --window are ignored")
+    if args.window is not None and args.sampler not in ("eps-picard", "paradigms", "auto"):
+        warnings.warn(f"--window applies to --sampler eps-picard / paradigms only; ignored for --sampler {args.sampler}")
     check_device(args)
     check_out(args.out, args.overwrite)
     check_backend(args, spec)
@@ -328,7 +334,8 @@ def _main(argv: list[str] | None) -> int:
                                             engine_dir=args.engine_dir, process_group=group)
         output = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                       generator=torch.Generator().manual_seed(args.seed), sampler=args.sampler, tol=args.tol,
-                      num_blocks=args.blocks, pipelined=args.pipelined, num_images_per_prompt=args.num_images,
+                      num_blocks=args.blocks, pipelined=args.pipelined, window=args.window,
+                      num_images_per_prompt=args.num_images,
                       compare_serial=compare, progress_bar=not args.quiet)
         if group is not None and torch.distributed.get_rank(group) != 0:
             return EXIT_OK  # every rank holds the same sample and stats; rank 0 writes them

@@ -63,6 +63,8 @@ def test_same_seed_same_images(tmp_path, capsys):
     (["--num-images", "0"], ["num-images"]),
     (["--steps", "many"], ["--steps"]),
     (["--sampler", "euler"], ["--sampler"]),
+    (["--steps", "8", "--sampler", "eps-picard", "--window", "9"], ["--window", "[1, --steps=8]"]),
+    (["--sampler", "paradigms", "--window", "0"], ["--window"]),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, words):
     out = tmp_path / "out"
@@ -90,3 +92,12 @@ def test_module_entry_point(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "000.png").is_file()
+
+
+@pytest.mark.parametrize("sampler", ["eps-picard", "paradigms"])
+def test_window_flag_reaches_the_sliding_window_sampler(tmp_path, capsys, sampler):
+    rc, _, _ = run(["--steps", "12", "--prompt", "5", "--sampler", sampler, "--window", "5", "--quiet", "--out",
+                    str(tmp_path)], capsys)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert rc == 0 and stats["sampler"] == sampler and stats["window"] == 5  # neither default (6, 3)
+    assert stats["sequential_calls"] >= -(-12 // 5)  # a window of 5 slides at most 5 points per sweep
