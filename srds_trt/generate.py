@@ -236,7 +236,7 @@ def summary_table(stats: dict) -> str:
     """Serial vs the sampler: iterations, blocks, model evaluations, sequential calls, first-call and setup time,
     wall time, max difference."""
     images = stats["images"]
-    header = ("sampler", "iterations", "blocks", "model evals/image", "sequential calls", "setup s", "wall time s",
+    header = ("sampler", "iterations", "blocks/window", "model evals/image", "sequential calls", "setup s", "wall time s",
               "max |diff| vs serial")
     rows = []
     serial = stats.get("serial") if stats["sampler"] != "serial" else stats
@@ -247,7 +247,7 @@ def summary_table(stats: dict) -> str:
         diff = stats.get("max_abs_diff_vs_serial")
         name = stats["sampler"].upper() if stats["sampler"] == "srds" else stats["sampler"]
         rows.append((name + (" pipelined" if stats.get("pipelined") else ""), str(stats["iterations"]),
-                     str(stats["blocks"]), f"{stats['model_evals'] / images:.0f}", str(stats["sequential_calls"]),
+                     _width(stats), f"{stats['model_evals'] / images:.0f}", str(stats["sequential_calls"]),
                      f"{stats.get('setup_s', 0.0):.3f}", f"{stats['wall_time_s']:.3f}",
                      "-" if diff is None else f"{diff:.2e}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -256,6 +256,13 @@ def summary_table(stats: dict) -> str:
              f"{stats['device']} {stats['dtype']}")
     notes = "(setup: engine, buffers and graph capture of a first call; a cached runner's later calls skip it)"
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows), notes])
+
+
+def _width(stats: dict) -> str:
+    """SRDS's blocks, or a sliding-window sampler's points per sweep ("w=..")."""
+    if stats.get("blocks") is not None:
+        return str(stats["blocks"])
+    return f"w={stats['window']}" if stats.get("window") is not None else "-"
 
 
 def auto_line(auto: dict) -> str:

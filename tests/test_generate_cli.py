@@ -101,3 +101,4 @@ def test_window_flag_reaches_the_sliding_window_sampler(tmp_path, capsys, sample
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert rc == 0 and stats["sampler"] == sampler and stats["window"] == 5  # neither default (6, 3)
     assert stats["sequential_calls"] >= -(-12 // 5)  # a window of 5 slides at most 5 points per sweep
+    assert " w=5 " in summary_table(stats)
