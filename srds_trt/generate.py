@@ -366,5 +366,18 @@ def _main(argv: list[str] | None) -> int:
     return EXIT_OK
 
 
+def _exit(code: int) -> None:
+    """Exit the command. After a failure inside a torch.distributed job, exit without the interpreter's teardown:
+    a gloo group whose peer died still has transport threads, and destroying them at shutdown aborts the process
+    with a second stderr line ("terminate called without an active exception") after our one error line."""
+    import torch.distributed as dist
+
+    if code != EXIT_OK and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
