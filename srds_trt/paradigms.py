@@ -50,6 +50,11 @@ from .solvers import alphas_at, check_solver, ddim_coefficients, ddim_update
 DEFAULT_TOL = 0.1
 
 
+# The sliding-window samplers (this one and eps_picard.py): their names in sampling.SAMPLERS, defined once for the
+# pipeline's dispatch and the runtime's WindowRunner.
+WINDOW_SAMPLERS = ("eps-picard", "paradigms")
+
+
 def window_width(steps: int, window: int, max_iters: int | None) -> int:
     """The points per sweep of a sliding-window sampler (window capped at N), after checking its arguments."""
     w = int(window)

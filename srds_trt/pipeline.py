@@ -27,6 +27,7 @@ from .models import LoadedUNet, load_unet, unet_model_fn
 from .models.loading import random_weights_config, sd_folder, seeded_init
 from .models.registry import read_json
 from .noise_schedule import ddim_grid
+from .paradigms import WINDOW_SAMPLERS  # sliding-window samplers: runtime.window_runner on the runtime
 from .sampling import DEFAULT_TOL, SAMPLERS as REFERENCE_SAMPLERS, serial_sample
 from .schedule import default_num_blocks
 from .stopping import NonFiniteError
@@ -35,7 +36,6 @@ from .stopping import NonFiniteError
 SAMPLERS = (*REFERENCE_SAMPLERS, "auto")
 # what the runtime (GPU, exported engines) runs: runnable_samplers(); the window samplers on runtime.window_runner
 RUNTIME_SAMPLERS = ("serial", "srds", "eps-picard", "paradigms")
-WINDOW_SAMPLERS = ("eps-picard", "paradigms")  # sliding-window samplers: runtime.window_runner on the runtime
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRDS's parallelism to show
 DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}

@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from ..eps_picard import default_window as eps_picard_window
-from ..paradigms import default_window as paradigms_window, step_noise_variance, window_result, window_width
+from ..paradigms import (WINDOW_SAMPLERS, default_window as paradigms_window, step_noise_variance, window_result,
+                         window_width)
 from ..sampling import SampleResult
 from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
 from ..stopping import NonFiniteError, check_tol
@@ -61,7 +62,6 @@ from .engines.base import Engine, EngineError
 from .host import as_tensor, host_stream
 from .srds_runner import effective_tol
 
-WINDOW_SAMPLERS = ("eps-picard", "paradigms")
 # eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
 EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden")
 BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
