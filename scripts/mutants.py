@@ -102,6 +102,10 @@ MUTANTS = (
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span) + 0 * int(moved.any())",
            "a host read inside the sweep program (same results; breaks CUDA-graph capture, stalls the GPU)",
            WINDOW_TESTS),
+    Mutant("window-tol-as-threshold", "srds_trt/stopping.py",
+           "return min(WINDOW_ACCEPT_FRACTION * check_tol(tol), WINDOW_ACCEPT_CAP)", "return check_tol(tol)",
+           "the sliding-window samplers accept points at tol itself (the measured mode flips: error 295x tol)",
+           ("tests/test_window_tol.py",)),
 )
 
 
@@ -137,6 +141,8 @@ def main(argv=None) -> int:
         copy = Path(tmp)
         shutil.copytree(ROOT / "srds_trt", copy / "srds_trt", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "benchmarks", copy / "benchmarks",  # some tests build the benchmark cases
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
         shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
         probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)

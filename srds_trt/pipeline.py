@@ -441,7 +441,7 @@ class SRDSPipeline:
             "sequential_calls": result.sequential_calls, "converged": result.converged,
             "residuals": [_finite_or_none(r) for r in result.residuals],
             "error_estimates": [_finite_or_none(e) for e in result.error_estimates],
-            "tol": tol, "pipelined": pipelined if name == "srds" else None,
+            "tol": tol, "accept_tol": result.accept_tol, "pipelined": pipelined if name == "srds" else None,
             "window": getattr(result, "window", None),
         }
 

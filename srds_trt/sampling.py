@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .schedule import Plan, build_tick_plan
 from .solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update, parareal_update
-from .stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_finite, check_tol
+from .stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_finite, check_tol, window_accept_tol
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -53,6 +53,7 @@ class SampleResult:
     error_estimates: list[float] = field(default_factory=list)
     converged: bool = False
     tol: float = 0.0  # the tolerance used (a runtime raises a positive tol above its engine's noise floor)
+    accept_tol: float | None = None  # sliding-window samplers: the per-point threshold run for tol (stopping.py)
     num_blocks: int | None = None  # SRDS-family samplers
     window: int | None = None  # ParaDiGMS: points per sweep
     slides: list[int] = field(default_factory=list)  # ParaDiGMS: how far the window advanced per sweep
@@ -234,16 +235,24 @@ def serial_result(
                         sequential_calls=steps, converged=True)
 
 
-def _paradigms(*args, **kwargs) -> SampleResult:
+# The registry's sliding-window samplers take `tol` in this module's meaning (max-abs distance to the serial sample)
+# and run with the per-point threshold stopping.window_accept_tol calibrated for it; paradigms_sample and
+# eps_picard_sample themselves keep their own per-point knobs (ParaDiGMS: diffusers' `tolerance`, call for call).
+def _paradigms(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .paradigms import paradigms_sample  # paradigms imports this module
 
-    return paradigms_sample(*args, **kwargs)
+    return _caller_tol(paradigms_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
 
 
-def _eps_picard(*args, **kwargs) -> SampleResult:
+def _eps_picard(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .eps_picard import eps_picard_sample  # eps_picard imports this module
 
-    return eps_picard_sample(*args, **kwargs)
+    return _caller_tol(eps_picard_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
+
+
+def _caller_tol(result: SampleResult, tol: float) -> SampleResult:
+    result.accept_tol, result.tol = result.tol, tol  # what was asked, and the per-point threshold that ran
+    return result
 
 
 # name -> sampler with the contract (model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options)
