@@ -57,7 +57,8 @@ def measure(pipe, prompt, steps, sampler, options, *, tol, repeats, reference=No
            "steady_s_median": statistics.median(steady) if steady else None, "steady_s_all": steady,
            "steady_first_call_flag": s.get("first_call"),
            "sequential_calls": s.get("sequential_calls"), "model_evals": s.get("model_evals"),
-           "iterations": s.get("iterations"), "converged": s.get("converged"),
+           "iterations": s.get("iterations"), "converged": s.get("converged"), "accept_tol": s.get("accept_tol"),
+           "tol_used": s.get("tol_used"), "engine_noise_floor": s.get("engine_noise_floor"),
            "host_reads": s.get("host_reads"), "host_read_ms": s.get("host_read_ms"), "slides": s.get("slides")}
     if "auto" in s:
         auto = s["auto"]
@@ -76,20 +77,21 @@ def section(model, args, device, record, deadline):
         dtype = torch.float32
         pipe = SRDSPipeline.from_pretrained("digits", device=device, dtype=dtype)
         prompt, tol = "3", args.tol
-        steps_list = [16] if smoke else [1024, 196, 100]
+        steps_list = [16] if smoke else args.digits_steps
         repeats = 1 if smoke else 3
     else:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, args.sd_dtype) if device.type == "cuda" else torch.float32
         t0 = time.perf_counter()
         pipe = SRDSPipeline.from_pretrained("sd2", device=device, dtype=dtype, random_weights=True,
                                             resolution=64 if smoke else None)
-        record["sd2_load_s"] = time.perf_counter() - t0
+        record[f"sd2_load_s_{args.sd_dtype}"] = time.perf_counter() - t0
         prompt, tol = "a photograph of an astronaut riding a horse", args.sd_tol
-        steps_list = [4] if smoke else [50, 25]
+        steps_list = [4] if smoke else args.sd_steps
         repeats = 1 if smoke else 2
-    record.setdefault(model, {})["dtype"] = str(dtype)
+    label = model if model == "digits" else f"sd2-{str(dtype).replace('torch.', '')}"
+    record.setdefault(label, {})["dtype"] = str(dtype)
     for steps in steps_list:
-        rows = record[model].setdefault(f"N{steps}", [])
+        rows = record[label].setdefault(f"N{steps}", [])
         reference = None
         for sampler, options in SAMPLERS:
             if time.perf_counter() > deadline:
@@ -106,7 +108,7 @@ def section(model, args, device, record, deadline):
                     if serial_s and row["steady_s_median"]:
                         row["speedup_vs_serial_steady"] = serial_s / row["steady_s_median"]
                 rows.append(row)
-                print(f"{model} N={steps} {sampler:10s} {options} first {row['first_call_s']:.3f}s steady "
+                print(f"{label} N={steps} {sampler:10s} {options} first {row['first_call_s']:.3f}s steady "
                       f"{row['steady_s_median'] or float('nan'):.4f}s calls {row['sequential_calls']} "
                       f"err {row.get('max_abs_err_vs_serial', float('nan')):.2e} chosen {row['chosen']}", flush=True)
             except Exception:  # noqa: BLE001 - one failure must not lose the rest of the run
@@ -133,6 +135,10 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
     parser.add_argument("--tol", type=float, default=1e-3, help="digits tolerance (fp32)")
     parser.add_argument("--sd-tol", type=float, default=1e-2, help="SD2 tolerance (fp16 latents)")
+    parser.add_argument("--digits-steps", type=int, nargs="+", default=[1024, 196, 100])
+    parser.add_argument("--sd-steps", type=int, nargs="+", default=[50, 25])
+    parser.add_argument("--sd-dtype", default="float16", choices=["float16", "float32"],
+                        help="float32 runs with TF32 off (the runtime's fp32), to separate fp16 noise from the sampler")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     deadline = time.perf_counter() + args.budget_s
@@ -140,14 +146,17 @@ def main(argv=None):
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
               "tol": {"digits": args.tol, "sd2": args.sd_tol}, "section_seconds": {}}
-    for model in args.sections.split(","):
+    for name in args.sections.split(","):
+        model, _, dtype = name.partition(":")  # e.g. sd2:float32
+        if dtype:
+            args.sd_dtype = dtype
         start = time.perf_counter()
         try:
             section(model, args, device, record, deadline)
         except Exception:  # noqa: BLE001
-            record.setdefault("errors", {})[model] = traceback.format_exc()[-3000:]
-            print(f"{model} FAILED: {traceback.format_exc().splitlines()[-1]}", flush=True)
-        record["section_seconds"][model] = time.perf_counter() - start
+            record.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+            print(f"{name} FAILED: {traceback.format_exc().splitlines()[-1]}", flush=True)
+        record["section_seconds"][name] = time.perf_counter() - start
         write(record, args)
     print(json.dumps(record["section_seconds"]))
 
