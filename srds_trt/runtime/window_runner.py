@@ -24,18 +24,24 @@ residual and the slide. The host reads the 3-entry status once per sweep (pinned
 the number of reads and the time spent in them are kept in `last_run` (WindowStats): measured, not assumed.
 
 Iterate-for-iterate the same as the reference functions (tests/test_runtime_window.py compares every sweep
-short of convergence): the recurrence runs point by point in the reference's op order (products by per-point
-coefficients, the secant correction added to the newest output), so float64 states agree to rounding of the
-vectorised reductions (the secant's per-image dot products), and tol = 0 gives the serial sample.
+short of convergence), to rounding: eps-Picard's recurrence is the reference's rewritten linear in d = x - e
+(_eps_picard_update), so only a 3-kernel chain per point is sequential and the rest is vectorised over the
+window. Float64 states agree with the reference's to 3e-14 at tol = 1e-3 (1e-7 at tol = 1e-5, where secants of
+nearly converged points, dx at rounding level, amplify rounding in the reference itself), and the slides are the
+same: 0 of 60 runs differed at tol = 1e-3 and 1e-5 (5 grids up to N = 100, guided and not, 6 seeds). tol = 0
+still gives the serial sample bit for bit (a converged point's update is the serial one exactly), but its
+slides are decided by states equal to the last bit, which rounding decides: 37 of those 60 runs slid
+differently there (1602 sweeps in all against the reference's 1579; the op-for-op runner before: 3 of 60, 1578).
 
 eps-Picard's algorithm options (EPS_PICARD_OPTIONS) and their defaults are read from eps_picard_sample's
 signature. The reference's "None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is
 not stored, because it cannot change a result: outs[j] of points entering the window (every such point is
 evaluated, which overwrites it, before it is read) and the rank-1 terms (set and used within one sweep).
 
-Cost besides the model call (kernel-launching ops counted on the CPU): eps-Picard ~16-20 per window point (w = 64:
-~1000 per sweep: the price of mirroring the reference op for op; a fused kernel walking the w points per image
-would be one), ParaDiGMS 67 per sweep whatever w. Not done: launching sweep k+1 before reading sweep k's status
+Cost besides the model call (kernel-launching ops counted on the CPU, views not counted): eps-Picard ~4 per window
+point plus ~100 (w = 64, guided, batch 1: 360 per sweep, update 265 + warm start 95; it was 988 while the
+recurrence ran op for op as the reference's; a fused kernel walking the w points per image would be one),
+ParaDiGMS 67 per sweep whatever w. Not done: launching sweep k+1 before reading sweep k's status
 (SRDSRunner's lookahead) would take the read off the GPU's critical path; it needs x_N snapshotted per sweep.
 """
 
@@ -208,7 +214,7 @@ class WindowRunner:
         window with the newest outputs moved along their slopes to this sweep's states."""
         w = self.window
         c_x, c_out = (c.index_select(0, idx) for c in (self._c_x, self._c_out))
-        evaluated = pts[:w].clone()
+        evaluated = pts[:w]  # pts is a copy (index_select) that nothing below writes
         slopes = self.slopes.index_select(0, idx)
         if self.secant:
             dx, dout = pts[:w] - self.evaluated_at.index_select(0, idx), out - self.outs.index_select(0, idx)
@@ -235,20 +241,49 @@ class WindowRunner:
         self.outs.index_copy_(0, idx, out)
         self.evaluated_at.index_copy_(0, idx, evaluated)
         self.has_eval.index_fill_(0, idx, True)
-        old = pts[1:].clone()
-        used = []
-        for i in range(w):  # unrolled: the reference's propagate(begin, end), op for op
-            out_i = out[i]
-            if self.secant:
-                d = pts[i] - evaluated[i]
-                out_i = out_i + slopes[i] * d
-                if self.broyden:
-                    out_i = out_i + rank_u[i] * (rank_v[i] * d).flatten(1).sum(1).view_as(slopes[i])
-            used.append(out_i)
-            torch.add(c_x[i] * pts[i], c_out[i] * out_i, out=pts[i + 1])
-        self.used.index_copy_(0, idx, torch.stack(used) if self.secant else out)
-        self.points.index_copy_(0, idx + 1, pts[1:])
-        change = (pts[1:] - old).abs().flatten(1).amax(1)  # [w]
+        # The reference's propagate, x_{i+1} = c_x[i] x_i + c_out[i] u_i with u_i = out_i + s_i d_i + r_u_i <r_v_i, d_i>
+        # and d_i = x_i - e_i (e: the states evaluated this sweep; d_0 = 0), is linear in d. Only the chain of d is
+        # sequential; with B = c_x e + c_out out (the serial update at the evaluated state), A = c_x + c_out s (a
+        # scalar per image) and R = c_out r_u, all vectorised over the window,
+        #     d_{i+1} = C_i + A_i d_i + R_i <r_v_i, d_i>,   C_i = B_i - e_{i+1}:
+        # one addcmul per point, plus a dot (bmm) and an addcmul_ with the Broyden term (the reference's op order
+        # took 7-11 kernels per point). The states and the outputs they used then follow from d, vectorised and in
+        # the reference's op order: u_i as there, x_{i+1} = c_x (e_i + d_i) + c_out u_i.
+        # Exact where it must be: where d_i = 0 every correction adds an exact 0, so x_{i+1} = B_i bit for bit and
+        # d_{i+1} = B_i - e_{i+1} = x_{i+1} - e_{i+1} exactly. Along the prefix of points that did not move d stays
+        # exactly 0, as in the reference, so tol = 0 (which accepts that prefix and the first moved point only)
+        # still gives the serial sample bit for bit. Elsewhere the states agree with the reference's to rounding,
+        # not bit for bit (d is not x - e of a rounded x, the dot is a bmm): see the module docstring for what
+        # that changes at tol = 0.
+        shape = (w,) + (1,) * (pts.dim() - 1)
+        c_x, c_out = c_x.view(shape), c_out.view(shape)
+        B = c_x * evaluated + c_out * out
+        A = c_x + c_out * slopes if self.secant else c_x  # [w, batch, 1, ...] (a scalar per image)
+        C = B[:-1] - evaluated[1:]
+        d = torch.zeros_like(evaluated)
+        if self.broyden:
+            R = c_out * rank_u
+            dots = torch.zeros_like(slopes)  # <r_v_i, d_i> per image, [w, batch, 1, ...]; d_0 = 0: dots[0] = 0
+            v_rows, d_cols = rank_v.flatten(2).unsqueeze(2), d.flatten(2).unsqueeze(3)  # [w, batch, 1, n], [.., n, 1]
+            dot_out = dots.view(w, -1, 1, 1)
+        for i in range(w - 1):  # unrolled: the chain along the window
+            if self.broyden and i > 0:
+                torch.bmm(v_rows[i], d_cols[i], out=dot_out[i])
+            torch.addcmul(C[i], A[i], d[i], out=d[i + 1])
+            if self.broyden and i > 0:
+                d[i + 1].addcmul_(R[i], dots[i])
+        # dots[w - 1] stays 0: the window's last point has no Broyden term (r_v = 0) unless it lies past N (every
+        # sweep slides by >= 1, so a last point on the grid has never been in a window: it was not evaluated before)
+        x = evaluated + d  # the states x_0 .. x_{w-1}: c_x x below rounds as the next sweep's B does at a fixed point
+        used = out
+        if self.secant:
+            used = used + slopes * d
+            if self.broyden:
+                used = used + rank_u * dots
+        new = c_x * x + c_out * used
+        self.used.index_copy_(0, idx, used)
+        self.points.index_copy_(0, idx + 1, new)
+        change = (new - pts[1:]).abs().flatten(1).amax(1)  # [w]
         moved = change > self.tol
         slide = torch.minimum(self._first_moved(moved, valid) + 1, span)
         return change, moved, slide, slide
@@ -289,8 +324,15 @@ class WindowRunner:
             c_guess = c_out * guess  # elementwise, as the reference's c_out[j] * out_j per point
             entering = entering.view_as(column(0))
             self.used.index_copy_(0, nidx, torch.where(entering, guess, self.used.index_select(0, nidx)))
-            for i in range(w):  # the recurrence along the entering points (which ones: data, so a where per point)
-                pts[i + 1] = torch.where(entering[i], c_x[i] * pts[i] + c_guess[i], pts[i + 1])
+            # the recurrence along the entering points (which ones: data) as x_{i+1} = A_i x_i + B_i, one addcmul
+            # per point: entering, A = c_x, B = c_out guess (the reference's step); else A = 0 and B = the old
+            # x_{i+1}, kept: 0 * x_i adds 0 because x_i is finite there (a state of this sweep's window, whose
+            # NaN/Inf the residual reports, or padding past N, which no valid point reads). B is taken from the
+            # old states before the loop overwrites them.
+            A = torch.where(entering, c_x, torch.zeros_like(c_x))
+            B = torch.where(entering, c_guess, pts[1:])
+            for i in range(w):
+                torch.addcmul(B[i], A[i], pts[i], out=pts[i + 1])
         else:
             start = self.points.index_select(0, old_end)
             pts[1:] = torch.where(entering.view(w, *([1] * (pts.dim() - 1))), start, pts[1:])
