@@ -16,10 +16,15 @@ The calls of each candidate:
 - srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations;
   rows per tick read off the plan itself.
 - paradigms, eps-picard: sweeps of w points each; expected sweeps = a * N / w + b, an affine fit (EXPECTED below)
-  to the sweeps each needed at error <= 1e-3 in benchmarks/results/matched-2026-11-27 (every case and N), taken on
-  the slow side: b is the first window's start-up (a window from x_T needs several sweeps before it slides), a the
-  sweeps per window length once it slides. A fixed slide fraction (the first version) predicted digits N=16 at 6
-  sweeps where 9 ran, and auto chose a sampler slower than serial there.
+  to the sweeps the registry's samplers ran at the default tol (1e-3, run at stopping.window_accept_tol) on the
+  matched cases (`python -m benchmarks.expected_sweeps`: 4 mixtures at N = 196 and 1024, digits with guidance at
+  N = 100, 196, 1024, both windows), taken on the slow side: a by least squares, b raised until 3 of 4 runs need
+  no more than predicted. b is the first window's start-up (a window from x_T needs several sweeps before it
+  slides), a the sweeps per window length once it slides. A fixed slide fraction (the first version) predicted
+  digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
+  On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
+  H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.5 + 0.013 w ms. Without
+  it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (ParaDiGMS w = 64: 98 ms).
 The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
 samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
 never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
@@ -51,16 +56,21 @@ CANDIDATES = ("serial", "srds", "paradigms", "eps-picard")  # every sampler auto
 # SRDSPipeline.__call__ (tests/test_autotune.py checks both signatures), so a Choice's options apply as they are.
 OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("window",), "eps-picard": ("window",)}
 
-# Expected work per sampler at error <= 1e-3 (module doc). Sliding windows: sweeps = a * N / w + b, fitted on the
-# slow side of benchmarks/results/matched-2026-11-27 (the guided digits model is the slowest case for eps-Picard:
-# N/w = 5, 7, 16 -> 16, 22, 36 sweeps; ParaDiGMS: N/w = 5, 7, 10, 14, 16, 32 -> 21, 26, 29, 37, 45, 70; the 16-D
-# mixture needs more, 63 at N/w = 16). SRDS: Parareal iterations as a fraction of its block count (pipelined;
-# committed CPU set: digits N=196 ~ 7 of 14).
+# Expected work per sampler at the default tol (module doc). Sliding windows: sweeps = a * N / w + b, the upper-
+# quartile fit of benchmarks/results/expected-sweeps-2026-11-27.json (registry samplers at tol 1e-3; e.g. eps-Picard
+# w = 2 round(sqrt N): digits N = 100, 196, 1024 -> 19, 24, 43 sweeps, mixtures at N = 1024 -> 28-32; ParaDiGMS
+# w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65). SRDS: Parareal iterations as a fraction of its
+# block count (pipelined; committed CPU set: digits N=196 ~ 7 of 14).
 EXPECTED = {
-    "paradigms_sweeps": (2.0, 11.0),  # (a, b)
-    "eps_picard_sweeps": (1.6, 11.0),
+    "paradigms_sweeps": (2.65, 17.2),  # (a, b)
+    "eps_picard_sweeps": (1.2, 14.2),
     "srds_iterations": 0.5,
 }
+# A sweep's update program besides the engine call on a GPU, ms = fixed + per_point * w: measured on an H100
+# (benchmarks/results/gpu/2026-11-27-h100-samplers-run2, digits, CUDA graphs, one host read per sweep included):
+# ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard 0.83 (w = 20), 0.84 (28), 1.36 ms (64). Applied where the engine
+# runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in its measured wall clock.
+GPU_SWEEP_OVERHEAD_MS = {"paradigms": (0.25, 0.0), "eps-picard": (0.5, 0.013)}
 
 
 def expected_sweeps(sampler: str, steps: int, window: int) -> int:
@@ -147,8 +157,11 @@ def choose(
     world_size: int = 1,
     allgather_ms: float = 0.0,
     samplers: tuple[str, ...] = CANDIDATES,
+    sweep_overhead_ms: Mapping[str, tuple[float, float]] | None = None,
 ) -> Choice:
-    """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table."""
+    """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table.
+    sweep_overhead_ms: sliding-window sampler -> (fixed, per window point) ms each sweep pays besides its engine
+    call (GPU_SWEEP_OVERHEAD_MS on a GPU; None: nothing)."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
     if world_size < 1 or not (allgather_ms >= 0 and math.isfinite(allgather_ms)):
@@ -177,8 +190,9 @@ def choose(
             continue
         for w in window_widths(steps):
             sweeps = expected_sweeps(name, steps, w)
-            calls = [w] * sweeps
-            candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, price(calls)))
+            fixed, per_point = (sweep_overhead_ms or {}).get(name, (0.0, 0.0))
+            ms = price([w] * sweeps) + sweeps * (fixed + per_point * w)
+            candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, ms))
     best = min(candidates, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
     return Choice(best.sampler, dict(best.options), best.predicted_ms, serial_ms, tuple(candidates))
 

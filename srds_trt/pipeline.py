@@ -281,8 +281,9 @@ class SRDSPipeline:
         if source == "engine warm-up":  # after every rank has read the manifest: none sees it change mid-decision
             self._record_curve(curve)
         latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
+        overhead = autotune.GPU_SWEEP_OVERHEAD_MS if self.device.type == "cuda" else None
         choice = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency, world_size=world,
-                                 allgather_ms=allgather_ms)
+                                 allgather_ms=allgather_ms, sweep_overhead_ms=overhead)
         runnable = self.runnable_samplers()
 
         def why_not(candidate) -> str | None:

@@ -69,9 +69,10 @@ def test_measured_reference_curve_is_used_and_cached(digits):
 
 def test_flat_curve_picks_a_parallel_sampler_and_the_run_uses_its_window(digits, monkeypatch):
     inject(digits, monkeypatch, FLAT)
-    out = digits("3", num_inference_steps=25, sampler="auto", progress_bar=False, window=3)
+    # N = 100: below ~N = 30 the sweep model (b ~ 14-17 start-up sweeps) prices every window sampler at >= N
+    out = digits("3", num_inference_steps=100, sampler="auto", progress_bar=False, window=3)
     auto = out.stats["auto"]
-    check_record(auto, 25)
+    check_record(auto, 100)
     assert auto["sampler"] in ("paradigms", "eps-picard") and auto["fallback"] is None
     assert out.stats["sampler"] == auto["sampler"]
     assert out.stats["window"] == auto["options"]["window"] != 3  # the choice replaced the caller's window
@@ -79,12 +80,12 @@ def test_flat_curve_picks_a_parallel_sampler_and_the_run_uses_its_window(digits,
 
 def test_fallback_to_the_best_runnable_candidate_applies_its_options(digits, monkeypatch):
     inject(digits, monkeypatch, FLAT)
-    # paradigms only (and serial): its best window, 2 round(sqrt N) = 8, differs from its default round(sqrt N) = 4
+    # paradigms only (and serial): its best window, 2 round(sqrt N) = 16, differs from its default round(sqrt N) = 8
     monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "paradigms"))
-    out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False)
+    out = digits("3", num_inference_steps=64, sampler="auto", progress_bar=False)
     auto = out.stats["auto"]
     assert auto["sampler"] == out.stats["sampler"] == "paradigms" and "cannot run here" in auto["fallback"]
-    assert out.stats["window"] == auto["options"]["window"] == 8
+    assert out.stats["window"] == auto["options"]["window"] == 16
     # srds only: round(sqrt 16) = 4 blocks beat default_num_blocks(16) = 8 on a flat curve; the run uses 4
     monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "srds"))
     out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False, num_blocks=2)

@@ -131,3 +131,17 @@ def test_widest_rows_covers_every_candidate():
         widest = autotune.widest_rows(steps=steps, images=images, guided=guided)
         choice = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=H200_DIGITS)
         assert widest == max(c.rows_per_call for c in choice.candidates)
+
+
+def test_sweep_overhead_is_priced_per_sweep_and_can_flip_the_choice():
+    flat = {1: 1.0, 1024: 1.0}
+    plain = autotune.choose(steps=1024, images=1, guided=True, latency_ms=flat)
+    costly = autotune.choose(steps=1024, images=1, guided=True, latency_ms=flat,
+                             sweep_overhead_ms={"eps-picard": (2.0, 0.01), "paradigms": (0.1, 0.0)})
+    for before, after in zip(plain.candidates, costly.candidates):
+        assert before.sequential_calls == after.sequential_calls
+        fixed, per_point = {"eps-picard": (2.0, 0.01), "paradigms": (0.1, 0.0)}.get(before.sampler, (0.0, 0.0))
+        w = before.options.get("window", 0)
+        assert after.predicted_ms == pytest.approx(before.predicted_ms + before.sequential_calls * (fixed + per_point * w))
+    assert plain.sampler == "eps-picard" and costly.sampler == "paradigms"
+    assert set(autotune.GPU_SWEEP_OVERHEAD_MS) == {"eps-picard", "paradigms"}

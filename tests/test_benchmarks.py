@@ -121,3 +121,18 @@ def test_quick_run_with_every_default_case(tmp_path):
     assert "gmm" in results["cases"]
     assert "digits" in results["cases"] or "digits" in results["skipped"]
     assert (tmp_path / "results.md").is_file()
+
+
+def test_expected_sweeps_fit_bounds_every_measured_run(tmp_path):
+    """benchmarks.expected_sweeps (auto's sweep model): the slow-side fit covers three of four measured runs."""
+    from benchmarks import expected_sweeps
+
+    assert expected_sweeps.fit([(1.0, 10), (2.0, 12), (4.0, 20)]) == (3.43, 6.6)  # LS slope, b raised to cover all
+    out = tmp_path / "sweeps.json"
+    result = expected_sweeps.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["fit_a_b"] == {k: list(v) for k, v in result["fit_a_b"].items()}
+    for sampler, (a, b) in result["fit_a_b"].items():
+        rows = [r for r in result["rows"] if r["sampler"] == sampler]
+        covered = [r["sweeps"] <= a * r["n_over_w"] + b + 1e-9 for r in rows]
+        assert sum(covered) >= 0.75 * len(rows)  # the slow side: three of four runs need no more than predicted
+    assert all(row["within_tol"] for row in result["rows"])  # tol is the distance to serial (window_accept_tol)

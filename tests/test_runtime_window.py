@@ -137,7 +137,12 @@ def test_tol_zero_returns_the_serial_sample(sampler, steps, window, guided):
     got = run(runner, guided, seed=2, tol=0.0)
     assert got.converged
     torch.testing.assert_close(got.sample, serial, rtol=0, atol=1e-12)
-    assert_same_result(got, reference(sampler, steps, window, guided, seed=2, tol=0.0))
+    if sampler == "paradigms":  # the same arithmetic as the reference: the same slides
+        assert_same_result(got, reference(sampler, steps, window, guided, seed=2, tol=0.0))
+    # eps-Picard's runner evaluates the recurrence linear in d = x - e (window_runner.py), equal to the reference to
+    # rounding; at tol = 0 a point slides only when bit-for-bit unchanged, so rounding decides the slides (the
+    # sample is still the serial one, asserted above, and short of convergence the sweeps are compared exactly in
+    # test_every_sweep_equals_the_reference)
 
 
 def _flipped_options() -> list[dict]:
