@@ -104,6 +104,11 @@ def check_world(group, device: torch.device) -> None:
         raise DistributedError(f"ranks run on different device types {kinds}; use one kind of device on every rank")
 
 
+def group_size(group) -> int:
+    """Ranks in `group` (1 for None: one process, no torch.distributed)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def shard_rows(rows: int, world: int) -> int:
     """Rows per rank for a call of `rows` rows: equal contiguous slices, the last ones padded."""
     return max(1, math.ceil(rows / world))

@@ -302,11 +302,9 @@ class SRDSPipeline:
                 "curve_recorded": self._auto_cache.get(("recorded", str(getattr(self.runtime, "artifacts", None))))}
 
     def _world_size(self) -> int:
-        if self.process_group is None:
-            return 1
-        import torch.distributed as dist
+        from .distributed import group_size
 
-        return dist.get_world_size(self.process_group)
+        return group_size(self.process_group)
 
     def _latency_curve(self, widest: int, world: int = 1):
         """(curve {rows: ms}, source, the engine's buckets or None, rows the export can hold or None) for auto;
@@ -325,24 +323,35 @@ class SRDSPipeline:
             return self._auto_cache[key], "reference model", None, None
         capacity = None
         if self.runtime.artifacts is not None:  # an export: its manifest may hold the curve, its profile bounds rows
-            from .export.artifacts import read_manifest
-
-            manifest = read_manifest(self.runtime.artifacts)
-            capacity = int(manifest["request"]["max_batch"]) * world
-            stored = manifest.get("latency_per_rows")
+            max_batch, stored = self._manifest_curve()
+            capacity = max_batch * world
             if stored:
-                return {int(r): float(ms) for r, ms in stored.items()}, "manifest", None, capacity
-        engine = self.runtime._engine(min(widest, capacity or widest))  # built as a run would build it, then kept
+                return stored, "manifest", None, capacity
+        engine = self.runtime.engine_for(min(widest, capacity or widest))  # built as a run would build it, then kept
         local = getattr(engine, "inner", engine)  # a ShardedEngine's own engine: one rank's share of a call
         key = ("engine", id(local), local.buckets)
         if key not in self._auto_cache:
             self._auto_cache[key] = self._measure_engine_curve(local)
         return self._auto_cache[key], "engine warm-up", local.buckets, capacity
 
+    def _manifest_curve(self) -> tuple[int, dict[int, float] | None]:
+        """(the export's max_batch, its latency_per_rows or None), read once per manifest version: a server's auto
+        requests do not re-parse the JSON (its modification time keys the cache, so a recorded curve is seen)."""
+        from .export.artifacts import MANIFEST_NAME, read_manifest
+
+        path = Path(self.runtime.artifacts)
+        key = ("manifest", str(path), (path / MANIFEST_NAME).stat().st_mtime_ns)
+        if key not in self._auto_cache:
+            manifest = read_manifest(path)
+            stored = manifest.get("latency_per_rows")
+            self._auto_cache[key] = (int(manifest["request"]["max_batch"]),
+                                     {int(r): float(ms) for r, ms in stored.items()} if stored else None)
+        return self._auto_cache[key]
+
     def _measure_reference_curve(self, widest: int) -> dict[int, float]:
         """ms per conditional model call of this rank's model vs rows: 1, 2, 4, ... below `widest`, and `widest`
         (at most 64: wider calls extrapolate with the last slope); one warm-up, then the best of three."""
-        from .runtime.latency import _best_ms
+        from .runtime.latency import best_ms
 
         model = self.cond_model.model if self.process_group is not None else self.cond_model  # unsharded
         top = min(widest, 64)
@@ -351,7 +360,7 @@ class SRDSPipeline:
             x = torch.zeros((r, *self.loaded.sample_shape), device=self.device, dtype=self.dtype)
             t = torch.full((r,), 500, device=self.device)
             cond, _ = self.encode(["0" if self.family == "digits" else ""] * r)
-            curve[r] = _best_ms(lambda: model(x, t, cond), self.device, 3)
+            curve[r] = best_ms(lambda: model(x, t, cond), self.device, 3)
         return curve
 
     def _measure_engine_curve(self, engine) -> dict[int, float]:

@@ -141,7 +141,7 @@ def test_engine_warm_up_curve_on_onnxruntime_is_serial_and_not_recorded(export_c
     assert read_manifest(export_copy).get("latency_per_rows") is None
 
 
-def test_manifest_latency_per_rows_is_used_and_a_choice_wider_than_the_export_falls_back(export_copy):
+def test_manifest_latency_per_rows_is_used_and_a_choice_wider_than_the_export_falls_back(export_copy, monkeypatch):
     from srds_trt.export.artifacts import record_latency
 
     record_latency(export_copy, {1: 1.0, 24: 1.0})  # as a GPU warm-up would have stored it
@@ -162,6 +162,12 @@ def test_manifest_latency_per_rows_is_used_and_a_choice_wider_than_the_export_fa
         assert out.stats["blocks"] == auto["options"]["num_blocks"]
     else:
         assert out.stats["window"] == auto["options"]["window"]
+    # a later auto call does not re-read an unchanged manifest (a server pays the choice per request)
+    import srds_trt.export.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "read_manifest", lambda path: pytest.fail("manifest re-read"))
+    again = pipe("3", num_inference_steps=100, sampler="auto", progress_bar=False, max_iters=1)
+    assert again.stats["auto"]["latency_per_rows_ms"] == {1: 1.0, 24: 1.0}
 
 
 def test_a_measured_tensorrt_curve_is_recorded_once(export_copy, monkeypatch):

@@ -27,7 +27,7 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+def best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(max(1, repeats)):
@@ -55,7 +55,7 @@ def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None,
         bucket = engine.load(x, t, cond).rows
         graph = capture_graph(lambda b=bucket: engine.enqueue(b, replay=False), device=device, pool=pool)
         pool = graph.pool or pool
-        curve[bucket] = _best_ms(graph.run, device, repeats)
+        curve[bucket] = best_ms(graph.run, device, repeats)
         graphs.append(graph)  # alive until every bucket is timed: the shared pool stays valid for the next capture
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,7 +73,7 @@ def measure_allgather_ms(group, rows: int, sample_shape: tuple[int, ...], dtype:
 
     world = dist.get_world_size(group)
     local = torch.zeros(max(1, rows), *sample_shape, dtype=dtype, device=device)
-    return _best_ms(lambda: _all_gather(local, world, group), device, repeats)
+    return best_ms(lambda: _all_gather(local, world, group), device, repeats)
 
 
 def bucketed(curve: Mapping[int, float], buckets: tuple[int, ...]) -> Callable[[int], float]:

@@ -91,14 +91,14 @@ class RuntimeSampler:
         self.runner_builds = 0  # runners constructed (and captured) so far: one per key
         self.last_window_stats = None  # the last sliding-window run's host reads (window_runner.WindowStats)
 
-    def _engine(self, rows: int) -> Engine:
+    def engine_for(self, rows: int) -> Engine:
+        """The engine that serves calls of up to `rows` rows (all ranks together): the one built so far if it holds
+        them, else built (or rebuilt larger) now, sharded over the process group; kept for later calls."""
         if self.engine is not None and self.engine.max_rows >= rows:
             return self.engine
-        world = 1
-        if self.process_group is not None:
-            import torch.distributed as dist
+        from ..distributed import group_size
 
-            world = dist.get_world_size(self.process_group)
+        world = group_size(self.process_group)
         total, rows = rows, -(-rows // world)  # this rank's slice of the widest call
         self._build_engine(rows)
         if world > 1:
@@ -147,7 +147,7 @@ class RuntimeSampler:
         if runner is not None:
             return runner, CallTiming(first_call=False, setup_s=0.0)
         start = _now(self.device)
-        engine = self._engine(rows)
+        engine = self.engine_for(rows)
         runner = self._runners[key] = build(engine)
         runner.capture()  # warm-up + CUDA-graph capture, once per runner
         self.runner_builds += 1
