@@ -23,8 +23,8 @@ The calls of each candidate:
   slides), a the sweeps per window length once it slides. A fixed slide fraction (the first version) predicted
   digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
   On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
-  H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.5 + 0.013 w ms. Without
-  it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (ParaDiGMS w = 64: 98 ms).
+  H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
+  Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
 The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
 samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
 never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
@@ -67,10 +67,12 @@ EXPECTED = {
     "srds_iterations": 0.5,
 }
 # A sweep's update program besides the engine call on a GPU, ms = fixed + per_point * w: measured on an H100
-# (benchmarks/results/gpu/2026-11-27-h100-samplers-run2, digits, CUDA graphs, one host read per sweep included):
-# ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard 0.83 (w = 20), 0.84 (28), 1.36 ms (64). Applied where the engine
-# runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in its measured wall clock.
-GPU_SWEEP_OVERHEAD_MS = {"paradigms": (0.25, 0.0), "eps-picard": (0.5, 0.013)}
+# (benchmarks/results/gpu/2026-11-27-h100-samplers-run2 and -run3-fused, digits, CUDA graphs, the one host read
+# per sweep included): ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard with its chains fused (runtime/fused.py, the
+# default where Triton imports) 0.5-0.6 ms whatever w; with the torch loops 0.83 (w = 20), 0.84 (28), 1.36 ms (64).
+# Applied where the engine runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in
+# its measured wall clock.
+GPU_SWEEP_OVERHEAD_MS = {"paradigms": (0.25, 0.0), "eps-picard": (0.55, 0.0)}
 
 
 def expected_sweeps(sampler: str, steps: int, window: int) -> int:

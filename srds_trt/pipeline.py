@@ -284,8 +284,12 @@ class SRDSPipeline:
             self._record_curve(curve)
         latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
         overhead = autotune.GPU_SWEEP_OVERHEAD_MS if self.device.type == "cuda" else None
-        choice = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency, world_size=world,
-                                 allgather_ms=allgather_ms, sweep_overhead_ms=overhead)
+        key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets)
+        if key not in self._auto_cache:  # pricing N = 1024's candidates is milliseconds of Python per request
+            self._auto_cache[key] = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency,
+                                                    world_size=world, allgather_ms=allgather_ms,
+                                                    sweep_overhead_ms=overhead)
+        choice = self._auto_cache[key]
         runnable = self.runnable_samplers()
 
         def why_not(candidate) -> str | None:

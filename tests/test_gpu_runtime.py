@@ -234,3 +234,50 @@ def test_window_runner_on_a_host_stream():
         torch.testing.assert_close(out, ref.sample, rtol=0, atol=1e-6)
         assert got.slides == ref.slides
         assert runner.last_run.host_reads == got.iterations
+
+
+def test_fused_chains_equal_the_torch_loops_every_sweep(record_property):
+    """eps-Picard's two sequential chains as Triton kernels (runtime/fused.py) equal the runner's torch loops
+    (the first sweeps: same slides, states to fp32 rounding; converged: the same sample to 1e-3), captured in the
+    sweep's CUDA graph; prints both sweep times at w = 64 (digits shapes, N = 1024, one guided image)."""
+    import time
+
+    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.runtime import fused
+    from srds_trt.runtime.window_runner import WindowRunner
+
+    if not fused.available(torch.device("cuda"), torch.float32):
+        pytest.skip("Triton is not importable here")
+    engine = digits_like_engine(torch.float32, graphs=False, max_rows=128)
+    x = torch.randn(1, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    cond, uncond = torch.tensor([3], device="cuda"), torch.full((1,), 10, device="cuda")
+    for steps in (63, 1024):
+        ts, ac = ddim_grid(SD_LIKE, steps)
+        build = lambda f: WindowRunner(engine, sampler="eps-picard", batch=1, timesteps=ts,  # noqa: E731
+                                       alphas_cumprod=ac, guided=True, fused_chains=f)
+        fast, loops = build(True), build(False)
+        fast.capture()
+        assert fast.fused and fast.sweep_program.captured and not fast.capture_failures, fast.capture_failures
+        # the first sweeps from the same states: the same slides, states to fp32 rounding. Later a point whose
+        # change lands within rounding of tol may slide in one and not the other (seen on an H100 at sweep 5 of
+        # N = 63: slides 5, 12 vs 6, 11), so the converged runs are compared by their results
+        for k in (1, 2, 3):
+            a = fast.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4, max_iters=k)
+            b = loops.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4, max_iters=k)
+            assert a.slides == b.slides and a.iterations == b.iterations == k
+            torch.testing.assert_close(a.sample, b.sample, rtol=0, atol=1e-4, msg=lambda m, k=k: f"sweep {k}: {m}")
+        a = fast.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4)
+        b = loops.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4)
+        assert a.converged and b.converged and abs(a.iterations - b.iterations) <= 3
+        torch.testing.assert_close(a.sample, b.sample, rtol=0, atol=1e-3)
+        times = {}
+        for name, runner in (("fused", fast), ("loops", loops)):
+            runner.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            got = runner.run(x, cond, uncond, guidance_scale=3.0, tol=1e-4)
+            torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - start) * 1e3 / got.iterations
+        record_property(f"sweep_ms_N{steps}", times)
+        print(f"eps-Picard N={steps} w={fast.window}: {got.iterations} sweeps, ms per sweep fused "
+              f"{times['fused']:.3f} vs torch loops {times['loops']:.3f}")

@@ -172,10 +172,11 @@ def test_the_runner_mirrors_every_option_of_the_reference():
     silently left at whatever the runner does: the contract's own keywords aside, the sets are equal."""
     import inspect
 
-    from srds_trt.runtime.window_runner import EPS_PICARD_OPTIONS
+    from srds_trt.runtime.window_runner import EPS_PICARD_OPTIONS, REFERENCE_ONLY_OPTIONS
 
     contract = {"model", "x", "timesteps", "alphas_cumprod", "prediction_type", "window", "tol", "max_iters", "progress"}
-    options = set(inspect.signature(eps_picard_sample).parameters) - contract
+    # the experiments the runner refuses instead of mirroring (eps_picard_options raises on a non-default value)
+    options = set(inspect.signature(eps_picard_sample).parameters) - contract - {*REFERENCE_ONLY_OPTIONS}
     assert options <= set(EPS_PICARD_OPTIONS), f"not mirrored by the runner: {sorted(options - set(EPS_PICARD_OPTIONS))}"
 
 
@@ -259,6 +260,9 @@ def test_refusals():
         make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows
     with pytest.raises(ValueError, match="unknown eps-Picard options"):
         make_runner("eps-picard", 16, 5, True, anderson=True)
+    with pytest.raises(ValueError, match="reference-only option coarse_steps"):
+        make_runner("eps-picard", 16, 5, True, coarse_steps=4)
+    make_runner("eps-picard", 16, 5, True, coarse_steps=0)  # the reference's default: accepted
     with pytest.raises(ValueError, match="no algorithm options"):
         make_runner("paradigms", 16, 5, True, secant=False)
     with pytest.raises(ValueError, match="sampler must be one of"):
@@ -307,3 +311,12 @@ def _digits():
     from srds_trt import SRDSPipeline
 
     return SRDSPipeline.from_pretrained("digits")
+
+
+def test_fused_chains_are_gpu_only_and_off_on_a_cpu():
+    """The Triton chains (runtime/fused.py) run on CUDA float32 only: off by default here, refused when forced;
+    the torch loops they replace are what every other test in this file compares with the reference."""
+    runner, _ = make_runner("eps-picard", 16, 5, True)
+    assert runner.fused is False
+    with pytest.raises(ValueError, match="fused_chains=True needs CUDA"):
+        make_runner("eps-picard", 16, 5, True, fused_chains=True)
