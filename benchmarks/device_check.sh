@@ -4,11 +4,7 @@
 # Prepare the wheels first, here: ../shared/tools/device-wheels.sh importlib_metadata==8.7.0
 # Installs the carried wheels, runs the GPU tests, the runtime benchmark and a CUDA generate; all lands in $OUT.
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/device}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+source benchmarks/device_env.sh
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 timeout 150 python3 -m pytest -q -rA -m gpu tests/test_gpu_runtime.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
 timeout 420 python3 -m benchmarks.gpu_runtime --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench.log"

@@ -5,11 +5,7 @@
 # GPU tests (window runners included), then every sampler's wall clock on the pipeline (digits N=1024/196/100,
 # SD2 random-weight shapes N=50/25; first call apart from steady state; what auto picks), then generate's CLI.
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/device}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+source benchmarks/device_env.sh
 timeout ${TESTS_S:-110} python3 -m pytest -q -rA -m gpu tests/test_gpu_runtime.py -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu-tests.log"
 tail -3 "$OUT/gpu-tests.log"
 timeout ${BENCH_S:-320} python3 -m benchmarks.gpu_samplers --out "$OUT" --budget-s ${BUDGET_S:-270} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu-samplers.log" | tail -45
