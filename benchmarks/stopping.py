@@ -10,6 +10,10 @@ For every case (model, N, images, blocks) the Parareal iterates U[p][b] are comp
 
 Gaussian-mixture cases are run row by row (each image its own run: the hardest setting, no batch max to hide
 in); the table reports the WORST row of each case (latest stop relative to the oracle, largest error).
+`--batched`: BATCHED, the pipeline's setting (benchmarks/cases.py's mixtures, 64-256 images judged as ONE run:
+the rule sees the batch max, whose final boundary can stall while some image's interior still moves).
+`--variants [--tols ...]`: the candidate rules of VARIANTS replayed on the full suite and BATCHED (misses, worst
+error / tol, summed pipelined calls).
 Iterates are cached under /tmp/srds-stopping-cache (digits at N=1024 takes minutes on a shared CPU core).
 """
 
@@ -140,6 +144,20 @@ def _digits(case: Case):
     return model, x, timesteps, alphas, pred
 
 
+def _mixture(case: Case):
+    """benchmarks/cases.py's mixtures ("batch-gmm", "batch-hard2-seed1", ...): the pipeline's cases; the noise
+    seed is the optional -seed suffix (default 0, the pipeline's)."""
+    from benchmarks.cases import build_case, mixture_case
+
+    parts = case.name.split("-")
+    name, seed = parts[1], int(parts[2][4:]) if len(parts) > 2 else 0
+    cpu = torch.device("cpu")
+    built = (build_case(name, images=case.images, device=cpu, seed=seed) if name == "gmm"
+             else mixture_case(name, images=case.images, device=cpu, seed=seed))
+    timesteps, alphas, _ = built.grid(case.steps)
+    return built.model, built.x, timesteps, alphas, built.prediction_type
+
+
 def iterates(case: Case) -> Iterates:
     bounds = block_bounds(case.steps, case.blocks)
     key = hashlib.sha1(json.dumps([asdict(case), bounds, _rule_free_version()]).encode()).hexdigest()[:16]
@@ -147,7 +165,8 @@ def iterates(case: Case) -> Iterates:
     if path.exists():
         data = json.loads(path.read_text())
         return Iterates(tuple(data["bounds"]), data["changes"], data["errors"])
-    model, x, timesteps, alphas, pred = (_digits if case.name.startswith("digits") else _gmm)(case)
+    build = _digits if case.name.startswith("digits") else _mixture if case.name.startswith("batch-") else _gmm
+    model, x, timesteps, alphas, pred = build(case)
     with torch.inference_mode():
         its = parareal_iterates(model, x, timesteps, alphas, bounds, min(case.iters, len(bounds) - 1), pred)
     if not case.per_row:  # one run over the batch: the rule sees the max over images
@@ -188,8 +207,14 @@ class Row:
         return self.rule_iters is not None and self.error is not None and self.error <= self.tol
 
 
-def replay(changes: list[list[float]], tol: float, blocks: int, bounds=None) -> int | None:
-    """The iteration at which StoppingRule stops on these per-boundary changes (None: not within them)."""
+def replay(changes: list[list[float]], tol: float, blocks: int, bounds=None, variant=None) -> int | None:
+    """The iteration at which StoppingRule (or `variant`: history, tol -> stop?, see VARIANTS) stops on these
+    per-boundary changes (None: not within them)."""
+    if variant is not None:
+        for p in range(1, len(changes) + 1):
+            if p >= blocks or variant(changes[:p], tol):
+                return p
+        return None
     rule = StoppingRule(tol, blocks)
     for p, c in enumerate(changes, start=1):
         if rule.observe(p, c):
@@ -222,6 +247,132 @@ def evaluate(case: Case, tol: float, pipelined: bool, its: Iterates | None = Non
     calls = lambda k: None if k is None else plan.ticks_until(k)  # noqa: E731
     return Row(case.name, case.steps, tol, pipelined, blocks, rule, calls(rule), oracle, calls(oracle),
                None if not math.isfinite(err) else err, rows if case.per_row else 1, late, settled)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+# Candidate rules, replayed on the same changes (`--variants`). Each: (history of change vectors, tol) -> stop?
+# "+ ...": the previous rule (error_estimate before INTERIOR_WEIGHT: _estimate below) with one more condition.
+# history[q - 1] = iteration q's per-boundary changes; c_q = its last entry (the final sample's change), i_q =
+# the max over the boundaries not yet exact (b > q, the final one included) as in stopping.error_estimate.
+
+
+def _estimate(history, contraction: float = 0.25) -> float:
+    """stopping.error_estimate (FAST_CONTRACTION off) with its interior contraction as a parameter."""
+    last, p = history[-1], len(history)
+    if max(last) == 0.0:
+        return 0.0
+    if p < 2:
+        return math.inf
+    prev = history[-2]
+    c, c_prev = last[-1], prev[-1]
+    if c_prev == 0.0 or c >= c_prev or max(last[p:], default=0.0) > contraction * max(prev[p - 1:], default=0.0):
+        return math.inf
+    rho = c / c_prev
+    return max(c, c * rho / (1.0 - rho))
+
+
+def _interior(history, q: int) -> float:
+    return max(history[q - 1][q:], default=0.0)
+
+
+def _transfer(history) -> float:
+    """The largest observed ratio c_{q+1} / i_q (how much of the interior's move reached the final sample one
+    iteration later), q = 1..p-1."""
+    return max((history[q][-1] / _interior(history, q) for q in range(1, len(history)) if _interior(history, q) > 0),
+               default=math.inf)
+
+
+def _accept(est: float, tol: float, factor: float = 1.0) -> bool:
+    return est == 0.0 or (tol > 0 and est <= factor * tol)
+
+
+def _abs_guard(k: float):
+    def stop(h, tol):
+        est = _estimate(h)
+        return est == 0.0 or (_accept(est, tol) and _interior(h, len(h)) <= k * tol)
+    return stop
+
+
+def _two_contractions(h, tol):
+    est = _estimate(h)
+    return est == 0.0 or (_accept(est, tol) and len(h) >= 3 and h[-2][-1] < h[-3][-1])
+
+
+def _transfer_guard(h, tol):
+    est = _estimate(h)
+    return est == 0.0 or (_accept(est, tol) and _interior(h, len(h)) * _transfer(h) <= tol)
+
+
+VARIANTS = {
+    "StoppingRule now (interior <= tol, adopted)": None,
+    "previous rule (2026-11-27)": lambda h, tol: _accept(_estimate(h), tol),
+    "interior contraction 0.1": lambda h, tol: _accept(_estimate(h, 0.1), tol),
+    **{f"+ interior <= {k:g} tol": _abs_guard(k) for k in (1, 2, 3, 5, 10, 20)},
+    "+ interior x transfer <= tol": _transfer_guard,
+    "+ final contracted twice": _two_contractions,
+    "estimate <= tol / 2": lambda h, tol: _accept(_estimate(h), tol, 0.5),
+}
+
+# Batched cases: several images judged as ONE run (the max over the batch), as the pipeline runs them
+# (benchmarks/cases.py's mixtures, `-seedK`: the noise seed). batch-gmm N=1024 256 images seed 0 is the measured miss.
+BATCHED = ([Case("batch-gmm", 1024, 256, False, iters=12), Case("batch-gmm-seed1", 1024, 256, False, iters=12)]
+           + [Case(f"batch-{m}{'' if s == 0 else f'-seed{s}'}", n, 64, False, iters=12)
+              for s in (0, 1, 2) for n in (196, 1024) for m in ("hard2", "wide2", "mix16", "mix64")])
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    variant: str
+    group: str  # per-image suite | batched
+    runs: int
+    misses: int
+    worst_error_over_tol: float
+    calls: int  # pipelined sequential calls, summed over runs
+    oracle_calls: int  # the first iterate within tol, summed
+    unstopped: int  # runs not stopped within the computed iterates (counted at the last one)
+    miss_list: tuple = ()
+
+
+def judge_variants(cases: list[Case], group: str, tols=(1e-2, 1e-3)) -> list[VariantRow]:
+    out = []
+    loaded = [(case, iterates(case)) for case in cases]
+    for name, variant in VARIANTS.items():
+        runs = misses = calls = oracle_calls = unstopped = 0
+        worst, miss_list = 0.0, []
+        for case, its in loaded:
+            blocks = len(its.bounds) - 1
+            plan = build_tick_plan(case.steps, blocks, min(case.iters, blocks), True)
+            for tol in tols:
+                for r in range(len(its.errors[0])):
+                    errs = [e[r] for e in its.errors]
+                    k = replay([c[r] for c in its.changes], tol, blocks, its.bounds, variant)
+                    if k is None:
+                        unstopped, k = unstopped + 1, len(its.changes)
+                    oracle = next((q for q, e in enumerate(errs) if e <= tol), len(errs) - 1)
+                    runs += 1
+                    calls += plan.ticks_until(k)
+                    oracle_calls += plan.ticks_until(oracle)
+                    worst = max(worst, errs[k] / tol)
+                    if errs[k] > tol:
+                        misses += 1
+                        miss_list.append((case.name, case.steps, tol, r, k, errs[k]))
+        out.append(VariantRow(name, group, runs, misses, worst, calls, oracle_calls, unstopped, tuple(miss_list)))
+    return out
+
+
+def variants_markdown(rows: list[VariantRow]) -> str:
+    base = {(r.group): r.calls for r in rows if r.variant.startswith("previous")}
+    head = ("| variant | runs | misses | worst error / tol | calls (pipelined) | vs previous | vs oracle | unstopped |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for group in dict.fromkeys(r.group for r in rows):
+        body += f"| **{group}** | | | | | | | |\n"
+        for r in (r for r in rows if r.group == group):
+            body += (f"| {r.variant} | {r.runs} | {r.misses} | {r.worst_error_over_tol:.3g} | {r.calls} | "
+                     f"{r.calls / base[group]:.3f}x | {r.calls / r.oracle_calls:.2f}x | {r.unstopped} |\n")
+    misses = "".join(f"- {r.variant} ({r.group}): {', '.join(f'{c} N={n} tol {t:g} row {row} stop {k} err {e:.2e}' for c, n, t, row, k, e in r.miss_list[:6])}"
+                     f"{' ...' if len(r.miss_list) > 6 else ''}\n" for r in rows if r.miss_list)
+    return head + body + ("\nMisses (case, N, tol, row, stopping iteration, true error):\n\n" + misses if misses else "")
 
 
 # ---------------------------------------------------------------------------------------------------- suite
@@ -261,6 +412,11 @@ def run(quick: bool, tols=(1e-2, 1e-3)) -> list[Row]:
     return out
 
 
+def run_batched(tols=(1e-2, 1e-3)) -> list[Row]:
+    """BATCHED, pipelined only (the schedule does not change where the rule stops, only the calls)."""
+    return [evaluate(case, tol, True, its) for case in BATCHED for its in [iterates(case)] for tol in tols]
+
+
 def markdown(rows: list[Row]) -> str:
     head = ("| case | N | tol | schedule | blocks | images | rule: iters / calls | first-good: iters / calls | settled | "
             "returned error | late |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -281,15 +437,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stopping", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Gaussian mixtures at N=25, 100 only (< 60 s, one core)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/stopping-<date>)")
+    parser.add_argument("--batched", action="store_true", help="the batched mixture cases only (BATCHED: several "
+                        "images judged as one run, as the pipeline runs them)")
+    parser.add_argument("--variants", action="store_true", help="replay the candidate rules (VARIANTS) on the suite "
+                        "and the batched cases; writes variants.md / variants.json")
+    parser.add_argument("--tols", default="0.01,0.001", help="with --variants: the tols (comma-separated)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    rows = run(args.quick)
-    table = markdown(rows)
-    print(table)
     out = args.out or RESULTS / f"stopping-{dt.date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if args.quick else "full"
+    if args.variants:
+        tols = tuple(float(t) for t in args.tols.split(","))
+        vrows = (judge_variants(suite(args.quick), "per-image suite" + (" (quick)" if args.quick else ""), tols)
+                 + judge_variants(BATCHED, "batched", tols))
+        table = f"tols: {', '.join(f'{t:g}' for t in tols)}; pipelined calls\n\n" + variants_markdown(vrows)
+        print(table)
+        stem = "variants" if args.tols == "0.01,0.001" else f"variants-{len(tols)}tols"
+        (out / f"{stem}.md").write_text(table)
+        (out / f"{stem}.json").write_text(json.dumps([asdict(r) | {"tols": tols} for r in vrows], indent=1))
+        print(f"{time.perf_counter() - start:.1f} s; written to {out}")
+        return 0
+    rows = run_batched() if args.batched else run(args.quick)
+    table = markdown(rows)
+    print(table)
+    stem = "batched" if args.batched else "quick" if args.quick else "full"
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(json.dumps([asdict(r) | {"ok": r.ok} for r in rows], indent=1))
     bad = [r for r in rows if not r.ok]
