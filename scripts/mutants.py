@@ -106,6 +106,9 @@ MUTANTS = (
            "return min(WINDOW_ACCEPT_FRACTION * check_tol(tol), WINDOW_ACCEPT_CAP)", "return check_tol(tol)",
            "the sliding-window samplers accept points at tol itself (the measured mode flips: error 295x tol)",
            ("tests/test_window_tol.py",)),
+    Mutant("srds-interior-not-within-tol", "srds_trt/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
+           "SRDS's rule drops the interior-within-tol term (the batched gmm N=1024 false stop: 2.3e-3 at tol 1e-3)",
+           ("tests/test_stopping_rule.py",)),
 )
 
 
