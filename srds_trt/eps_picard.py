@@ -46,6 +46,9 @@ extrapolation (1-2 fewer calls at N=1024, no better at N=196, worse on digits N=
 inheriting the neighbour's Broyden term too (more calls), a data-prior first window (x_t = sqrt(1 - a_t) x_T:
 no change), accepting points by predicted error (change x the point's contraction estimate: unsafe at loose
 tol, no gain).
+Experimental options (off by default; the runtime runner refuses them): a wide-baseline warm start
+(extrapolate_span, extrapolate_fit="lsq") and a ParaSolver-style coarse warm start (coarse_steps, coarse_entering);
+measured in benchmarks/results/eps-picard-experiments-2026-11-27/.
 
 What `tol` means (sampling.py's meaning: max-abs distance to the serial sample)
 -------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ wrappers apply.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -95,6 +99,38 @@ def extrapolation_weights(coord: list[float], nodes: list[int], target: int) -> 
     return weights
 
 
+def least_squares_weights(coord: list[float], nodes: list[int], target: int) -> list[float]:
+    """Weights of the least-squares line through (coord[m], out_m), m in nodes, evaluated at coord[target]:
+    1/M + (c_t - mean)(c_m - mean) / sum_k (c_k - mean)^2 (linear in the outputs, fixed per window)."""
+    mean = sum(coord[m] for m in nodes) / len(nodes)
+    spread = sum((coord[m] - mean) ** 2 for m in nodes)
+    if spread == 0:
+        return [1.0 / len(nodes)] * len(nodes)
+    return [1.0 / len(nodes) + (coord[target] - mean) * (coord[m] - mean) / spread for m in nodes]
+
+
+def coarse_indices(steps: int, coarse_steps: int) -> list[int]:
+    """The fine-grid points a K-step coarse DDIM solve visits: round(i N / K), i = 0..K (K capped at N)."""
+    k = min(coarse_steps, steps)
+    return [round(i * steps / k) for i in range(k + 1)]
+
+
+def coarse_interpolation(coord: list[float], nodes: list[int], target: int) -> list[tuple[int, float]]:
+    """(coarse node position, weight) pairs interpolating the coarse outputs (evaluated at fine points `nodes`,
+    increasing) at fine point `target`: linear in coord between the bracketing nodes, the last node's output held
+    past it."""
+    if target >= nodes[-1]:
+        return [(len(nodes) - 1, 1.0)]
+    i = max(k for k, m in enumerate(nodes) if m <= target)
+    a, b = nodes[i], nodes[i + 1]
+    u = (coord[target] - coord[a]) / (coord[b] - coord[a]) if coord[b] != coord[a] else 0.0
+    return [(i, 1.0 - u), (i + 1, u)]
+
+
+EXTRAPOLATE_FITS = ("nodes", "lsq")
+COARSE_ENTERING = ("offset", "coarse", "extrapolate")
+
+
 def eps_picard_sample(
     model: Model,
     x: Tensor,
@@ -110,6 +146,10 @@ def eps_picard_sample(
     extrapolate: int = 1,
     inherit_slope: bool = True,
     broyden: bool = True,
+    extrapolate_span: int = 1,
+    extrapolate_fit: str = "nodes",
+    coarse_steps: int = 0,
+    coarse_entering: str = "offset",
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Sliding-window Picard on the model outputs over the N-step DDIM grid; converges to `serial_sample`.
@@ -119,6 +159,17 @@ def eps_picard_sample(
     single mechanisms off (module docstring), to measure what each buys: extrapolate = the warm start's
     polynomial order in lambda (0: the frozen last output, 2: quadratic), inherit_slope, broyden, secant, and
     warm_start=False (entering points start at the last state, as in ParaDiGMS / diffusers).
+
+    Experimental options (benchmarks/results/eps-picard-experiments-2026-11-27; the runtime runner refuses them):
+    extrapolate_span = k: the warm start's nodes are k points apart (first - 1, first - 1 - k, ...) instead of
+    adjacent (a wide baseline that averages the output's step-to-step roughness); extrapolate_fit = "lsq": a
+    least-squares line in lambda through the last k + 1 used outputs instead (needs extrapolate = 1).
+    coarse_steps = K > 0: before the first sweep, a K-step DDIM solve from x_T over the whole trajectory (K
+    sequential calls of one row per image, counted in sequential_calls and model_evals); its outputs, interpolated
+    linearly in lambda onto the fine grid, initialise every fine point (the first window too). Entering points
+    then get (coarse_entering) "offset": the coarse output plus the offset between the used and the coarse output
+    at the last point of the old window, "coarse": the coarse output, "extrapolate": the usual warm start. The
+    coarse solve only initialises: the fixed point (tol = 0) is still the serial sample.
     """
     check_solver("ddim", prediction_type)
     timesteps = check_grid(x, timesteps)
@@ -127,6 +178,17 @@ def eps_picard_sample(
     w = window_width(steps, default_window(steps) if window is None else window, max_iters)
     if extrapolate not in (0, 1, 2):
         raise ValueError(f"extrapolate must be 0, 1 or 2, got {extrapolate}")
+    if int(extrapolate_span) != extrapolate_span or extrapolate_span < 1:
+        raise ValueError(f"extrapolate_span must be an integer >= 1, got {extrapolate_span}")
+    if extrapolate_fit not in EXTRAPOLATE_FITS:
+        raise ValueError(f"extrapolate_fit must be one of {EXTRAPOLATE_FITS}, got {extrapolate_fit!r}")
+    if extrapolate_fit == "lsq" and extrapolate != 1:
+        raise ValueError("extrapolate_fit='lsq' fits a line: it needs extrapolate=1")
+    if int(coarse_steps) != coarse_steps or coarse_steps < 0:
+        raise ValueError(f"coarse_steps must be an integer >= 0, got {coarse_steps}")
+    if coarse_entering not in COARSE_ENTERING:
+        raise ValueError(f"coarse_entering must be one of {COARSE_ENTERING}, got {coarse_entering!r}")
+    extrapolate_span, coarse_steps = int(extrapolate_span), int(coarse_steps)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
@@ -158,21 +220,52 @@ def eps_picard_sample(
             used[j] = out_j
             points[j + 1] = c_x[j] * points[j] + c_out[j] * out_j
 
+    coarse: list[Tensor] | None = None  # the coarse solve's output interpolated at every fine point
+
     def warm(first: int, last: int) -> None:
         """New points first..last-1: outputs extrapolated from the last evaluated ones, then propagated."""
-        order = min(extrapolate, first - 1)
-        nodes = [first - 1 - k for k in range(order + 1)]
+        if coarse is not None and coarse_entering != "extrapolate":
+            offset = used[first - 1] - coarse[first - 1] if coarse_entering == "offset" else 0
+            for j in range(first, last):
+                outs[j], evaluated_at[j], slopes[j] = coarse[j] + offset, None, None
+            propagate(first, last)
+            return
+        if extrapolate_fit == "lsq" and first >= 2:
+            nodes = list(range(first - 1, max(first - 2 - extrapolate_span, -1), -1))
+            fit = least_squares_weights
+        else:
+            span = min(extrapolate_span, (first - 1) // extrapolate) if extrapolate else 1
+            order = min(extrapolate, first - 1)
+            nodes = [first - 1 - k * max(span, 1) for k in range(order + 1)]
+            fit = extrapolation_weights
         for j in range(first, last):
-            weights = extrapolation_weights(lam, nodes, j)
+            weights = fit(lam, nodes, j)
             outs[j] = sum(wt * used[m] for wt, m in zip(weights, nodes))
             evaluated_at[j] = None
             slopes[j] = None
         propagate(first, last)
 
     begin, end = 0, w
-    iterations = model_evals = 0
+    iterations = model_evals = coarse_calls = 0
     residuals: list[float] = []
     slides: list[int] = []
+    if coarse_steps > 0:  # (max_iters = 0: the fine chain through the interpolated coarse outputs)
+        # coarse DDIM from x_T over the fine points idx (K sequential calls of `batch` rows), then every fine
+        # point's output initialised from the coarse outputs (interpolated in lambda) and the trajectory propagated
+        idx = coarse_indices(steps, coarse_steps)
+        cx, cout = ddim_coefficients(alphas[idx[:-1]], alphas[idx[1:]], prediction_type)
+        state, coarse_outs = points[0], []
+        for i in range(len(idx) - 1):
+            out = model(state, times[idx[i] : idx[i] + 1].repeat_interleave(batch)).to(dtype)
+            model_evals += batch
+            coarse_calls += 1
+            coarse_outs.append(out)
+            state = float(cx[i]) * state + float(cout[i]) * out
+        coarse = []
+        for j in range(steps):
+            coarse.append(sum(wt * coarse_outs[i] for i, wt in coarse_interpolation(lam, idx[:-1], j)))
+            outs[j], evaluated_at[j] = coarse[j], None
+        propagate(0, steps)
     while begin < steps and (max_iters is None or iterations < max_iters):
         span = end - begin
         state = points[begin:end].flatten(0, 1)  # [span * batch, ...], point-major
@@ -215,5 +308,8 @@ def eps_picard_sample(
                 warm(old_end, end)
             else:
                 points[old_end + 1 : end + 1] = points[old_end]
-    return window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
-                         residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)
+    result = window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
+                           residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)
+    if coarse_calls:  # the coarse solve's calls are on the critical path too
+        result = dataclasses.replace(result, sequential_calls=result.sequential_calls + coarse_calls)
+    return result
