@@ -24,18 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from srds_trt.autotune import window_widths
+from srds_trt.paradigms import WINDOW_SAMPLERS
 from srds_trt.sampling import SAMPLERS, serial_sample
 from srds_trt.stopping import DEFAULT_TOL
 
 from .cases import MIXTURES, build_case, mixture_case
-
-WINDOW_SAMPLERS = ("paradigms", "eps-picard")
-
-
-def windows(steps: int) -> tuple[int, int]:
-    n = round(math.sqrt(steps))
-    return n, 2 * n
-
 
 def fit(points: list[tuple[float, int]], quantile: float = 0.75) -> tuple[float, float]:
     """(a, b) of sweeps ~ a * (N / w) + b on the slow side: a by least squares, b the `quantile` of the residuals
@@ -71,7 +65,7 @@ def main(argv=None) -> dict:
             with torch.inference_mode():
                 serial = serial_sample(case.model, case.x, timesteps, alphas, prediction_type=case.prediction_type)
             for sampler in WINDOW_SAMPLERS:
-                for w in windows(steps):
+                for w in window_widths(steps):  # round(sqrt N) and 2 round(sqrt N), as auto prices them
                     with torch.inference_mode():
                         result = SAMPLERS[sampler](case.model, case.x, timesteps, alphas, tol=args.tol, window=w,
                                                    prediction_type=case.prediction_type)

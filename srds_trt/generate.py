@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace):
     """Everything that can be refused without loading a model; returns the resolved ModelSpec."""
     from .models import UnknownModelError, resolve_model
-    from .pipeline import DIGIT_PROMPTS, check_guidance_scale, check_run_args, check_seed
+    from .pipeline import DIGIT_PROMPTS, WINDOW_SAMPLERS, check_guidance_scale, check_run_args, check_seed
 
     try:
         spec = resolve_model(args.model)
@@ -117,7 +117,7 @@ def check_args(args: argparse.Namespace):
         warnings.warn(f"--blocks and --no-pipelined apply to --sampler srds only; ignored for --sampler {args.sampler}")
     if args.sampler == "auto" and (args.blocks is not None or args.window is not None):
         warnings.warn("--sampler auto chooses the block count (or window) itself; --blocks / --window are ignored")
-    if args.window is not None and args.sampler not in ("eps-picard", "paradigms", "auto"):
+    if args.window is not None and args.sampler not in (*WINDOW_SAMPLERS, "auto"):
         warnings.warn(f"--window applies to --sampler eps-picard / paradigms only; ignored for --sampler {args.sampler}")
     check_device(args)
     check_out(args.out, args.overwrite)

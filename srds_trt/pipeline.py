@@ -416,7 +416,9 @@ class SRDSPipeline:
         steps = len(run["timesteps"]) - 1
         blocks = num_blocks or default_num_blocks(steps)
         if name in WINDOW_SAMPLERS:  # sweeps until the window has slid past N: known only at the end
-            width = window_width_for(name, steps, window)
+            from .runtime.window_runner import resolve_window
+
+            width = resolve_window(name, steps, window)
             total, desc, unit = max_iters, f"{name} {steps} steps / window {width}", "sweep"
         else:
             total, desc, unit = min(blocks, max_iters or blocks), f"{name} {steps} steps / {blocks} blocks", "iter"
@@ -493,13 +495,6 @@ MAX_ROWS = 512
 MAX_STEPS = 8192  # grids finer than the training schedule use fractional timesteps (solvers.alphas_at)
 MAX_GUIDANCE = 1e3  # far beyond any useful scale; larger ones overflow fp16 (and soon fp32) outright
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
-
-
-def window_width_for(sampler: str, steps: int, window: int | None) -> int:
-    """The points per sweep a sliding-window sampler runs with (its default when window is None), capped at N."""
-    from .runtime.window_runner import default_window
-
-    return min(steps, default_window(sampler, steps) if window is None else window)
 
 
 def window_rows(sampler: str, steps: int, window: int | None, images: int, guided: bool) -> int:

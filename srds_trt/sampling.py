@@ -241,17 +241,19 @@ def serial_result(
 def _paradigms(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .paradigms import paradigms_sample  # paradigms imports this module
 
-    return _caller_tol(paradigms_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
+    return with_asked_tol(paradigms_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
 
 
 def _eps_picard(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .eps_picard import eps_picard_sample  # eps_picard imports this module
 
-    return _caller_tol(eps_picard_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
+    return with_asked_tol(eps_picard_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
 
 
-def _caller_tol(result: SampleResult, tol: float) -> SampleResult:
-    result.accept_tol, result.tol = result.tol, tol  # what was asked, and the per-point threshold that ran
+def with_asked_tol(result: SampleResult, tol: float) -> SampleResult:
+    """A sliding-window result run at a per-point threshold (its .tol) for the caller's `tol`: .tol becomes what
+    was asked and .accept_tol the threshold that ran (the registry here, and the runtime's RuntimeSampler.window)."""
+    result.accept_tol, result.tol = result.tol, tol
     return result
 
 

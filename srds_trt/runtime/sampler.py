@@ -23,6 +23,7 @@ from .window_runner import WindowRunner, window_rows
 from .engines.base import Engine, EngineError
 from .engines.factory import BACKENDS, torch_engine
 from ..schedule import build_tick_plan
+from ..sampling import with_asked_tol
 from ..stopping import window_accept_tol
 
 DEFAULT_ENGINE_DIR = Path("engines")
@@ -179,9 +180,8 @@ class RuntimeSampler:
         # tol: sampling.py's meaning (max-abs distance to serial), run as the calibrated per-point threshold
         # (stopping.window_accept_tol), as the registry's reference samplers do; the runner may raise that threshold
         # above its engine's noise floor (result.accept_tol says what ran)
-        result = runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale,
-                            tol=window_accept_tol(tol), max_iters=max_iters, progress=progress)
-        result.accept_tol, result.tol = result.tol, tol
+        result = with_asked_tol(runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale,
+                                           tol=window_accept_tol(tol), max_iters=max_iters, progress=progress), tol)
         self.last_window_stats = runner.last_run
         return result, timing
 

@@ -83,10 +83,15 @@ def default_window(sampler: str, steps: int) -> int:
     return eps_picard_window(steps) if sampler == "eps-picard" else paradigms_window(steps)
 
 
+def resolve_window(sampler: str, steps: int, window: int | None) -> int:
+    """The points per sweep a sliding-window sampler runs with: its default when window is None, capped at N
+    (checked: window >= 1)."""
+    return window_width(steps, default_window(sampler, steps) if window is None else window, None)
+
+
 def window_rows(sampler: str, steps: int, window: int | None, images: int, guided: bool) -> int:
     """Engine rows of one sweep: window x images x (2 under guidance)."""
-    w = min(default_window(sampler, steps) if window is None else int(window), steps)
-    return max(1, w) * images * (2 if guided else 1)
+    return resolve_window(sampler, steps, window) * images * (2 if guided else 1)
 
 
 @dataclass
@@ -143,7 +148,7 @@ class WindowRunner:
         self.broyden = self.secant and self.options.get("broyden", False)
         timesteps = as_grid(timesteps)
         self.steps = n = len(timesteps) - 1
-        self.window = w = window_width(n, default_window(sampler, n) if window is None else window, None)
+        self.window = w = resolve_window(sampler, n, window)
         factor = 2 if guided else 1
         rows = w * batch * factor
         if rows > engine.max_rows:
