@@ -88,6 +88,28 @@ class Run:
     err_max: float
     wall_s: float
     max_points_per_call: int
+    # share of the N points evaluated 1, 2, 3, >= 4 times (evaluations_per_point; None in results before 2026-11-27b)
+    evals_share: tuple[float, float, float, float] | None = None
+
+
+def evaluations_per_point(steps: int, window: int, slides: list[int]) -> list[int]:
+    """How often each point 0..N-1 was evaluated by a sliding-window sampler, from its slides: every sweep
+    evaluates the points begin .. min(begin + window, N) - 1, then begin moves by the slide.
+
+    Why it matters (the goal's arithmetic): a point whose first evaluation is not already at (within tol of) its
+    final state is evaluated again there, so it costs >= 2 rows, and a call holds <= window rows per image; the
+    sequential calls are >= sum(evaluations) / window."""
+    counts, begin = [0] * steps, 0
+    for slide in slides:
+        for j in range(begin, min(begin + window, steps)):
+            counts[j] += 1
+        begin += slide
+    return counts
+
+
+def evals_share(counts: list[int]) -> tuple[float, float, float, float]:
+    n = max(len(counts), 1)
+    return tuple(sum(1 for c in counts if (c >= 4 if k == 4 else c == k)) / n for k in (1, 2, 3, 4))
 
 
 class _Width:
@@ -131,8 +153,9 @@ def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log) -> 
             with torch.inference_mode():
                 result = fn(model, case.x, timesteps, alphas, tol=tol, window=window, **common, **kw)
             err = float((result.sample.double() - reference.double()).abs().max())
+            share = evals_share(evaluations_per_point(steps, result.window, result.slides))
             return Run(case.name, steps, sampler, result.window, tol, result.sequential_calls,
-                       result.model_evals / images, err, time.perf_counter() - start, model.widest)
+                       result.model_evals / images, err, time.perf_counter() - start, model.widest, share)
 
         def log_run(r: Run):
             bar.update(1)
@@ -162,7 +185,7 @@ def matched(runs: list[Run]) -> list[dict]:
                 best = min(ok, key=lambda r: (r.sequential_calls, r.evals_per_image), default=None)
                 row[sampler] = None if best is None else {
                     "sequential_calls": best.sequential_calls, "evals_per_image": best.evals_per_image,
-                    "window": best.window, "tol": best.tol, "err_max": best.err_max}
+                    "window": best.window, "tol": best.tol, "err_max": best.err_max, "evals_share": best.evals_share}
             pd, ep = row.get("paradigms"), row.get("eps-picard")
             row["ratio"] = ep["sequential_calls"] / pd["sequential_calls"] if pd and ep else None
             rows.append(row)
@@ -212,7 +235,32 @@ def markdown(results: dict) -> str:
     met = [r for r in results["matched"] if r["ratio"] is not None]
     lines += ["", f"Goal (ratio <= 0.6) met in {sum(r['ratio'] <= 0.6 for r in met)} of {len(met)} rows "
               f"(rows where both samplers reached the target).", ""]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + budget_table(results["matched"])) + "\n"
+
+
+def budget_table(rows: list[dict]) -> list[str]:
+    """Where the calls go (evaluations_per_point): the rows per point a call count of 0.6x ParaDiGMS allows at
+    the sampler's window, beside what the matched runs spent."""
+    have = [r for r in rows if r["ratio"] is not None and r["eps-picard"].get("evals_share") is not None]
+    if not have:
+        return []
+    lines = ["## Where the calls go", "",
+             "Every point is evaluated at (within tol of) its final state before the window leaves it; a point "
+             "whose first evaluation was not already there costs a second one. A call holds at most w rows per "
+             "image, so calls >= evaluations / w. 'allowed' = floor(0.6 x ParaDiGMS calls) x w / N: the "
+             "evaluations per point the goal leaves at full windows; 'use' = evaluations / (calls x w) (the "
+             "first window and the tail are narrower or wasted). Shares: points evaluated 1 / 2 / 3 / >= 4 times.",
+             "", "| case | N | target | allowed / point | eps-Picard / point | use | eps-Picard shares | "
+             "ParaDiGMS / point | ParaDiGMS shares |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in have:
+        ep, pd, steps = row["eps-picard"], row["paradigms"], row["steps"]
+        allowed = math.floor(0.6 * pd["sequential_calls"]) * ep["window"] / steps
+        use = ep["evals_per_image"] / (ep["sequential_calls"] * ep["window"])
+        shares = lambda cell: " / ".join(f"{100 * x:.0f}" for x in cell["evals_share"]) + " %"  # noqa: E731
+        lines.append(f"| {row['case']} | {steps} | {row['target']:g} | {allowed:.2f} | "
+                     f"{ep['evals_per_image'] / steps:.2f} | {use:.2f} | {shares(ep)} | "
+                     f"{pd['evals_per_image'] / steps:.2f} | {shares(pd)} |")
+    return lines + [""]
 
 
 def run(config: Config, out: Path, log=print) -> dict:

@@ -47,8 +47,9 @@ inheriting the neighbour's Broyden term too (more calls), a data-prior first win
 no change), accepting points by predicted error (change x the point's contraction estimate: unsafe at loose
 tol, no gain).
 Experimental options (off by default; the runtime runner refuses them): a wide-baseline warm start
-(extrapolate_span, extrapolate_fit="lsq") and a ParaSolver-style coarse warm start (coarse_steps, coarse_entering);
-measured in benchmarks/results/eps-picard-experiments-2026-11-27/.
+(extrapolate_span, extrapolate_fit="lsq"), measured in benchmarks/results/eps-picard-experiments-2026-11-27/.
+Measured and removed: a ParaSolver-style coarse warm start (a K-step DDIM solve from x_T initialising every point;
++2..+12 calls, the same folder; code at commit d68db7c).
 
 What `tol` means (sampling.py's meaning: max-abs distance to the serial sample)
 -------------------------------------------------------------------------------
@@ -68,7 +69,6 @@ wrappers apply.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -109,26 +109,7 @@ def least_squares_weights(coord: list[float], nodes: list[int], target: int) -> 
     return [1.0 / len(nodes) + (coord[target] - mean) * (coord[m] - mean) / spread for m in nodes]
 
 
-def coarse_indices(steps: int, coarse_steps: int) -> list[int]:
-    """The fine-grid points a K-step coarse DDIM solve visits: round(i N / K), i = 0..K (K capped at N)."""
-    k = min(coarse_steps, steps)
-    return [round(i * steps / k) for i in range(k + 1)]
-
-
-def coarse_interpolation(coord: list[float], nodes: list[int], target: int) -> list[tuple[int, float]]:
-    """(coarse node position, weight) pairs interpolating the coarse outputs (evaluated at fine points `nodes`,
-    increasing) at fine point `target`: linear in coord between the bracketing nodes, the last node's output held
-    past it."""
-    if target >= nodes[-1]:
-        return [(len(nodes) - 1, 1.0)]
-    i = max(k for k, m in enumerate(nodes) if m <= target)
-    a, b = nodes[i], nodes[i + 1]
-    u = (coord[target] - coord[a]) / (coord[b] - coord[a]) if coord[b] != coord[a] else 0.0
-    return [(i, 1.0 - u), (i + 1, u)]
-
-
 EXTRAPOLATE_FITS = ("nodes", "lsq")
-COARSE_ENTERING = ("offset", "coarse", "extrapolate")
 
 
 def eps_picard_sample(
@@ -148,8 +129,6 @@ def eps_picard_sample(
     broyden: bool = True,
     extrapolate_span: int = 1,
     extrapolate_fit: str = "nodes",
-    coarse_steps: int = 0,
-    coarse_entering: str = "offset",
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Sliding-window Picard on the model outputs over the N-step DDIM grid; converges to `serial_sample`.
@@ -164,12 +143,6 @@ def eps_picard_sample(
     extrapolate_span = k: the warm start's nodes are k points apart (first - 1, first - 1 - k, ...) instead of
     adjacent (a wide baseline that averages the output's step-to-step roughness); extrapolate_fit = "lsq": a
     least-squares line in lambda through the last k + 1 used outputs instead (needs extrapolate = 1).
-    coarse_steps = K > 0: before the first sweep, a K-step DDIM solve from x_T over the whole trajectory (K
-    sequential calls of one row per image, counted in sequential_calls and model_evals); its outputs, interpolated
-    linearly in lambda onto the fine grid, initialise every fine point (the first window too). Entering points
-    then get (coarse_entering) "offset": the coarse output plus the offset between the used and the coarse output
-    at the last point of the old window, "coarse": the coarse output, "extrapolate": the usual warm start. The
-    coarse solve only initialises: the fixed point (tol = 0) is still the serial sample.
     """
     check_solver("ddim", prediction_type)
     timesteps = check_grid(x, timesteps)
@@ -184,11 +157,7 @@ def eps_picard_sample(
         raise ValueError(f"extrapolate_fit must be one of {EXTRAPOLATE_FITS}, got {extrapolate_fit!r}")
     if extrapolate_fit == "lsq" and extrapolate != 1:
         raise ValueError("extrapolate_fit='lsq' fits a line: it needs extrapolate=1")
-    if int(coarse_steps) != coarse_steps or coarse_steps < 0:
-        raise ValueError(f"coarse_steps must be an integer >= 0, got {coarse_steps}")
-    if coarse_entering not in COARSE_ENTERING:
-        raise ValueError(f"coarse_entering must be one of {COARSE_ENTERING}, got {coarse_entering!r}")
-    extrapolate_span, coarse_steps = int(extrapolate_span), int(coarse_steps)
+    extrapolate_span = int(extrapolate_span)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)
@@ -220,16 +189,8 @@ def eps_picard_sample(
             used[j] = out_j
             points[j + 1] = c_x[j] * points[j] + c_out[j] * out_j
 
-    coarse: list[Tensor] | None = None  # the coarse solve's output interpolated at every fine point
-
     def warm(first: int, last: int) -> None:
         """New points first..last-1: outputs extrapolated from the last evaluated ones, then propagated."""
-        if coarse is not None and coarse_entering != "extrapolate":
-            offset = used[first - 1] - coarse[first - 1] if coarse_entering == "offset" else 0
-            for j in range(first, last):
-                outs[j], evaluated_at[j], slopes[j] = coarse[j] + offset, None, None
-            propagate(first, last)
-            return
         if extrapolate_fit == "lsq" and first >= 2:
             nodes = list(range(first - 1, max(first - 2 - extrapolate_span, -1), -1))
             fit = least_squares_weights
@@ -246,26 +207,9 @@ def eps_picard_sample(
         propagate(first, last)
 
     begin, end = 0, w
-    iterations = model_evals = coarse_calls = 0
+    iterations = model_evals = 0
     residuals: list[float] = []
     slides: list[int] = []
-    if coarse_steps > 0:  # (max_iters = 0: the fine chain through the interpolated coarse outputs)
-        # coarse DDIM from x_T over the fine points idx (K sequential calls of `batch` rows), then every fine
-        # point's output initialised from the coarse outputs (interpolated in lambda) and the trajectory propagated
-        idx = coarse_indices(steps, coarse_steps)
-        cx, cout = ddim_coefficients(alphas[idx[:-1]], alphas[idx[1:]], prediction_type)
-        state, coarse_outs = points[0], []
-        for i in range(len(idx) - 1):
-            out = model(state, times[idx[i] : idx[i] + 1].repeat_interleave(batch)).to(dtype)
-            model_evals += batch
-            coarse_calls += 1
-            coarse_outs.append(out)
-            state = float(cx[i]) * state + float(cout[i]) * out
-        coarse = []
-        for j in range(steps):
-            coarse.append(sum(wt * coarse_outs[i] for i, wt in coarse_interpolation(lam, idx[:-1], j)))
-            outs[j], evaluated_at[j] = coarse[j], None
-        propagate(0, steps)
     while begin < steps and (max_iters is None or iterations < max_iters):
         span = end - begin
         state = points[begin:end].flatten(0, 1)  # [span * batch, ...], point-major
@@ -308,8 +252,5 @@ def eps_picard_sample(
                 warm(old_end, end)
             else:
                 points[old_end + 1 : end + 1] = points[old_end]
-    result = window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
-                           residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)
-    if coarse_calls:  # the coarse solve's calls are on the critical path too
-        result = dataclasses.replace(result, sequential_calls=result.sequential_calls + coarse_calls)
-    return result
+    return window_result("eps-picard", points[steps], x, iterations=iterations, window=w, model_evals=model_evals,
+                         residuals=residuals, slides=slides, converged=begin >= steps, tol=tol)

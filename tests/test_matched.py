@@ -33,6 +33,8 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
         assert r["max_points_per_call"] <= 8  # equal parallel width: at most 2 round(sqrt N) points per image
     assert {r["sampler"] for r in saved["runs"]} == {"paradigms", *matched.ABLATIONS}
     assert results["matched"][0]["paradigms"] is not None
+    assert all(abs(sum(r["evals_share"]) - 1) < 1e-9 for r in saved["runs"])
+    assert "## Where the calls go" in (tmp_path / "results.md").read_text()
 
 
 def test_merge_joins_partial_runs(tmp_path):
@@ -41,3 +43,24 @@ def test_merge_joins_partial_runs(tmp_path):
     merged = matched.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
     assert sorted({(row["case"], row["steps"]) for row in merged["matched"]}) == [("wide2", 9), ("wide2", 16)]
     assert "| wide2 | 16 |" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_evaluations_per_point_follow_the_window():
+    # window 3 over N = 5: sweep 1 sees 0,1,2 and slides 1; sweep 2 sees 1,2,3 and slides 2; sweep 3 sees 3,4
+    assert matched.evaluations_per_point(5, 3, [1, 2, 2]) == [1, 2, 2, 2, 1]
+    assert matched.evals_share([1, 2, 2, 2, 1, 4, 5, 3]) == (2 / 8, 3 / 8, 1 / 8, 2 / 8)
+
+
+def test_evaluations_per_point_add_up_to_the_sampler_s_rows(tmp_path):
+    import torch
+
+    from benchmarks.cases import mixture_case
+    from srds_trt.eps_picard import eps_picard_sample
+    from srds_trt.paradigms import paradigms_sample
+
+    case = mixture_case("wide2", images=3, device=torch.device("cpu"))
+    timesteps, alphas, steps = case.grid(30)
+    for fn, window in ((eps_picard_sample, 8), (paradigms_sample, 5)):
+        result = fn(case.model, case.x, timesteps, alphas, tol=1e-3, window=window)
+        counts = matched.evaluations_per_point(steps, result.window, result.slides)
+        assert sum(counts) * 3 == result.model_evals and min(counts) >= 1

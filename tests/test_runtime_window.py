@@ -260,9 +260,9 @@ def test_refusals():
         make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows
     with pytest.raises(ValueError, match="unknown eps-Picard options"):
         make_runner("eps-picard", 16, 5, True, anderson=True)
-    with pytest.raises(ValueError, match="reference-only option coarse_steps"):
-        make_runner("eps-picard", 16, 5, True, coarse_steps=4)
-    make_runner("eps-picard", 16, 5, True, coarse_steps=0)  # the reference's default: accepted
+    with pytest.raises(ValueError, match="reference-only option extrapolate_fit"):
+        make_runner("eps-picard", 16, 5, True, extrapolate_fit="lsq")
+    make_runner("eps-picard", 16, 5, True, extrapolate_fit="nodes")  # the reference's default: accepted
     with pytest.raises(ValueError, match="no algorithm options"):
         make_runner("paradigms", 16, 5, True, secant=False)
     with pytest.raises(ValueError, match="sampler must be one of"):
