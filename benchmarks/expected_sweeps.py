@@ -1,10 +1,12 @@
 """The sweeps the sliding-window samplers need at the tol users pass, and auto's affine fit to them.
 
-    python -m benchmarks.expected_sweeps [--out FILE] [--quick]
+    python -m benchmarks.expected_sweeps [--tol T] [--out FILE] [--quick]
 
-srds_trt.autotune predicts a sliding-window sampler's sequential calls as a * N / w + b sweeps (autotune.EXPECTED).
-This runs the registry's samplers (sampling.SAMPLERS: `tol` = max-abs distance to serial, run at the calibrated
-per-point threshold stopping.window_accept_tol) at the default tol on the matched benchmark's cases (the four
+srds_trt.autotune predicts a sliding-window sampler's sequential calls as a * N / w + b sweeps at the tol asked
+(autotune.WINDOW_SWEEPS: fits at tol 1e-2, 1e-3, 1e-4, i.e. `--tol 1e-2`, the default and `--tol 1e-4`; committed
+as benchmarks/results/expected-sweeps-2026-11-27{-tol1e-2,,-tol1e-4}.json). This runs the registry's samplers
+(sampling.SAMPLERS: `tol` = max-abs distance to serial, run at the calibrated per-point threshold
+stopping.window_accept_tol) at one tol (default: the default tol) on the matched benchmark's cases (the four
 mixtures at N = 196 and 1024, the digits model with guidance at N = 100, 196 (10 images) and 1024 (4)), both windows round(sqrt N) and
 2 round(sqrt N), and fits (a, b) on the slow side: a by least squares through the measured sweeps, b raised until
 three of four runs need no more than predicted. Prints the table and the fit; writes JSON.

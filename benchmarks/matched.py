@@ -241,7 +241,8 @@ def markdown(results: dict) -> str:
 def budget_table(rows: list[dict]) -> list[str]:
     """Where the calls go (evaluations_per_point): the rows per point a call count of 0.6x ParaDiGMS allows at
     the sampler's window, beside what the matched runs spent."""
-    have = [r for r in rows if r["ratio"] is not None and r["eps-picard"].get("evals_share") is not None]
+    have = [r for r in rows if r["ratio"] is not None
+            and all(r[s].get("evals_share") is not None for s in ("eps-picard", "paradigms"))]
     if not have:
         return []
     lines = ["## Where the calls go", "",

@@ -27,7 +27,7 @@ ALLGATHER_MS = 0.1
 STEPS = (25, 50, 100)
 WORLDS = (1, 2, 4, 8)
 SRDS_ITERATIONS = (1, 2, 3)  # Parareal iterations the stopping rule needs at SD tolerances: assumed, not measured
-PARADIGMS_SLIDE = 0.2  # points accepted per sweep / window (autotune.EXPECTED, measured on CPU benchmark models)
+PARADIGMS_SLIDE = 0.2  # points accepted per sweep / window (the first auto sweep model, measured on CPU benchmark models)
 PUBLISHED = {
     "paradigms (Shih et al. 2023, SD-v2 DDPM-1000, A100s)": {1: 0.7, 4: 2.3, 8: 3.2},
     "srds (arXiv 2412.08292)": "SD timings on 4 A100s; see the paper's tables (not restated: not re-checked here)",

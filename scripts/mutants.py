@@ -109,6 +109,10 @@ MUTANTS = (
     Mutant("srds-interior-not-within-tol", "srds_trt/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
            "SRDS's rule drops the interior-within-tol term (the batched gmm N=1024 false stop: 2.3e-3 at tol 1e-3)",
            ("tests/test_stopping_rule.py",)),
+    Mutant("auto-prices-the-default-tol", "srds_trt/pipeline.py",
+           "sweep_overhead_ms=overhead, tol=tol)", "sweep_overhead_ms=overhead)",
+           "--sampler auto prices the window samplers at the default tol whatever the caller asked",
+           ("tests/test_auto.py",)),
 )
 
 

@@ -15,12 +15,13 @@ The calls of each candidate:
 - serial: N calls of (images x rows per image) rows, on one device (a tick needs no all-gather).
 - srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations;
   rows per tick read off the plan itself.
-- paradigms, eps-picard: sweeps of w points each; expected sweeps = a * N / w + b, an affine fit (EXPECTED below)
-  to the sweeps the registry's samplers ran at the default tol (1e-3, run at stopping.window_accept_tol) on the
-  matched cases (`python -m benchmarks.expected_sweeps`: 4 mixtures at N = 196 and 1024, digits with guidance at
-  N = 100, 196, 1024, both windows), taken on the slow side: a by least squares, b raised until 3 of 4 runs need
-  no more than predicted. b is the first window's start-up (a window from x_T needs several sweeps before it
-  slides), a the sweeps per window length once it slides. A fixed slide fraction (the first version) predicted
+- paradigms, eps-picard: sweeps of w points each; expected sweeps = a * N / w + b, affine fits (WINDOW_SWEEPS
+  below) to the sweeps the registry's samplers ran at tol 1e-2, 1e-3 (the default) and 1e-4 (each run at
+  stopping.window_accept_tol) on the matched cases (`python -m benchmarks.expected_sweeps --tol T`: 4 mixtures at
+  N = 196 and 1024, digits with guidance at N = 100, 196, 1024, both windows), taken on the slow side: a by least
+  squares, b raised until 3 of 4 runs need no more than predicted; between those tols interpolated in log10(tol),
+  so auto prices the tol the caller asked for. b is the first window's start-up (a window from x_T needs several
+  sweeps before it slides), a the sweeps per window length once it slides. A fixed slide fraction (the first version) predicted
   digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
   On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
   H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from .schedule import build_tick_plan, default_num_blocks
+from .stopping import DEFAULT_TOL, check_tol
 
 LatencyCurve = Callable[[int], float] | Mapping[int, float]
 
@@ -56,16 +58,17 @@ CANDIDATES = ("serial", "srds", "paradigms", "eps-picard")  # every sampler auto
 # SRDSPipeline.__call__ (tests/test_autotune.py checks both signatures), so a Choice's options apply as they are.
 OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("window",), "eps-picard": ("window",)}
 
-# Expected work per sampler at the default tol (module doc). Sliding windows: sweeps = a * N / w + b, the upper-
-# quartile fit of benchmarks/results/expected-sweeps-2026-11-27.json (registry samplers at tol 1e-3; e.g. eps-Picard
-# w = 2 round(sqrt N): digits N = 100, 196, 1024 -> 19, 24, 43 sweeps, mixtures at N = 1024 -> 28-32; ParaDiGMS
-# w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65). SRDS: Parareal iterations as a fraction of its
-# block count (pipelined; committed CPU set: digits N=196 ~ 7 of 14).
-EXPECTED = {
-    "paradigms_sweeps": (2.65, 17.2),  # (a, b)
-    "eps_picard_sweeps": (1.2, 14.2),
-    "srds_iterations": 0.5,
+# Expected work per sampler (module doc). Sliding windows: sweeps = a * N / w + b at the tol the registry runs them at,
+# the upper-quartile fits of benchmarks/results/expected-sweeps-2026-11-27*.json (registry samplers at tol 1e-2,
+# 1e-3 (the default), 1e-4; e.g. eps-Picard w = 2 round(sqrt N) at 1e-3: digits N = 100, 196, 1024 -> 19, 24, 43
+# sweeps, mixtures at N = 1024 -> 28-32; ParaDiGMS w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024
+# 52-65). tol -> (a, b); expected_sweeps interpolates in log10(tol). SRDS: Parareal iterations as a fraction of its
+# block count at the default tol (pipelined; committed CPU set: digits N=196 ~ 7 of 14), whatever the tol.
+WINDOW_SWEEPS = {
+    "paradigms": {1e-2: (2.3, 15.2), 1e-3: (2.65, 17.2), 1e-4: (3.0, 18.0)},
+    "eps-picard": {1e-2: (1.02, 11.8), 1e-3: (1.2, 14.2), 1e-4: (1.49, 14.6)},
 }
+EXPECTED = {"srds_iterations": 0.5}
 # A sweep's update program besides the engine call on a GPU, ms = fixed + per_point * w: measured on an H100
 # (benchmarks/results/gpu/2026-11-27-h100-samplers-run2 and -run3-fused, digits, CUDA graphs, the one host read
 # per sweep included): ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard with its chains fused (runtime/fused.py, the
@@ -75,9 +78,23 @@ EXPECTED = {
 GPU_SWEEP_OVERHEAD_MS = {"paradigms": (0.25, 0.0), "eps-picard": (0.55, 0.0)}
 
 
-def expected_sweeps(sampler: str, steps: int, window: int) -> int:
-    """Sweeps a sliding-window sampler is expected to need (EXPECTED's affine fit), at most N (one point per sweep)."""
-    a, b = EXPECTED[{"paradigms": "paradigms_sweeps", "eps-picard": "eps_picard_sweeps"}[sampler]]
+def expected_sweeps(sampler: str, steps: int, window: int, tol: float = DEFAULT_TOL) -> int:
+    """Sweeps a sliding-window sampler is expected to need at `tol` (WINDOW_SWEEPS' affine fits), at most N (one
+    point per sweep). Between the measured tols (a, b) is linear in log10(tol); tighter than the tightest it is
+    extrapolated along the last segment (sweeps keep growing per decade); looser than the loosest it is held: the
+    registry runs every tol >= 1e-2 at the same capped per-point threshold (stopping.window_accept_tol), so their
+    sweeps are the same. tol = 0 slides only past unchanged points: priced as N sweeps."""
+    if check_tol(tol) == 0:
+        return steps
+    table = WINDOW_SWEEPS[sampler]
+    tols = sorted(table)
+    if tol >= tols[-1]:
+        a, b = table[tols[-1]]
+    else:
+        lo = max([t for t in tols[:-1] if t <= tol], default=tols[0])
+        hi = tols[tols.index(lo) + 1]
+        u = (math.log10(tol) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+        a, b = (x + u * (y - x) for x, y in zip(table[lo], table[hi]))
     return max(1, min(steps, math.ceil(a * steps / window + b)))
 
 
@@ -160,10 +177,12 @@ def choose(
     allgather_ms: float = 0.0,
     samplers: tuple[str, ...] = CANDIDATES,
     sweep_overhead_ms: Mapping[str, tuple[float, float]] | None = None,
+    tol: float = DEFAULT_TOL,
 ) -> Choice:
     """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table.
     sweep_overhead_ms: sliding-window sampler -> (fixed, per window point) ms each sweep pays besides its engine
-    call (GPU_SWEEP_OVERHEAD_MS on a GPU; None: nothing)."""
+    call (GPU_SWEEP_OVERHEAD_MS on a GPU; None: nothing). tol: what the sampler will run at (sampling.py's meaning);
+    it sets the sliding-window samplers' expected sweeps (expected_sweeps)."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
     if world_size < 1 or not (allgather_ms >= 0 and math.isfinite(allgather_ms)):
@@ -191,7 +210,7 @@ def choose(
         if name not in samplers:
             continue
         for w in window_widths(steps):
-            sweeps = expected_sweeps(name, steps, w)
+            sweeps = expected_sweeps(name, steps, w, tol)
             fixed, per_point = (sweep_overhead_ms or {}).get(name, (0.0, 0.0))
             ms = price([w] * sweeps) + sweeps * (fixed + per_point * w)
             candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, ms))

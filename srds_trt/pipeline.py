@@ -170,7 +170,7 @@ class SRDSPipeline:
         auto = None
         if sampler == "auto":  # the choice's options (num_blocks/pipelined or window) replace the caller's
             decide_start = time.perf_counter()  # a first auto call builds the engine and times its buckets here
-            auto = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale)
+            auto = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale, tol)
             auto["decide_s"] = time.perf_counter() - decide_start  # outside wall_time_s: reported on its own
             sampler, options = auto["sampler"], auto["options"]
             num_blocks, pipelined = options.get("num_blocks", num_blocks), options.get("pipelined", pipelined)
@@ -261,8 +261,8 @@ class SRDSPipeline:
         of them (autotune.runnable_choice) and says so in stats["auto"]["fallback"]."""
         return tuple(REFERENCE_SAMPLERS) if self.runtime is None else RUNTIME_SAMPLERS
 
-    def _auto_sampler(self, steps: int, images: int, scale: float) -> dict:
-        """sampler="auto": srds_trt.autotune's choice for this model, engine, device, world size and N, as the
+    def _auto_sampler(self, steps: int, images: int, scale: float, tol: float) -> dict:
+        """sampler="auto": srds_trt.autotune's choice for this model, engine, device, world size, N and tol, as the
         stats record it: Choice.as_dict() (every candidate's predicted ms, the reason, any fallback) plus where the
         latency curve came from and what a tick's all-gather costs. Every rank of a process group gets rank 0's
         curve and all-gather time, so all ranks choose the same sampler (they must run the same schedule)."""
@@ -284,11 +284,11 @@ class SRDSPipeline:
             self._record_curve(curve)
         latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
         overhead = autotune.GPU_SWEEP_OVERHEAD_MS if self.device.type == "cuda" else None
-        key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets)
+        key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets, tol)
         if key not in self._auto_cache:  # pricing N = 1024's candidates is milliseconds of Python per request
             self._auto_cache[key] = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency,
                                                     world_size=world, allgather_ms=allgather_ms,
-                                                    sweep_overhead_ms=overhead)
+                                                    sweep_overhead_ms=overhead, tol=tol)
         choice = self._auto_cache[key]
         runnable = self.runnable_samplers()
 
@@ -300,7 +300,7 @@ class SRDSPipeline:
             return None
 
         choice = autotune.runnable_choice(choice, why_not)
-        return {**choice.as_dict(), "curve_source": source,
+        return {**choice.as_dict(), "tol": tol, "curve_source": source,
                 "latency_per_rows_ms": {int(r): round(float(ms), 4) for r, ms in curve.items()},
                 "world_size": world, "allgather_ms": allgather_ms, "allgather": allgather,
                 "curve_recorded": self._auto_cache.get(("recorded", str(getattr(self.runtime, "artifacts", None))))}

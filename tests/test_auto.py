@@ -265,3 +265,15 @@ def test_engine_curve_on_a_gpu_is_timed_as_graph_replays():
     curve = measure_engine_curve(engine)
     assert list(curve) == list(engine.buckets) and all(ms > 0 for ms in curve.values())
     assert curve[1] < 5.0  # graph replay of a 1.1 M-parameter UNet (H200: 0.87 ms); eager is 7-22 ms
+
+
+def test_auto_prices_the_tol_the_caller_asked_for(digits, monkeypatch):
+    inject(digits, monkeypatch, FLAT)
+    seen = {}
+    for tol in (1e-2, 1e-4):
+        auto = digits("3", num_inference_steps=100, sampler="auto", tol=tol, progress_bar=False).stats["auto"]
+        expected = autotune.choose(steps=100, latency_ms=FLAT, tol=tol)
+        assert auto["tol"] == tol
+        assert [c["sequential_calls"] for c in auto["candidates"]] == [c.sequential_calls for c in expected.candidates]
+        seen[tol] = [c["sequential_calls"] for c in auto["candidates"] if "window" in c["options"]]
+    assert all(a <= b for a, b in zip(seen[1e-2], seen[1e-4])) and seen[1e-2] != seen[1e-4]

@@ -4,6 +4,7 @@ never predicted slower than serial, multi-GPU tick cost = latency(ceil(R / K)) +
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import pytest
@@ -145,3 +146,34 @@ def test_sweep_overhead_is_priced_per_sweep_and_can_flip_the_choice():
         assert after.predicted_ms == pytest.approx(before.predicted_ms + before.sequential_calls * (fixed + per_point * w))
     assert plain.sampler == "eps-picard" and costly.sampler == "paradigms"
     assert set(autotune.GPU_SWEEP_OVERHEAD_MS) == {"eps-picard", "paradigms"}
+
+
+@pytest.mark.parametrize("sampler", ["paradigms", "eps-picard"])
+def test_expected_sweeps_price_the_asked_tol(sampler):
+    """Fitted at 1e-2, 1e-3, 1e-4 (WINDOW_SWEEPS): exact there, log-interpolated between, held above 1e-2 (the
+    registry caps the per-point threshold), extrapolated below 1e-4, N at tol = 0; tighter never cheaper."""
+    for steps in (100, 196, 1024):
+        for w in autotune.window_widths(steps):
+            for tol, (a, b) in autotune.WINDOW_SWEEPS[sampler].items():
+                assert autotune.expected_sweeps(sampler, steps, w, tol) == min(steps, math.ceil(a * steps / w + b))
+            assert autotune.expected_sweeps(sampler, steps, w) == autotune.expected_sweeps(sampler, steps, w, 1e-3)
+            grid = [1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1, 1.0]
+            sweeps = [autotune.expected_sweeps(sampler, steps, w, tol) for tol in grid]
+            assert sweeps == sorted(sweeps, reverse=True), (steps, w, sweeps)
+            assert sweeps[-1] == sweeps[-2] == sweeps[-3]  # held above 1e-2
+            assert sweeps[0] > sweeps[2] or sweeps[0] == steps  # extrapolated below 1e-4
+            assert autotune.expected_sweeps(sampler, steps, w, 0.0) == steps
+    assert autotune.expected_sweeps(sampler, 1024, 64, 1e-4) > autotune.expected_sweeps(sampler, 1024, 64, 1e-2)
+
+
+def test_choose_prices_the_asked_tol():
+    flat = {1: 1.0, 1024: 1.0}
+    by_tol = {tol: autotune.choose(steps=1024, latency_ms=flat, tol=tol) for tol in (1e-2, 1e-3, 1e-4)}
+    assert autotune.choose(steps=1024, latency_ms=flat) == by_tol[1e-3]
+    windowed = lambda choice: [c.sequential_calls for c in choice.candidates if "window" in c.options]  # noqa: E731
+    loose, default, tight = (windowed(by_tol[t]) for t in (1e-2, 1e-3, 1e-4))
+    assert all(a <= b <= c for a, b, c in zip(loose, default, tight)) and loose != tight
+    others = lambda choice: [c for c in choice.candidates if "window" not in c.options]  # noqa: E731
+    assert others(by_tol[1e-2]) == others(by_tol[1e-4])  # serial and SRDS do not depend on it
+    with pytest.raises(ValueError, match="tol"):
+        autotune.choose(steps=100, latency_ms=flat, tol=-1.0)
