@@ -21,8 +21,8 @@ The calls of each candidate:
   N = 196 and 1024, digits with guidance at N = 100, 196, 1024, both windows), taken on the slow side: a by least
   squares, b raised until 3 of 4 runs need no more than predicted; between those tols interpolated in log10(tol),
   so auto prices the tol the caller asked for. b is the first window's start-up (a window from x_T needs several
-  sweeps before it slides), a the sweeps per window length once it slides. A fixed slide fraction (the first version) predicted
-  digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
+  sweeps before it slides), a the sweeps per window length once it slides. A fixed slide fraction (the first
+  version) predicted digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
   On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
   H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
   Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
