@@ -354,18 +354,19 @@ class SRDSPipeline:
 
     def _measure_reference_curve(self, widest: int) -> dict[int, float]:
         """ms per conditional model call of this rank's model vs rows: 1, 2, 4, ... below `widest`, and `widest`
-        (at most 64: wider calls extrapolate with the last slope); one warm-up, then the best of three."""
-        from .runtime.latency import best_ms
+        (at most 64: wider calls extrapolate with the last slope); one warm-up, then the best of three rounds
+        (runtime.latency.best_ms_interleaved: a shared CPU's load bursts must not flatten the curve)."""
+        from .runtime.latency import best_ms_interleaved
 
         model = self.cond_model.model if self.process_group is not None else self.cond_model  # unsharded
         top = min(widest, 64)
-        curve = {}
+        calls = {}
         for r in sorted({*(2**k for k in range(7) if 2**k < top), top}):
             x = torch.zeros((r, *self.loaded.sample_shape), device=self.device, dtype=self.dtype)
             t = torch.full((r,), 500, device=self.device)
             cond, _ = self.encode(["0" if self.family == "digits" else ""] * r)
-            curve[r] = best_ms(lambda: model(x, t, cond), self.device, 3)
-        return curve
+            calls[r] = lambda x=x, t=t, cond=cond: model(x, t, cond)
+        return best_ms_interleaved(calls, self.device, 3)
 
     def _measure_engine_curve(self, engine) -> dict[int, float]:
         from .runtime.latency import measure_engine_curve

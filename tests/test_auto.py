@@ -277,3 +277,26 @@ def test_auto_prices_the_tol_the_caller_asked_for(digits, monkeypatch):
         assert [c["sequential_calls"] for c in auto["candidates"]] == [c.sequential_calls for c in expected.candidates]
         seen[tol] = [c["sequential_calls"] for c in auto["candidates"] if "window" in c["options"]]
     assert all(a <= b for a, b in zip(seen[1e-2], seen[1e-4])) and seen[1e-2] != seen[1e-4]
+
+
+def test_curve_timing_survives_a_load_burst(monkeypatch):
+    """A burst of load from another process (here: the first 4 calls 10x slower, on a fake clock) must not flatten
+    the curve: row counts are timed in interleaved rounds, so the burst costs one round of each, which the minimum
+    drops. Timed one row count after the other, 1 row would read 10 ms (every repeat inside the burst)."""
+    import torch
+
+    from srds_trt.runtime import latency
+
+    clock, burst = [0.0], [4]
+
+    def call(cost_s):
+        def run():
+            clock[0] += cost_s * (10 if burst[0] > 0 else 1)
+            burst[0] -= 1
+        return run
+
+    monkeypatch.setattr(latency, "_now", lambda device: clock[0])
+    got = latency.best_ms_interleaved({1: call(1e-3), 8: call(2e-3), 64: call(1e-2)}, torch.device("cpu"), 3)
+    assert got == pytest.approx({1: 1.0, 8: 2.0, 64: 10.0})
+    burst[0] = 4
+    assert latency.best_ms(call(1e-3), torch.device("cpu"), 3) == pytest.approx(10.0)  # what the old way read

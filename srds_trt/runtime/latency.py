@@ -1,7 +1,7 @@
 """Measure what `--sampler auto` prices: an engine's ms per call by rows, and one all-gather of a tick's state.
 
 Benchmark convention (STYLE 11): one warm-up, then the best of `repeats` timed calls, synchronised around each
-timer. On a GPU every bucket is timed as a CUDA-graph replay (cuda_graphs.capture_graph around one plain
+timer; a curve's row counts are timed in interleaved rounds (best_ms_interleaved says why). On a GPU every bucket is timed as a CUDA-graph replay (cuda_graphs.capture_graph around one plain
 enqueue, largest bucket first, one shared pool, released afterwards), because the runners replay graphs: an
 eager curve is launch-bound at small rows (SD2-base on an H200: 37.9 ms eager vs 9.2 ms graphed at one row)
 and would make wide calls look free. A bucket that cannot be captured is timed eagerly. On a CPU there are no
@@ -14,11 +14,13 @@ rows at its bucket's time: exact for the engine that was measured.
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 
 from .engines.base import Engine, bucket_for
+
+K = TypeVar("K")
 
 
 def _now(device: torch.device) -> float:
@@ -37,6 +39,22 @@ def best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float
     return 1e3 * min(times)
 
 
+def best_ms_interleaved(calls: Mapping[K, Callable[[], None]], device: torch.device, repeats: int) -> dict[K, float]:
+    """best_ms of every call, timed in rounds (one of each per round) instead of one call after the other: a burst
+    of load from another process then inflates one round of every row count, which the minimum drops, instead of
+    every repeat of the row counts timed during it. Measured why: auto on this 2-core CPU, next to a test run,
+    picked SRDS (56 s) over serial (4.4 s) for digits N = 100 from a curve timed one row count after the other."""
+    for fn in calls.values():
+        fn()  # warm-up
+    times: dict[K, list[float]] = {key: [] for key in calls}
+    for _ in range(max(1, repeats)):
+        for key, fn in calls.items():
+            start = _now(device)
+            fn()
+            times[key].append(_now(device) - start)
+    return {key: 1e3 * min(ts) for key, ts in times.items()}
+
+
 def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None, repeats: int = 3,
                          seed: int = 0) -> dict[int, float]:
     """{bucket rows: ms of one engine call} over `buckets` (default: all of the engine's), inputs random but finite."""
@@ -44,7 +62,7 @@ def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None,
 
     buckets = tuple(sorted(buckets or engine.buckets, reverse=True))  # largest first: smaller graphs fit its pool
     gen = torch.Generator().manual_seed(seed)
-    spec, device, pool, curve, graphs = engine.spec, engine.device, None, {}, []
+    spec, device, pool, graphs = engine.spec, engine.device, None, []
     for rows in buckets:
         x = torch.randn(rows, *spec.sample_shape, generator=gen).to(device, spec.dtype)
         t = torch.linspace(999, 0, rows).to(device, spec.timestep_dtype)
@@ -55,8 +73,8 @@ def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None,
         bucket = engine.load(x, t, cond).rows
         graph = capture_graph(lambda b=bucket: engine.enqueue(b, replay=False), device=device, pool=pool)
         pool = graph.pool or pool
-        curve[bucket] = best_ms(graph.run, device, repeats)
-        graphs.append(graph)  # alive until every bucket is timed: the shared pool stays valid for the next capture
+        graphs.append((bucket, graph))  # alive until every bucket is timed: the shared pool stays valid
+    curve = best_ms_interleaved({bucket: graph.run for bucket, graph in graphs}, device, repeats)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     graphs.clear()  # the runners capture their own graphs; these were for timing only
