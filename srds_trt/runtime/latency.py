@@ -42,8 +42,9 @@ def best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float
 def best_ms_interleaved(calls: Mapping[K, Callable[[], None]], device: torch.device, repeats: int) -> dict[K, float]:
     """best_ms of every call, timed in rounds (one of each per round) instead of one call after the other: a burst
     of load from another process then inflates one round of every row count, which the minimum drops, instead of
-    every repeat of the row counts timed during it. Measured why: auto on this 2-core CPU, next to a test run,
-    picked SRDS (56 s) over serial (4.4 s) for digits N = 100 from a curve timed one row count after the other."""
+    every repeat of the row counts timed during it. Why: auto on this 2-core CPU, next to a test run, picked SRDS
+    (56 s) over serial (4.4 s) for digits N = 100 from a curve timed one row count after the other (the likely
+    cause; the curve of that run was not kept). Three runs under a bursty load since: serial each time."""
     for fn in calls.values():
         fn()  # warm-up
     times: dict[K, list[float]] = {key: [] for key in calls}
