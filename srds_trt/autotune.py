@@ -185,6 +185,7 @@ def choose(
     it sets the sliding-window samplers' expected sweeps (expected_sweeps)."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
+    check_tol(tol)
     if world_size < 1 or not (allgather_ms >= 0 and math.isfinite(allgather_ms)):
         raise ValueError(f"world_size must be >= 1 and allgather_ms finite >= 0, got {world_size}, {allgather_ms}")
     unknown = set(samplers) - set(CANDIDATES)

@@ -176,4 +176,4 @@ def test_choose_prices_the_asked_tol():
     others = lambda choice: [c for c in choice.candidates if "window" not in c.options]  # noqa: E731
     assert others(by_tol[1e-2]) == others(by_tol[1e-4])  # serial and SRDS do not depend on it
     with pytest.raises(ValueError, match="tol"):
-        autotune.choose(steps=100, latency_ms=flat, tol=-1.0)
+        autotune.choose(steps=100, latency_ms=flat, tol=-1.0, samplers=("serial",))  # checked up front
