@@ -136,6 +136,23 @@ def _sweep(run_one, tols, log_run) -> list[Run]:
     return runs
 
 
+def measure(case, model: _Width, timesteps, alphas, reference, sampler: str, fn, window: int, tol: float,
+            **kw) -> Run:
+    """One run of sampler function `fn` on `case` (through the width-recording `model`) at (window, tol): its
+    sequential calls, evaluations per image, max-abs error vs `reference`, wall time, widest call, evaluation
+    shares."""
+    images, steps = case.x.shape[0], len(timesteps) - 1
+    model.widest = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = fn(model, case.x, timesteps, alphas, tol=tol, window=window, prediction_type=case.prediction_type,
+                    **kw)
+    err = float((result.sample.double() - reference.double()).abs().max())
+    share = evals_share(evaluations_per_point(steps, result.window, result.slides))
+    return Run(case.name, steps, sampler, result.window, tol, result.sequential_calls, result.model_evals / images,
+               err, time.perf_counter() - start, model.widest, share)
+
+
 def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log) -> list[Run]:
     images = case.x.shape[0]
     runs: list[Run] = []
@@ -148,14 +165,7 @@ def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log) -> 
         coarse = coarse_from is not None and steps >= coarse_from
 
         def one(sampler, fn, window, tol, **kw):
-            model.widest = 0
-            start = time.perf_counter()
-            with torch.inference_mode():
-                result = fn(model, case.x, timesteps, alphas, tol=tol, window=window, **common, **kw)
-            err = float((result.sample.double() - reference.double()).abs().max())
-            share = evals_share(evaluations_per_point(steps, result.window, result.slides))
-            return Run(case.name, steps, sampler, result.window, tol, result.sequential_calls,
-                       result.model_evals / images, err, time.perf_counter() - start, model.widest, share)
+            return measure(case, model, timesteps, alphas, reference, sampler, fn, window, tol, **kw)
 
         def log_run(r: Run):
             bar.update(1)

@@ -1,10 +1,10 @@
 """Measure what `--sampler auto` prices: an engine's ms per call by rows, and one all-gather of a tick's state.
 
 Benchmark convention (STYLE 11): one warm-up, then the best of `repeats` timed calls, synchronised around each
-timer; a curve's row counts are timed in interleaved rounds (best_ms_interleaved says why). On a GPU every bucket is timed as a CUDA-graph replay (cuda_graphs.capture_graph around one plain
-enqueue, largest bucket first, one shared pool, released afterwards), because the runners replay graphs: an
-eager curve is launch-bound at small rows (SD2-base on an H200: 37.9 ms eager vs 9.2 ms graphed at one row)
-and would make wide calls look free. A bucket that cannot be captured is timed eagerly. On a CPU there are no
+timer; a curve's row counts are timed in interleaved rounds (best_ms_interleaved says why). On a GPU every bucket
+is timed as a CUDA-graph replay (cuda_graphs.capture_graph around one plain enqueue, largest bucket first, one
+shared pool, released afterwards), because the runners replay graphs: an eager curve is launch-bound at small
+rows (SD2-base on an H200: 37.9 ms eager vs 9.2 ms graphed at one row) and would make wide calls look free. A bucket that cannot be captured is timed eagerly. On a CPU there are no
 graphs and the enqueue is timed as it runs.
 
 The curve is per engine bucket (a call pads to its bucket), so `bucketed(curve, buckets)` prices a call of R
@@ -30,13 +30,8 @@ def _now(device: torch.device) -> float:
 
 
 def best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(max(1, repeats)):
-        start = _now(device)
-        fn()
-        times.append(_now(device) - start)
-    return 1e3 * min(times)
+    """ms of one call of `fn`: one warm-up, then the best of `repeats` timed calls."""
+    return best_ms_interleaved({None: fn}, device, repeats)[None]
 
 
 def best_ms_interleaved(calls: Mapping[K, Callable[[], None]], device: torch.device, repeats: int) -> dict[K, float]:

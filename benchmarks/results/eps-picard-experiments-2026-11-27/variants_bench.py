@@ -1,6 +1,6 @@
 """Scratch: eps-Picard variants (wide-baseline extrapolation, coarse warm start) at matched error, reusing
 benchmarks.matched's Run/_sweep/matched. Usage: python /tmp/epx/bench.py OUT.json CASE STEPS IMAGES [variants...]"""
-import json, math, sys, time
+import json, math, sys
 from dataclasses import asdict
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
@@ -48,13 +48,7 @@ def main():
     done = {r.sampler for r in runs}
 
     def one(sampler, fn, window, tol, **kw):
-        model.widest = 0
-        start = time.perf_counter()
-        with torch.inference_mode():
-            result = fn(model, case.x, timesteps, alphas, tol=tol, window=window, **common, **kw)
-        err = float((result.sample.double() - reference.double()).abs().max())
-        return M.Run(case.name, steps, sampler, result.window, tol, result.sequential_calls,
-                     result.model_evals / images, err, time.perf_counter() - start, model.widest)
+        return M.measure(case, model, timesteps, alphas, reference, sampler, fn, window, tol, **kw)
 
     def log_run(r):
         print(f"  {r.case} N={r.steps} {r.sampler:<16} w={r.window:<3} tol={r.tol:<7g} seq={r.sequential_calls:<4} "
