@@ -12,9 +12,10 @@ met (tighter tolerances only add calls; the second run guards against a non-mono
 
 Ablations (what each eps-Picard mechanism buys): "eps-picard" is the default; "-frozen" replaces the
 extrapolated warm start with the frozen last output, "-no-inherit" drops the slope inherited by a point's first
-evaluation, "-no-broyden" the rank-1 term of the quasi-Newton model, "-base" all three (the sampler as it was
-before 2026-11-27, except that the frozen output is the secant-corrected one). Mixtures run every ablation,
-digits only the default and "-base" (CPU time).
+evaluation, "-no-broyden" the rank-1 term of the quasi-Newton model, "-no-prior" the first sweep's prior slope
+(the default until 2026-11-27b), "-base" all four (the sampler as it was before 2026-11-27, except that the
+frozen output is the secant-corrected one). Mixtures run every ablation, digits only the default and
+"-no-prior" (CPU time; digits' "-base" is in matched-2026-11-27b).
 
 Cases: the analytic mixtures of cases.MIXTURES (exact models, float64) at N = 196 and 1024 and the embedded digits
 UNet with classifier-free guidance (cases.py "digits", fp32) at N = 100, 196, 1024 (N = 1024 with few images
@@ -56,9 +57,10 @@ ABLATIONS = {
     "eps-picard-frozen": {"extrapolate": 0},
     "eps-picard-no-inherit": {"inherit_slope": False},
     "eps-picard-no-broyden": {"broyden": False},
-    "eps-picard-base": {"extrapolate": 0, "inherit_slope": False, "broyden": False},
+    "eps-picard-no-prior": {"prior_slope": False},
+    "eps-picard-base": {"extrapolate": 0, "inherit_slope": False, "broyden": False, "prior_slope": False},
 }
-DIGITS_ABLATIONS = ("eps-picard", "eps-picard-base")
+DIGITS_ABLATIONS = ("eps-picard", "eps-picard-no-prior")
 
 
 @dataclass(frozen=True)

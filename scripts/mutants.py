@@ -92,6 +92,15 @@ MUTANTS = (
            "a point evaluated for the first time with no evaluated point before it in the window inherits the first "
            "point's slope instead of the slope behind the window",
            WINDOW_TESTS),
+    Mutant("window-prior-slope-off", "srds_trt/runtime/window_runner.py",
+           "if self.prior_slope:  # the first sweep", "if False:  # the first sweep",
+           "the runner's first sweep propagates the outputs unmoved instead of along the prior slope",
+           WINDOW_TESTS),
+    Mutant("eps-picard-prior-slope-off", "srds_trt/eps_picard.py",
+           "if secant and prior_slope and iterations == 0:", "if secant and prior_slope and iterations < 0:",
+           "the reference's first sweep propagates the outputs unmoved (the textbook loops and the Gaussian-data "
+           "case must see it; the runner mirrors the reference, so the runner tests cannot)",
+           ("tests/test_eps_picard.py",)),
     Mutant("window-slide-one-too-far", "srds_trt/runtime/window_runner.py",
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
            "slide = torch.minimum(self._first_moved(moved, valid) + 2, span)",

@@ -21,6 +21,13 @@ position, only the slide is data-dependent, so a CUDA-graph runner can replay it
     the point's first evaluation was at a warm-start state, so its correction is what matters most); no Broyden
     term. Why: the scalar secant alone measures the output's stiffness along the error direction, which
     dominates where modes separate; the rank-1 term keeps the part of dout that is not parallel to dx.
+    The first sweep has nothing to inherit: its points take the PRIOR slope (prior_slopes), the exact d out / d x
+    for unit-variance Gaussian data (x_t ~ N(0, I) at every t): sqrt(1 - alpha_j) for epsilon, 0 for v. It is
+    the true slope as alpha -> 0 (there the output is the noise, out ~ x), where the default first window lies
+    (it ends at alpha < 0.05 for N >= 196 on the grids here), and never above 1, so a wide window reaching low
+    noise is not pushed by a large guess. Why it pays: without it the first sweep propagates model(x_T, t_j)
+    unmoved, the second sweep's states are far off, and the early, mode-deciding points can be accepted with
+    errors (the mixtures' errors of 3 at loose tol, below).
  3. Recurrence along the window, no model call:
       x_{j+1} <- c_x[j] x_j + c_out[j] (out_j + s_j d_j + u_j <v_j, d_j>),  d_j = x_j (this sweep) - x_j (evaluated)
  4. Slide (the one host read): past the prefix whose states moved <= tol and the first point that moved (it was
@@ -112,6 +119,18 @@ def least_squares_weights(coord: list[float], nodes: list[int], target: int) -> 
 EXTRAPOLATE_FITS = ("nodes", "lsq")
 
 
+def prior_slopes(alphas: Tensor, prediction_type: str) -> Tensor:
+    """d out / d x per point (float64) for unit-variance Gaussian data, where x_t ~ N(0, I) at every t and the
+    model's output is exactly linear in x: epsilon = sqrt(1 - alpha) x, v = sqrt(alpha) eps - sqrt(1 - alpha) x0 = 0.
+    The first sweep's slope (module docstring)."""
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    if prediction_type == "epsilon":
+        return (1 - alphas).sqrt()
+    if prediction_type == "v_prediction":
+        return torch.zeros_like(alphas)
+    raise ValueError(f"no prior slope for prediction_type {prediction_type!r}")
+
+
 def eps_picard_sample(
     model: Model,
     x: Tensor,
@@ -129,6 +148,7 @@ def eps_picard_sample(
     broyden: bool = True,
     extrapolate_span: int = 1,
     extrapolate_fit: str = "nodes",
+    prior_slope: bool = True,
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Sliding-window Picard on the model outputs over the N-step DDIM grid; converges to `serial_sample`.
@@ -136,8 +156,9 @@ def eps_picard_sample(
     window: points per sweep (default 2 * round(sqrt(N)), capped at N). max_iters bounds the sweeps (None: until
     the window has slid past the end, at most N sweeps). progress(sweep, residual) per sweep. The switches turn
     single mechanisms off (module docstring), to measure what each buys: extrapolate = the warm start's
-    polynomial order in lambda (0: the frozen last output, 2: quadratic), inherit_slope, broyden, secant, and
-    warm_start=False (entering points start at the last state, as in ParaDiGMS / diffusers).
+    polynomial order in lambda (0: the frozen last output, 2: quadratic), inherit_slope, broyden, secant,
+    prior_slope (the first sweep's slope 1 / sqrt(1 - alpha); False: none) and warm_start=False (entering
+    points start at the last state, as in ParaDiGMS / diffusers).
 
     Experimental options (benchmarks/results/eps-picard-experiments-2026-11-27; the runtime runner refuses them):
     extrapolate_span = k: the warm start's nodes are k points apart (first - 1, first - 1 - k, ...) instead of
@@ -165,6 +186,7 @@ def eps_picard_sample(
     c_x, c_out = c_x.tolist(), c_out.tolist()  # python floats: the recurrence is serial_sample's update, op for op
     # the warm start's extrapolation variable: lambda = log sqrt(alpha / (1 - alpha)) at the evaluated points
     lam = (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
+    prior = prior_slopes(alphas[:-1], prediction_type).tolist()
     times = timesteps.to(device)
 
     points = x.to(dtype).unsqueeze(0).repeat(steps + 1, *([1] * x.dim()))  # points[j]: state at t_j
@@ -217,7 +239,10 @@ def eps_picard_sample(
         model_evals += state.shape[0]
         new_outs = out.view(span, batch, *x.shape[1:]).unbind(0)
         for i, j in enumerate(range(begin, end)):
-            if secant and evaluated_at[j] is not None:
+            if secant and prior_slope and iterations == 0:  # nothing measured yet: the prior slope
+                slopes[j] = torch.full(shape, prior[j], dtype=dtype, device=device)
+                rank1[j] = None
+            elif secant and evaluated_at[j] is not None:
                 dx, dout = points[j] - evaluated_at[j], new_outs[i] - outs[j]
                 norm = dx.flatten(1).pow(2).sum(1)
                 slope = (dout * dx).flatten(1).sum(1) / norm.clamp_min(torch.finfo(dtype).tiny)

@@ -54,10 +54,11 @@ def test_tol_zero_is_the_serial_sample(steps, prediction_type):
         assert rel(result.sample, ref) < 1e-13, (window, rel(result.sample, ref))
 
 
-def textbook_iterates(model, x, grid, alphas, sweeps, broyden=True):
+def textbook_iterates(model, x, grid, alphas, sweeps, broyden=True, prior=True):
     """Whole-trajectory sweeps (window = N, no sliding), written from the formulas with python loops:
     out_j = model(x_j); from the previous sweep (') dx = x_j - x_j', dout = out_j - out_j';
     slope_j = <dout, dx> / |dx|^2 per image; J_j = slope_j I + (dout - slope_j dx) dx^T / |dx|^2 (Broyden);
+    in the first sweep J_j = sqrt(1 - alpha_j) I (prior) or none;
     x_{j+1} = DDIM step from x_j^new with out_j + J_j (x_j^new - x_j)."""
     n = len(grid) - 1
     xs = [x.clone() for _ in range(n + 1)]
@@ -65,6 +66,9 @@ def textbook_iterates(model, x, grid, alphas, sweeps, broyden=True):
     for _ in range(sweeps):
         outs = [model(xs[j], torch.full((x.shape[0],), grid[j], dtype=torch.long)) for j in range(n)]
         jac = [None] * n
+        if prev_out is None and prior:
+            eye = torch.eye(x.shape[1], dtype=x.dtype)
+            jac = [math.sqrt(1 - alpha_of(grid[j], alphas)) * eye.expand(x.shape[0], -1, -1) for j in range(n)]
         if prev_out is not None:
             for j in range(n):
                 dx, dout = xs[j] - prev_x[j], outs[j] - prev_out[j]
@@ -88,26 +92,33 @@ def textbook_iterates(model, x, grid, alphas, sweeps, broyden=True):
     return iterates
 
 
+@pytest.mark.parametrize("prior", [True, False])
 @pytest.mark.parametrize("broyden", [True, False])
 @pytest.mark.parametrize("sweeps", [1, 2, 3, 5])
-def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps, broyden):
+def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps, broyden, prior):
     steps = 24  # the analytic mixture: nonlinear enough that 5 sweeps are far from converged
     timesteps, alphas = ddim_grid(GMM_CONFIG, steps)
     model = hard_mixture(alphas)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, broyden)[-1]
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps, broyden=broyden)
+    expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, broyden, prior)[-1]
+    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps, broyden=broyden,
+                               prior_slope=prior)
     assert result.iterations == sweeps
     assert rel(result.sample, expected) < 1e-9  # the textbook x0-form step rounds differently near alpha ~ 0
     # ... and far from converged: the comparison is not the fixed point in disguise.
     assert rel(result.sample, serial_sample(model, x, timesteps, alphas)) > 1e-6
     if sweeps >= 3:  # and the Broyden term is in play: the other variant's iterate differs
-        other = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, not broyden)[-1]
+        other = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, not broyden, prior)[-1]
         assert rel(other, expected) > 1e-6
+    # ... and so is the prior slope, in every sweep (the first sweep's states feed every later one)
+    other = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, broyden, not prior)[-1]
+    assert rel(other, expected) > 1e-6
 
 
-def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T():
-    """Hand-derived: from x_T everywhere, sweep 1 evaluates out_j = model(x_T, t_j) and chains DDIM steps."""
+@pytest.mark.parametrize("prior", [True, False])
+def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T(prior):
+    """Hand-derived: from x_T everywhere, sweep 1 evaluates out_j = model(x_T, t_j) and chains DDIM steps with
+    out_j moved to the chain's state along the prior slope sqrt(1 - alpha_j) (prior_slope=False: unmoved)."""
     steps = 9
     timesteps, alphas = ddim_grid(CONFIG, steps)
     model = RowwiseMLP(features=4)
@@ -116,9 +127,42 @@ def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T():
     state = x
     for j in range(steps):
         out = model(x, torch.full((2,), grid[j], dtype=torch.long))
+        if prior:
+            out = out + math.sqrt(1 - alpha_of(grid[j], alphas)) * (state - x)
         state = ddim_step_ref(state, out, alpha_of(grid[j], alphas), alpha_of(grid[j + 1], alphas), "epsilon")
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1)
+    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, prior_slope=prior)
     assert rel(result.sample, state) < 1e-13
+
+
+class GaussianData:
+    """out(x, t) = sqrt(1 - alpha_t) x + g(t): the noise prediction of unit-variance Gaussian data (g = 0), plus an
+    x-independent term, so d out / d x is exactly the prior slope at every point."""
+
+    def __init__(self, alphas, features: int):
+        self.g = torch.randn(features, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        self.alphas = alphas
+
+    def __call__(self, x, t):
+        from srds_trt.solvers import alphas_at
+
+        alpha = alphas_at(t, self.alphas).to(x)[:, None]
+        return (1 - alpha).sqrt() * x + self.g * alpha  # g(t) = alpha_t g: not constant along the window
+
+
+def test_prior_slope_is_exact_for_gaussian_data():
+    """With d out / d x = sqrt(1 - alpha) exactly, the first sweep's prior-corrected states are the serial ones,
+    so the second sweep accepts its whole window; without the prior it cannot."""
+    steps, w = 64, 16
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = GaussianData(alphas, features=3)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = serial_sample(model, x, timesteps, alphas)
+    ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w)
+    plain = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
+    assert ours.slides[:2] == [1, w], ours.slides
+    assert plain.slides[1] < w, plain.slides
+    for run in (ours, plain):
+        assert rel(run.sample, ref) < 1e-10
 
 
 def test_counts_rows_calls_and_width():
@@ -193,11 +237,12 @@ def test_extrapolated_warm_start_is_exact_for_an_output_linear_in_lambda():
     model = LambdaLinear(alphas, features=3)
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = serial_sample(model, x, timesteps, alphas)
-    ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w)
+    # the output does not depend on x: no slope (prior_slope=False) is the exact first sweep here
+    ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
     assert rel(ours.sample, ref) < 1e-12
     assert ours.slides[2:-1] == [w] * (len(ours.slides) - 3)
     assert ours.iterations == 2 + math.ceil((steps - w) / w)
-    frozen = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, extrapolate=0)
+    frozen = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, extrapolate=0, prior_slope=False)
     assert frozen.iterations >= ours.iterations + 4, (frozen.iterations, ours.iterations)
 
 
@@ -225,7 +270,7 @@ def test_every_switch_keeps_the_serial_fixed_point():
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref = serial_ref(model, x, timesteps.tolist(), alphas, "v_prediction")
     for kwargs in ({"extrapolate": 0}, {"extrapolate": 2}, {"inherit_slope": False}, {"broyden": False},
-                   {"secant": False}, {"warm_start": False}):
+                   {"secant": False}, {"warm_start": False}, {"prior_slope": False}):
         result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
                                    **kwargs)
         assert result.converged and rel(result.sample, ref) < 1e-13, kwargs
@@ -234,7 +279,7 @@ def test_every_switch_keeps_the_serial_fixed_point():
 def textbook_window(model, x, grid, alphas, w, tol, sweeps):
     """Sliding windows from the formulas, one dict per point (python loops, x0-form DDIM step of helpers_core):
     evaluate the window; secant s and Broyden (u, v) from the last two evaluations, or s of the point before for a
-    first evaluation; recurrence with out + s d + u <v, d>; slide past the unmoved prefix + 1; entering points get
+    first evaluation (sqrt(1 - alpha) in the first sweep); recurrence with out + s d + u <v, d>; slide past the unmoved prefix + 1; entering points get
     the output line through the last two used outputs in lambda = log sqrt(a / (1 - a)), evaluated at their lambda."""
     n = len(grid) - 1
     lam = [0.5 * math.log(alpha_of(g, alphas) / (1 - alpha_of(g, alphas))) for g in grid[:n]]
@@ -254,7 +299,7 @@ def textbook_window(model, x, grid, alphas, w, tol, sweeps):
 
     begin, end = 0, w
     residuals, slides = [], []
-    for _ in range(sweeps):
+    for sweep in range(sweeps):
         if begin >= n:
             break
         for j in range(begin, end):
@@ -267,7 +312,9 @@ def textbook_window(model, x, grid, alphas, w, tol, sweeps):
             else:
                 p.pop("u", None)
                 p.pop("v", None)
-                if j > 0 and "s" in pt[j - 1]:
+                if sweep == 0:  # the prior slope: nothing measured yet
+                    p["s"] = torch.full_like(zero, math.sqrt(1 - alpha_of(grid[j], alphas)))
+                elif j > 0 and "s" in pt[j - 1]:
                     p["s"] = pt[j - 1]["s"]
             p["out"], p["at"] = out, xs[j].clone()
         old = [v.clone() for v in xs]
@@ -290,7 +337,7 @@ def textbook_window(model, x, grid, alphas, w, tol, sweeps):
     return xs[n], residuals, slides
 
 
-@pytest.mark.parametrize("tol, steps, w, sweeps", [(0.0, 24, 20, 5), (1e-4, 40, 10, 11), (1e-2, 40, 10, 8)])
+@pytest.mark.parametrize("tol, steps, w, sweeps", [(0.0, 24, 20, 5), (1e-4, 40, 10, 10), (1e-2, 40, 10, 7)])
 def test_sliding_iterates_match_a_textbook_loop(tol, steps, w, sweeps):
     """Every mechanism at once, short of convergence: windows that slide (data-dependent at tol > 0), warm
     starts extrapolated from the used outputs, inherited slopes, Broyden terms. Every sweep's largest change and
@@ -365,11 +412,12 @@ def test_wide_baseline_warm_start_by_hand(fit, span):
         out7 = sum(outs[m] for m in nodes) / len(nodes) + slope * (lam[7] - mean)
     expected = _chain(x, outs + [out7], grid, alphas)
     kwargs = {"extrapolate_span": span, "extrapolate_fit": fit}
+    kwargs["prior_slope"] = False  # sweep 1 propagates the outputs unmoved (the prior slope has its own tests)
     result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, **kwargs)
     assert result.slides == [1]
     assert rel(result.sample, expected) < 1e-13
     if (fit, span) != ("nodes", 1):
-        default = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1)
+        default = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, prior_slope=False)
         assert rel(default.sample, expected) > 1e-6
 
 

@@ -2,7 +2,7 @@
 
 The registry (sampling.SAMPLERS) and the runtime run them with the calibrated per-point threshold
 stopping.window_accept_tol(tol). These tests fail when the mapping is dropped: on measured cases where the raw
-threshold = tol returns a sample farther than tol from serial (a flipped mixture mode: error ~3 at tol 1e-2),
+threshold = tol returns a sample farther than tol from serial (a flipped mixture mode: error ~3.5 at tol 5e-2),
 the registry's sample stays within tol.
 """
 
@@ -18,13 +18,14 @@ from srds_trt.sampling import SAMPLERS, serial_sample
 from srds_trt.stopping import WINDOW_ACCEPT_CAP, WINDOW_ACCEPT_FRACTION, window_accept_tol
 
 RAW = {"eps-picard": eps_picard_sample, "paradigms": paradigms_sample}
-# (case, N, window) where the raw threshold tol = 1e-2 misses by far (benchmarks/results/matched-2026-11-27:
-# hard2 N=196 eps-Picard 2.95 = 295x tol; mix64 N=196 ParaDiGMS w=14 1.9e-2 = 1.9x tol)
-MISSES = {"eps-picard": ("hard2", 196, 28), "paradigms": ("mix64", 196, 14)}
+# (case, N, window, tol) where the raw threshold = tol misses by far: eps-Picard mix64 N=196 at 5e-2, a flipped
+# mode, error 3.49 = 70x tol (measured 2026-11-27 with the prior slope; before it, hard2 N=196 missed at 1e-2 with
+# 2.95 and no longer does); ParaDiGMS mix64 N=196 w=14 at 1e-2: 1.9e-2 = 1.9x tol (benchmarks/results/matched-2026-11-27)
+MISSES = {"eps-picard": ("mix64", 196, 28, 5e-2), "paradigms": ("mix64", 196, 14, 1e-2)}
 
 
 def _run(sampler, fn, tol, samples=64):
-    name, steps, window = MISSES[sampler]
+    name, steps, window, _ = MISSES[sampler]
     case = mixture_case(name, images=samples, device=torch.device("cpu"))
     timesteps, alphas, _ = case.grid(steps)
     serial = serial_sample(case.model, case.x, timesteps, alphas)
@@ -51,7 +52,7 @@ def test_registry_runs_the_accept_threshold_and_reports_both(sampler):
 
 @pytest.mark.parametrize("sampler", sorted(RAW))
 def test_tol_is_the_distance_to_serial_where_the_raw_threshold_misses(sampler):
-    tol = 1e-2
+    tol = MISSES[sampler][3]
     _, raw_err = _run(sampler, RAW[sampler], tol)
     assert raw_err > tol  # the measured miss this mapping exists for (if it stops missing, pick another case)
     _, err = _run(sampler, SAMPLERS[sampler], tol)

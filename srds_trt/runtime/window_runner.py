@@ -6,8 +6,8 @@ sweep is one fixed-shape program over static buffers:
 
     gather    the window's w states and tables by a device-held window start `begin` (index_select)
     call      one engine call at a fixed bucket (w x images rows, x2 under guidance: engine_call.guided_call)
-    update    eps-Picard: secant slopes (inherited by points not yet evaluated, plus the rank-1 Broyden term),
-              then the w-point DDIM recurrence unrolled in the program;
+    update    eps-Picard: secant slopes (inherited by points not yet evaluated, the prior slope in the first
+              sweep, plus the rank-1 Broyden term), then the w-point DDIM recurrence unrolled in the program;
               ParaDiGMS: the cumulative sum of the window's DDIM updates
     slide     the first moved point (a device argmax), the new `begin`, the points entering the window
               (eps-Picard's extrapolated warm start, ParaDiGMS's copy of the last state), written back by
@@ -57,7 +57,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..eps_picard import default_window as eps_picard_window
+from ..eps_picard import default_window as eps_picard_window, prior_slopes
 from ..paradigms import (WINDOW_SAMPLERS, default_window as paradigms_window, step_noise_variance, window_result,
                          window_width)
 from ..sampling import SampleResult
@@ -71,7 +71,7 @@ from .host import as_tensor, host_stream
 from .srds_runner import effective_tol
 
 # eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
-EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden")
+EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden", "prior_slope")
 # eps_picard_sample keywords the runner does NOT mirror (experiments): refused unless left at the reference's default
 REFERENCE_ONLY_OPTIONS = ("extrapolate_span", "extrapolate_fit")
 BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
@@ -146,6 +146,7 @@ class WindowRunner:
         self.secant = self.options.get("secant", False)
         self.inherit_slope = self.secant and self.options.get("inherit_slope", False)
         self.broyden = self.secant and self.options.get("broyden", False)
+        self.prior_slope = self.secant and self.options.get("prior_slope", False)
         timesteps = as_grid(timesteps)
         self.steps = n = len(timesteps) - 1
         self.window = w = resolve_window(sampler, n, window)
@@ -166,6 +167,7 @@ class WindowRunner:
         self._c_x = torch.cat([c_x, ones]).to(**dev, dtype=state_dtype)
         self._c_out = torch.cat([c_out, zeros]).to(**dev, dtype=state_dtype)
         self._drift = torch.cat([c_x - 1, zeros]).to(**dev, dtype=state_dtype)  # ParaDiGMS: the update, not the state
+        self._prior = torch.cat([prior_slopes(alphas[:-1], prediction_type), zeros]).to(**dev, dtype=state_dtype)
         self._var = torch.cat([step_noise_variance(alphas), zeros]).to(**dev)  # ParaDiGMS thresholds / tol^2, float64
         self._t = torch.cat([timesteps[:-1].to(torch.float64), timesteps[-2:-1].to(torch.float64).expand(pad)]
                             ).to(**dev, dtype=engine.spec.timestep_dtype)
@@ -252,6 +254,10 @@ class WindowRunner:
                 slopes = torch.cat([behind, slope]).index_select(0, nearest + 1)
             else:
                 slopes = torch.where(has.view(w, *([1] * (slope.dim() - 1))), slope, torch.zeros_like(slope))
+            if self.prior_slope:  # the first sweep (the only one with begin = 0: every sweep slides >= 1)
+                point = (w,) + (1,) * (slope.dim() - 1)
+                slopes = torch.where((self.begin == 0).view((1,) * slope.dim()),
+                                     self._prior.index_select(0, idx).view(point), slopes)
             self.slopes.index_copy_(0, idx, slopes)
         self.outs.index_copy_(0, idx, out)
         self.evaluated_at.index_copy_(0, idx, evaluated)
