@@ -49,8 +49,9 @@ PARADIGMS_TOLS = (1.0, 0.5, 0.3, 0.2, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 7e-3, 5
                   1e-4, 5e-5, 2e-5, 1e-5)
 EPS_PICARD_TOLS = (1e-1, 5e-2, 3e-2, 2e-2, 1e-2, 7e-3, 5e-3, 3e-3, 2e-3, 1e-3, 7e-4, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5,
                    2e-5, 1e-5, 5e-6, 2e-6, 1e-6)
-# digits N = 1024: every other tolerance (time box)
-COARSE = slice(None, None, 2)
+# digits N = 1024: every other tolerance (time box); "odd" runs the other half, so two processes (or two sessions)
+# can cover the dense grid and --merge joins them
+LARGE_GRIDS = {"even": slice(None, None, 2), "odd": slice(1, None, 2), "all": slice(None)}
 TARGETS = (1e-2, 1e-3)
 ABLATIONS = {
     "eps-picard": {},
@@ -72,6 +73,7 @@ class Config:
     digits_images: int = 10
     digits_images_large: int = 4  # N >= 1000
     quick: bool = False
+    large_grid: str = "even"  # LARGE_GRIDS key: the tolerances run for digits at N >= 1000
 
 
 QUICK = dict(mixtures=("hard2", "mix16"), mixture_steps=(196,), mixture_samples=16, digits_steps=(100,),
@@ -155,7 +157,7 @@ def measure(case, model: _Width, timesteps, alphas, reference, sampler: str, fn,
                err, time.perf_counter() - start, model.widest, share)
 
 
-def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log) -> list[Run]:
+def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log, large_grid: str = "even") -> list[Run]:
     images = case.x.shape[0]
     runs: list[Run] = []
     for requested in steps_list:
@@ -175,8 +177,8 @@ def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log) -> 
                 f"evals/img={r.evals_per_image:<6.0f} err {r.err_max:.2e} ({r.wall_s:.1f}s)")
 
         width = max(1, round(math.sqrt(steps)))
-        pd_tols = PARADIGMS_TOLS[COARSE] if coarse else PARADIGMS_TOLS
-        ep_tols = EPS_PICARD_TOLS[COARSE] if coarse else EPS_PICARD_TOLS
+        grid = LARGE_GRIDS[large_grid] if coarse else slice(None)
+        pd_tols, ep_tols = PARADIGMS_TOLS[grid], EPS_PICARD_TOLS[grid]
         for window in (width, 2 * width):
             runs += _sweep(lambda tol: one("paradigms", paradigms_sample, window, tol), pd_tols, log_run)
         for name in ablations:
@@ -305,7 +307,8 @@ def run(config: Config, out: Path, log=print) -> dict:
                             continue
                         case = build_case("digits", images=images, device=torch.device("cpu"))
                         cases[f"digits (N={','.join(map(str, steps))})"] = case.description
-                        runs += bench(case, steps, DIGITS_ABLATIONS, coarse_from=1000, bar=bar, log=quiet)
+                        runs += bench(case, steps, DIGITS_ABLATIONS, coarse_from=1000, bar=bar, log=quiet,
+                                      large_grid=config.large_grid)
                 except CaseUnavailable as exc:
                     skipped["digits"] = str(exc)
         results = {"machine": machine_info("cpu"), "config": asdict(config), "cases": cases, "skipped": skipped,
@@ -351,11 +354,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] 
     parser.add_argument("--digits-steps", nargs="*", type=int, default=None, help="empty: no digits")
     parser.add_argument("--digits-images", type=int, default=None)
     parser.add_argument("--digits-images-large", type=int, default=None, help="images at N >= 1000 (default 4)")
+    parser.add_argument("--large-grid", choices=tuple(LARGE_GRIDS), default=None,
+                        help="digits at N >= 1000: every other tolerance (even, the default), the other half (odd; "
+                             "--merge it with an even run for the dense grid) or all")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="merge these result folders (partial runs) into --out instead of running")
     args = parser.parse_args(argv)
     kwargs = dict(QUICK) if args.quick else {}
-    for key in ("mixtures", "mixture_steps", "digits_steps", "digits_images", "digits_images_large"):
+    for key in ("mixtures", "mixture_steps", "digits_steps", "digits_images", "digits_images_large", "large_grid"):
         if getattr(args, key) is not None:
             kwargs[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
     config = Config(**kwargs)

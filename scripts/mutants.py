@@ -112,7 +112,7 @@ MUTANTS = (
            "a host read inside the sweep program (same results; breaks CUDA-graph capture, stalls the GPU)",
            WINDOW_TESTS),
     Mutant("window-tol-as-threshold", "srds_trt/stopping.py",
-           "return min(WINDOW_ACCEPT_FRACTION * check_tol(tol), WINDOW_ACCEPT_CAP)", "return check_tol(tol)",
+           "return min(fraction * check_tol(tol), cap)", "return check_tol(tol)",
            "the sliding-window samplers accept points at tol itself (the measured mode flips: error 295x tol)",
            ("tests/test_window_tol.py",)),
     Mutant("srds-interior-not-within-tol", "srds_trt/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",

@@ -241,13 +241,13 @@ def serial_result(
 def _paradigms(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .paradigms import paradigms_sample  # paradigms imports this module
 
-    return with_asked_tol(paradigms_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
+    return with_asked_tol(paradigms_sample(*args, tol=window_accept_tol(tol, "paradigms"), **kwargs), tol)
 
 
 def _eps_picard(*args, tol: float = DEFAULT_TOL, **kwargs) -> SampleResult:
     from .eps_picard import eps_picard_sample  # eps_picard imports this module
 
-    return with_asked_tol(eps_picard_sample(*args, tol=window_accept_tol(tol), **kwargs), tol)
+    return with_asked_tol(eps_picard_sample(*args, tol=window_accept_tol(tol, "eps-picard"), **kwargs), tol)
 
 
 def with_asked_tol(result: SampleResult, tol: float) -> SampleResult:

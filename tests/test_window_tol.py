@@ -15,7 +15,7 @@ from benchmarks.cases import mixture_case
 from srds_trt.eps_picard import eps_picard_sample
 from srds_trt.paradigms import paradigms_sample
 from srds_trt.sampling import SAMPLERS, serial_sample
-from srds_trt.stopping import WINDOW_ACCEPT_CAP, WINDOW_ACCEPT_FRACTION, window_accept_tol
+from srds_trt.stopping import WINDOW_ACCEPT, window_accept_tol
 
 RAW = {"eps-picard": eps_picard_sample, "paradigms": paradigms_sample}
 # (case, N, window, tol) where the raw threshold = tol misses by far: eps-Picard mix64 N=196 at 5e-2, a flipped
@@ -33,21 +33,31 @@ def _run(sampler, fn, tol, samples=64):
     return result, float((result.sample - serial).abs().max())
 
 
-def test_accept_tol_is_a_fraction_of_tol_under_a_cap():
-    assert window_accept_tol(0.0) == 0.0
-    assert window_accept_tol(1e-3) == pytest.approx(WINDOW_ACCEPT_FRACTION * 1e-3)
-    assert window_accept_tol(1.0) == WINDOW_ACCEPT_CAP
+@pytest.mark.parametrize("sampler", sorted(RAW))
+def test_accept_tol_is_a_fraction_of_tol_under_a_cap(sampler):
+    fraction, cap = WINDOW_ACCEPT[sampler]
+    assert window_accept_tol(0.0, sampler) == 0.0
+    assert window_accept_tol(1e-3, sampler) == pytest.approx(fraction * 1e-3)
+    assert window_accept_tol(1.0, sampler) == cap
     with pytest.raises(ValueError):
-        window_accept_tol(-1.0)
+        window_accept_tol(-1.0, sampler)
+    with pytest.raises(ValueError):
+        window_accept_tol(1e-3, "srds")  # SRDS has its own rule (stopping.StoppingRule)
+
+
+def test_eps_picard_runs_looser_than_paradigms():
+    """eps-Picard's calibration (prior slope) is looser than ParaDiGMS's at the default tol: the two are separate."""
+    assert window_accept_tol(1e-3, "eps-picard") == pytest.approx(2e-4)
+    assert window_accept_tol(1e-3, "paradigms") == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("sampler", sorted(RAW))
 def test_registry_runs_the_accept_threshold_and_reports_both(sampler):
     tol = 1e-2
     got, _ = _run(sampler, SAMPLERS[sampler], tol, samples=8)
-    raw, _ = _run(sampler, RAW[sampler], window_accept_tol(tol), samples=8)
+    raw, _ = _run(sampler, RAW[sampler], window_accept_tol(tol, sampler), samples=8)
     assert torch.equal(got.sample, raw.sample) and got.sequential_calls == raw.sequential_calls
-    assert got.tol == tol and got.accept_tol == window_accept_tol(tol)
+    assert got.tol == tol and got.accept_tol == window_accept_tol(tol, sampler)
 
 
 @pytest.mark.parametrize("sampler", sorted(RAW))
