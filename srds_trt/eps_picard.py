@@ -53,6 +53,12 @@ extrapolation (1-2 fewer calls at N=1024, no better at N=196, worse on digits N=
 inheriting the neighbour's Broyden term too (more calls), a data-prior first window (x_t = sqrt(1 - a_t) x_T:
 no change), accepting points by predicted error (change x the point's contraction estimate: unsafe at loose
 tol, no gain).
+The prior slope (benchmarks/results/matched-2026-11-27c/, column "-no-prior" = the sampler before it): 1-8 fewer
+calls in 16 of the 22 rows, a tie in 4, one more in 2; mixtures at N = 1024 at 1e-2: hard2 23 -> 18, wide2 21 -> 17,
+mix16 25 -> 17, mix64 27 -> 21; digits at 1e-3: N = 100/196/1024 16 -> 16, 22 -> 20, 35 -> 33. With it no mode
+flipped below a threshold of 3e-2 (5 of 116 runs, mix64 at 3e-2 and up; without it 27 of 125, from 3e-3 up), which
+is what let stopping.py calibrate eps-Picard's threshold looser than ParaDiGMS's. Not adopted (2026-11-27, README
+"Why the digits rows miss"): per-image windows, the inherited slope carried in x0 space.
 Experimental options (off by default; the runtime runner refuses them): a wide-baseline warm start
 (extrapolate_span, extrapolate_fit="lsq"), measured in benchmarks/results/eps-picard-experiments-2026-11-27/.
 Measured and removed: a ParaSolver-style coarse warm start (a K-step DDIM solve from x_T initialising every point;
