@@ -113,7 +113,8 @@ MUTANTS = (
            WINDOW_TESTS),
     Mutant("window-tol-as-threshold", "srds_trt/stopping.py",
            "return min(fraction * check_tol(tol), cap)", "return check_tol(tol)",
-           "the sliding-window samplers accept points at tol itself (the measured mode flips: eps-Picard 70x tol, ParaDiGMS 1.9x)",
+           "the sliding-window samplers accept points at tol itself (the measured misses: eps-Picard 70x tol, "
+           "ParaDiGMS 1.9x)",
            ("tests/test_window_tol.py",)),
     Mutant("srds-interior-not-within-tol", "srds_trt/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
            "SRDS's rule drops the interior-within-tol term (the batched gmm N=1024 false stop: 2.3e-3 at tol 1e-3)",

@@ -62,8 +62,9 @@ OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("win
 # the upper-quartile fits of benchmarks/results/expected-sweeps-2026-11-27c*.json (registry samplers at tol 1e-2,
 # 1e-3 (the default), 1e-4; e.g. eps-Picard w = 2 round(sqrt N) at 1e-3: digits N = 100, 196, 1024 -> 19, 23, 40
 # sweeps, mixtures at N = 1024 -> 25-30 (with its prior slope and its own acceptance calibration; 19, 24, 43 and
-# 28-32 before, -27*.json); ParaDiGMS w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65). tol -> (a, b); expected_sweeps interpolates in log10(tol). SRDS: Parareal iterations as a fraction of its
-# block count at the default tol (pipelined; committed CPU set: digits N=196 ~ 7 of 14), whatever the tol.
+# 28-32 before, -27*.json); ParaDiGMS w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65).
+# tol -> (a, b); expected_sweeps interpolates in log10(tol). SRDS: Parareal iterations as a fraction of its block
+# count at the default tol (pipelined; committed CPU set: digits N=196 ~ 7 of 14), whatever the tol.
 WINDOW_SWEEPS = {
     "paradigms": {1e-2: (2.3, 15.2), 1e-3: (2.65, 17.2), 1e-4: (3.0, 18.0)},
     "eps-picard": {1e-2: (0.95, 11.3), 1e-3: (1.11, 13.5), 1e-4: (1.39, 14.1)},

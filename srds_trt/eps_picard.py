@@ -163,7 +163,7 @@ def eps_picard_sample(
     the window has slid past the end, at most N sweeps). progress(sweep, residual) per sweep. The switches turn
     single mechanisms off (module docstring), to measure what each buys: extrapolate = the warm start's
     polynomial order in lambda (0: the frozen last output, 2: quadratic), inherit_slope, broyden, secant,
-    prior_slope (the first sweep's slope 1 / sqrt(1 - alpha); False: none) and warm_start=False (entering
+    prior_slope (the first sweep's slope sqrt(1 - alpha), prior_slopes; False: none) and warm_start=False (entering
     points start at the last state, as in ParaDiGMS / diffusers).
 
     Experimental options (benchmarks/results/eps-picard-experiments-2026-11-27; the runtime runner refuses them):

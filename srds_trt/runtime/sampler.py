@@ -180,8 +180,9 @@ class RuntimeSampler:
         # tol: sampling.py's meaning (max-abs distance to serial), run as the calibrated per-point threshold
         # (stopping.window_accept_tol), as the registry's reference samplers do; the runner may raise that threshold
         # above its engine's noise floor (result.accept_tol says what ran)
+        accept_tol = window_accept_tol(tol, sampler)
         result = with_asked_tol(runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale,
-                                           tol=window_accept_tol(tol, sampler), max_iters=max_iters, progress=progress), tol)
+                                           tol=accept_tol, max_iters=max_iters, progress=progress), tol)
         self.last_window_stats = runner.last_run
         return result, timing
 
