@@ -4,8 +4,8 @@ Benchmark convention (STYLE 11): one warm-up, then the best of `repeats` timed c
 timer; a curve's row counts are timed in interleaved rounds (best_ms_interleaved says why). On a GPU every bucket
 is timed as a CUDA-graph replay (cuda_graphs.capture_graph around one plain enqueue, largest bucket first, one
 shared pool, released afterwards), because the runners replay graphs: an eager curve is launch-bound at small
-rows (SD2-base on an H200: 37.9 ms eager vs 9.2 ms graphed at one row) and would make wide calls look free. A bucket that cannot be captured is timed eagerly. On a CPU there are no
-graphs and the enqueue is timed as it runs.
+rows (SD2-base on an H200: 37.9 ms eager vs 9.2 ms graphed at one row) and would make wide calls look free. A
+bucket that cannot be captured is timed eagerly. On a CPU there are no graphs and the enqueue is timed as it runs.
 
 The curve is per engine bucket (a call pads to its bucket), so `bucketed(curve, buckets)` prices a call of R
 rows at its bucket's time: exact for the engine that was measured.

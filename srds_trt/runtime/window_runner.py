@@ -244,6 +244,7 @@ class WindowRunner:
                 rank_u = torch.where(evaluated_before, dout - slope * dx, torch.zeros_like(dx))
                 rank_v = torch.where(evaluated_before, dx * inv.view_as(slope), torch.zeros_like(dx))
             has = self.has_eval.index_select(0, idx)
+            per_point = (w,) + (1,) * (slope.dim() - 1)  # a [w] vector broadcast over images and elements
             # "no slope" is a zero slope here (out + 0 * dx is out exactly). A point never evaluated inherits its
             # predecessor's slope, which the reference's loop order makes the slope of the nearest evaluated point
             # before it in the window, or the one behind the window: a selection (cummax of indices), no arithmetic
@@ -253,11 +254,10 @@ class WindowRunner:
                 nearest = torch.where(has, self._points_w, -1).cummax(0).values  # -1: none in the window
                 slopes = torch.cat([behind, slope]).index_select(0, nearest + 1)
             else:
-                slopes = torch.where(has.view(w, *([1] * (slope.dim() - 1))), slope, torch.zeros_like(slope))
+                slopes = torch.where(has.view(per_point), slope, torch.zeros_like(slope))
             if self.prior_slope:  # the first sweep (the only one with begin = 0: every sweep slides >= 1)
-                point = (w,) + (1,) * (slope.dim() - 1)
                 slopes = torch.where((self.begin == 0).view((1,) * slope.dim()),
-                                     self._prior.index_select(0, idx).view(point), slopes)
+                                     self._prior.index_select(0, idx).view(per_point), slopes)
             self.slopes.index_copy_(0, idx, slopes)
         self.outs.index_copy_(0, idx, out)
         self.evaluated_at.index_copy_(0, idx, evaluated)
