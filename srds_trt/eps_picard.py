@@ -60,7 +60,10 @@ flipped below a threshold of 3e-2 (5 of 116 runs, mix64 at 3e-2 and up; without 
 is what let stopping.py calibrate eps-Picard's threshold looser than ParaDiGMS's. Not adopted (2026-11-27, README
 "Why the digits rows miss"): per-image windows, the inherited slope carried in x0 space.
 Experimental options (off by default; the runtime runner refuses them): a wide-baseline warm start
-(extrapolate_span, extrapolate_fit="lsq"), measured in benchmarks/results/eps-picard-experiments-2026-11-27/.
+(extrapolate_span, extrapolate_fit="lsq"), measured in benchmarks/results/eps-picard-experiments-2026-11-27/, and
+`jvp`, the exact linearisation in place of the quasi-Newton model: Newton's correction, whose derivatives are
+sequential, so not a parallel sampler but the bound on what a better Jacobian model could buy
+(benchmarks/newton_bound.py, benchmarks/results/newton-bound-2026-11-27/).
 Measured and removed: a ParaSolver-style coarse warm start (a K-step DDIM solve from x_T initialising every point;
 +2..+12 calls, the same folder; code at commit d68db7c).
 
@@ -155,6 +158,7 @@ def eps_picard_sample(
     extrapolate_span: int = 1,
     extrapolate_fit: str = "nodes",
     prior_slope: bool = True,
+    jvp: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
     """Sliding-window Picard on the model outputs over the N-step DDIM grid; converges to `serial_sample`.
@@ -170,6 +174,11 @@ def eps_picard_sample(
     extrapolate_span = k: the warm start's nodes are k points apart (first - 1, first - 1 - k, ...) instead of
     adjacent (a wide baseline that averages the output's step-to-step roughness); extrapolate_fit = "lsq": a
     least-squares line in lambda through the last k + 1 used outputs instead (needs extrapolate = 1).
+    jvp(x, t, direction) = d model(x, t) / dx applied to `direction` (rows as the model's): replaces the
+    quasi-Newton model by the exact linearisation, Newton's correction. Not a parallel sampler: each step of the
+    recurrence needs the derivative along a direction known only after the step before, so a sweep's w
+    corrections are w SEQUENTIAL derivative calls, which sequential_calls does not count. It measures what an
+    exact Jacobian would buy the sliding window (benchmarks/newton_bound.py: the bound on the digits rows).
     """
     check_solver("ddim", prediction_type)
     timesteps = check_grid(x, timesteps)
@@ -208,7 +217,10 @@ def eps_picard_sample(
         along the point's quasi-Newton model to the state of this sweep (zero correction at the fixed point)."""
         for j in range(first, last):
             out_j = outs[j]
-            if slopes[j] is not None and evaluated_at[j] is not None:
+            if jvp is not None:
+                if evaluated_at[j] is not None:  # Newton: the exact derivative along this sweep's move
+                    out_j = out_j + jvp(evaluated_at[j], times[j].repeat(batch), points[j] - evaluated_at[j]).to(dtype)
+            elif slopes[j] is not None and evaluated_at[j] is not None:
                 d = points[j] - evaluated_at[j]
                 out_j = out_j + slopes[j] * d
                 if rank1[j] is not None:

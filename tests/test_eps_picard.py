@@ -429,3 +429,49 @@ def test_rejects_bad_experimental_options():
                    {"extrapolate_fit": "lsq", "extrapolate": 2}, {"coarse_steps": 4}):
         with pytest.raises((ValueError, TypeError)):  # coarse_steps: the removed coarse warm start
             eps_picard_sample(model, x, timesteps, alphas, **kwargs)
+
+
+class _Linear:
+    """out = A x + t c: linear in x, with d out / dx = A (not a multiple of I), row-wise."""
+
+    def __init__(self, features: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.a = 0.3 * torch.randn(features, features, generator=gen, dtype=torch.float64)
+        self.c = torch.randn(features, generator=gen, dtype=torch.float64)
+
+    def __call__(self, x, t):
+        return x @ self.a.T + t.to(x.dtype)[:, None] / 1000 * self.c
+
+    def jvp(self, x, t, direction):
+        return direction @ self.a.T
+
+
+def test_newton_correction_is_exact_for_a_model_linear_in_x():
+    """jvp = the exact derivative: one sweep over the whole trajectory (window = N) corrects every output
+    evaluated at x_T to its value at this sweep's state, so the sample is serial's to rounding; the quasi-Newton
+    model (prior slope, no secant yet) is not, so the hook is not ignored."""
+    steps = 12
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = _Linear(5)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = serial_ref(model, x, timesteps.tolist(), alphas, "epsilon")
+    newton = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, jvp=model.jvp)
+    assert rel(newton.sample, ref) < 1e-12
+    quasi = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1)
+    assert rel(quasi.sample, ref) > 1e-4
+    assert newton.sequential_calls == 1  # the derivative calls are not model calls of the sampler
+
+
+def test_newton_correction_keeps_the_serial_fixed_point():
+    """tol = 0 with a (finite-difference) derivative on a nonlinear guided model: still serial's sample."""
+    from benchmarks.newton_bound import FiniteDifferenceJVP
+
+    steps = 25
+    timesteps, alphas = ddim_grid(CONFIG, steps)
+    model = guided_mlp(2)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = serial_ref(model, x, timesteps.tolist(), alphas, "epsilon")
+    jvp = FiniteDifferenceJVP(model)
+    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=8, jvp=jvp)
+    assert result.converged and rel(result.sample, ref) < 1e-13
+    assert jvp.calls > 0

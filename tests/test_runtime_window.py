@@ -263,6 +263,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="reference-only option extrapolate_fit"):
         make_runner("eps-picard", 16, 5, True, extrapolate_fit="lsq")
     make_runner("eps-picard", 16, 5, True, extrapolate_fit="nodes")  # the reference's default: accepted
+    with pytest.raises(ValueError, match="reference-only option jvp"):  # Newton's sequential derivatives: a bound
+        make_runner("eps-picard", 16, 5, True, jvp=lambda x, t, d: d)
     with pytest.raises(ValueError, match="no algorithm options"):
         make_runner("paradigms", 16, 5, True, secant=False)
     with pytest.raises(ValueError, match="sampler must be one of"):

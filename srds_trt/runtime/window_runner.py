@@ -73,7 +73,7 @@ from .srds_runner import effective_tol
 # eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
 EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden", "prior_slope")
 # eps_picard_sample keywords the runner does NOT mirror (experiments): refused unless left at the reference's default
-REFERENCE_ONLY_OPTIONS = ("extrapolate_span", "extrapolate_fit")
+REFERENCE_ONLY_OPTIONS = ("extrapolate_span", "extrapolate_fit", "jvp")
 BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
 
 
