@@ -263,17 +263,22 @@ def test_first_evaluation_inherits_the_neighbours_secant_slope():
 
 
 def test_every_switch_keeps_the_serial_fixed_point():
-    """tol = 0 with each mechanism off (and all off): still the serial sample, v prediction with CFG."""
+    """tol = 0 with each mechanism off (and all off), or Newton's exact derivative (finite differences) in place
+    of the quasi-Newton model: still the serial sample, v prediction with CFG."""
+    from benchmarks.newton_bound import FiniteDifferenceJVP
+
     steps = 30
     timesteps, alphas = ddim_grid(CONFIG, steps)
     model = guided_mlp(2)
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref = serial_ref(model, x, timesteps.tolist(), alphas, "v_prediction")
+    jvp = FiniteDifferenceJVP(model)
     for kwargs in ({"extrapolate": 0}, {"extrapolate": 2}, {"inherit_slope": False}, {"broyden": False},
-                   {"secant": False}, {"warm_start": False}, {"prior_slope": False}):
+                   {"secant": False}, {"warm_start": False}, {"prior_slope": False}, {"jvp": jvp}):
         result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
                                    **kwargs)
         assert result.converged and rel(result.sample, ref) < 1e-13, kwargs
+    assert jvp.calls > 0
 
 
 def textbook_window(model, x, grid, alphas, w, tol, sweeps):
@@ -461,17 +466,3 @@ def test_newton_correction_is_exact_for_a_model_linear_in_x():
     assert rel(quasi.sample, ref) > 1e-4
     assert newton.sequential_calls == 1  # the derivative calls are not model calls of the sampler
 
-
-def test_newton_correction_keeps_the_serial_fixed_point():
-    """tol = 0 with a (finite-difference) derivative on a nonlinear guided model: still serial's sample."""
-    from benchmarks.newton_bound import FiniteDifferenceJVP
-
-    steps = 25
-    timesteps, alphas = ddim_grid(CONFIG, steps)
-    model = guided_mlp(2)
-    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = serial_ref(model, x, timesteps.tolist(), alphas, "epsilon")
-    jvp = FiniteDifferenceJVP(model)
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=8, jvp=jvp)
-    assert result.converged and rel(result.sample, ref) < 1e-13
-    assert jvp.calls > 0
