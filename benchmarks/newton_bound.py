@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srds_trt.eps_picard import eps_picard_sample
+from srds_trt.eps_picard import default_window, eps_picard_sample
 from srds_trt.sampling import serial_sample
 
 from .cases import MIXTURES, build_case, mixture_case
@@ -67,14 +67,16 @@ def paradigms_counts(path: Path) -> dict[tuple[str, int, float], int]:
             for r in rows if r.get("paradigms")}
 
 
-def bench(case, steps_list, log) -> tuple[list[dict], list]:
-    images, records, runs = case.x.shape[0], [], []
+def bench(case, steps_list, log) -> tuple[list, dict[tuple[str, int, float], int]]:
+    """eps-Picard and its Newton bound over the tol grid at each N; returns the runs and the derivative calls of
+    each Newton run by (case, N, tol)."""
+    images, runs, jvp_calls = case.x.shape[0], [], {}
     for requested in steps_list:
         timesteps, alphas, steps = case.grid(requested)
         model = _Width(case.model, images)
         with torch.inference_mode():
             reference = serial_sample(model, case.x, timesteps, alphas, prediction_type=case.prediction_type)
-        window = min(2 * max(1, round(math.sqrt(steps))), steps)
+        window = default_window(steps)
 
         def quasi_newton(tol):
             return measure(case, model, timesteps, alphas, reference, "eps-picard", eps_picard_sample, window, tol)
@@ -83,7 +85,7 @@ def bench(case, steps_list, log) -> tuple[list[dict], list]:
             jvp = FiniteDifferenceJVP(case.model)
             run = measure(case, model, timesteps, alphas, reference, "eps-picard-newton", eps_picard_sample, window,
                           tol, jvp=jvp)
-            records.append({**asdict(run), "jvp_calls": jvp.calls})
+            jvp_calls[run.case, run.steps, run.tol] = jvp.calls
             return run
 
         def log_run(r):
@@ -92,10 +94,10 @@ def bench(case, steps_list, log) -> tuple[list[dict], list]:
 
         runs += _sweep(quasi_newton, EPS_PICARD_TOLS, log_run)
         runs += _sweep(newton, EPS_PICARD_TOLS, log_run)
-    return records, runs
+    return runs, jvp_calls
 
 
-def rows(runs, records, paradigms: dict) -> list[dict]:
+def rows(runs, jvp_calls: dict, paradigms: dict) -> list[dict]:
     """Per (case, N, target): ParaDiGMS (committed), the goal's allowance, eps-Picard and the Newton bound."""
     out = []
     for row in matched(runs):
@@ -107,9 +109,7 @@ def rows(runs, records, paradigms: dict) -> list[dict]:
             entry[name] = best
             entry[f"{name}_ratio"] = None if best is None or pd is None else best["sequential_calls"] / pd
         best = row.get("eps-picard-newton")
-        hidden = [r["jvp_calls"] for r in records if best and (r["case"], r["steps"], r["tol"]) ==
-                  (row["case"], row["steps"], best["tol"])]
-        entry["newton_jvp_calls"] = hidden[0] if hidden else None
+        entry["newton_jvp_calls"] = jvp_calls.get((row["case"], row["steps"], best["tol"])) if best else None
         out.append(entry)
     return out
 
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core box (run.py says why)
     try:
-        start, records, runs = time.perf_counter(), [], []
+        start, runs, jvp_calls = time.perf_counter(), [], {}
         cpu = torch.device("cpu")
         if args.mixture:
             groups = [(mixture_case(args.mixture, images=64, device=cpu), args.steps)]
@@ -171,12 +171,15 @@ def main(argv=None) -> dict:
             groups = [(build_case("digits", images=k, device=cpu), steps)
                       for k, steps in ((args.images, small), (args.images_large, large)) if steps]
         for case, steps in groups:
-            got_records, got_runs = bench(case, steps, log)
-            records, runs = records + got_records, runs + got_runs
-        results = {"machine": machine_info("cpu"), "paradigms_from": str(args.paradigms.relative_to(Path.cwd()))
-                   if args.paradigms.is_relative_to(Path.cwd()) else str(args.paradigms),
-                   "targets": TARGETS, "tols": EPS_PICARD_TOLS, "runs": [asdict(r) for r in runs],
-                   "newton_runs": records, "rows": rows(runs, records, paradigms_counts(args.paradigms)),
+            got_runs, got_calls = bench(case, steps, log)
+            runs, jvp_calls = runs + got_runs, {**jvp_calls, **got_calls}
+        source = args.paradigms.relative_to(Path.cwd()) if args.paradigms.is_relative_to(Path.cwd()) else args.paradigms
+        results = {"machine": machine_info("cpu"), "paradigms_from": str(source), "targets": TARGETS,
+                   "tols": EPS_PICARD_TOLS,
+                   # jvp_calls: the Newton runs' derivative calls (None: a quasi-Newton run, it makes none)
+                   "runs": [{**asdict(r), "jvp_calls": jvp_calls.get((r.case, r.steps, r.tol))
+                             if r.sampler == "eps-picard-newton" else None} for r in runs],
+                   "rows": rows(runs, jvp_calls, paradigms_counts(args.paradigms)),
                    "total_wall_s": time.perf_counter() - start}
     finally:
         torch.set_num_threads(threads)

@@ -465,4 +465,3 @@ def test_newton_correction_is_exact_for_a_model_linear_in_x():
     quasi = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1)
     assert rel(quasi.sample, ref) > 1e-4
     assert newton.sequential_calls == 1  # the derivative calls are not model calls of the sampler
-

@@ -92,6 +92,10 @@ def test_newton_bound_runs_end_to_end(tmp_path):
     assert (rows[1e-2]["eps-picard"]["sequential_calls"], rows[1e-3]["eps-picard"]["sequential_calls"]) == (10, 11)
     for target, row in rows.items():
         assert row["eps-picard-newton"]["err_max"] <= target and row["newton_jvp_calls"] > 0
+        best = [r for r in saved["runs"] if r["sampler"] == "eps-picard-newton"
+                and r["tol"] == row["eps-picard-newton"]["tol"]]
+        assert row["newton_jvp_calls"] == best[0]["jvp_calls"]  # the chosen run's own derivative calls
+    assert all((r["jvp_calls"] is None) == (r["sampler"] == "eps-picard") for r in saved["runs"])
     assert "| wide2 | 196 | 0.01 | 18 | 10 |" in (tmp_path / "results.md").read_text()
     assert json.loads(json.dumps(results["rows"])) == saved["rows"]
     assert not list(tmp_path.glob(".*.tmp"))
