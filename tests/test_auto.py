@@ -86,12 +86,13 @@ def test_fallback_to_the_best_runnable_candidate_applies_its_options(digits, mon
     auto = out.stats["auto"]
     assert auto["sampler"] == out.stats["sampler"] == "paradigms" and "cannot run here" in auto["fallback"]
     assert out.stats["window"] == auto["options"]["window"] == 16
-    # srds only: round(sqrt 16) = 4 blocks beat default_num_blocks(16) = 8 on a flat curve; the run uses 4
+    # srds only: at its expected 6 iterations default_num_blocks(16) = 8 blocks (14 calls) beat round(sqrt 16) = 4
+    # (exact after 4 iterations: 16 calls, serial's) on a flat curve; the run uses 8, not the caller's 2
     monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "srds"))
     out = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False, num_blocks=2)
     auto = out.stats["auto"]
     assert auto["sampler"] == out.stats["sampler"] == "srds"  # (the cheapest of all at N=16 anyway: no fallback)
-    assert out.stats["blocks"] == auto["options"]["num_blocks"] == 4
+    assert out.stats["blocks"] == auto["options"]["num_blocks"] == 8
     assert out.stats["pipelined"] is True
 
 
@@ -227,7 +228,8 @@ def test_two_gloo_ranks_price_world_size_and_a_measured_all_gather(tmp_path):
     assert auto["world_size"] == stats["world_size"] == 2 and auto["allgather_ms"] > 0
     assert auto["allgather"].startswith("measured at warm-up")
     assert stats["sampler"] == auto["sampler"]  # the measurements are no engine calls of the run:
-    assert stats["rank_engine_calls"] == stats["sequential_calls"] + stats["serial"]["sequential_calls"]
+    # (SRDS adds its serial reference's calls; on this CPU's curve auto may pick serial or SRDS)
+    assert stats["rank_engine_calls"] == stats["sequential_calls"] + stats.get("serial", {}).get("sequential_calls", 0)
     one_rank = autotune.choose(steps=16, latency_ms={int(r): ms for r, ms in auto["latency_per_rows_ms"].items()})
     assert [c["predicted_ms"] for c in auto["candidates"]] != [c.predicted_ms for c in one_rank.candidates]
 

@@ -170,10 +170,34 @@ def test_choose_prices_the_asked_tol():
     flat = {1: 1.0, 1024: 1.0}
     by_tol = {tol: autotune.choose(steps=1024, latency_ms=flat, tol=tol) for tol in (1e-2, 1e-3, 1e-4)}
     assert autotune.choose(steps=1024, latency_ms=flat) == by_tol[1e-3]
-    windowed = lambda choice: [c.sequential_calls for c in choice.candidates if "window" in c.options]  # noqa: E731
-    loose, default, tight = (windowed(by_tol[t]) for t in (1e-2, 1e-3, 1e-4))
-    assert all(a <= b <= c for a, b, c in zip(loose, default, tight)) and loose != tight
-    others = lambda choice: [c for c in choice.candidates if "window" not in c.options]  # noqa: E731
-    assert others(by_tol[1e-2]) == others(by_tol[1e-4])  # serial and SRDS do not depend on it
+    parallel = lambda choice: [c.sequential_calls for c in choice.candidates if c.sampler != "serial"]  # noqa: E731
+    loose, default, tight = (parallel(by_tol[t]) for t in (1e-2, 1e-3, 1e-4))
+    assert all(a < b < c for a, b, c in zip(loose, default, tight))  # every parallel candidate, SRDS included
+    serial = lambda choice: [c for c in choice.candidates if c.sampler == "serial"]  # noqa: E731
+    assert serial(by_tol[1e-2]) == serial(by_tol[1e-4])  # serial does not depend on it
     with pytest.raises(ValueError, match="tol"):
         autotune.choose(steps=100, latency_ms=flat, tol=-1.0, samplers=("serial",))  # checked up front
+
+
+def test_srds_priced_at_the_iterations_its_rule_runs():
+    """SRDS's expected iterations are what its stopping rule ran on the committed stopping benchmark (upper
+    quartile per tol), a count, not a fraction of the blocks, and the candidate's calls are its tick plan's."""
+    import json
+    from pathlib import Path
+
+    from srds_trt.schedule import pipelined_calls
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stopping-2026-11-27b"
+    runs = [r for name in ("full.json", "batched.json") for r in json.loads((root / name).read_text()) if r["pipelined"]]
+    for tol, expected in autotune.SRDS_ITERATIONS.items():
+        iters = sorted(r["rule_iters"] for r in runs if r["tol"] == tol)
+        assert len(iters) == 75 and iters[math.ceil(0.75 * len(iters)) - 1] == expected
+        assert autotune.expected_srds_iterations(54, tol) == autotune.expected_srds_iterations(17, tol) == expected
+    e = autotune.expected_srds_iterations
+    assert e(54, 0.1) == e(54, 1e-2) < e(54, 3e-3) == e(54, 1e-3) < e(54, 1e-4) < e(54, 1e-5)
+    assert e(3, 1e-3) == 3 and e(54, 0.0) == 54  # never past exact; tol = 0 runs every iteration
+    for tol in (1e-2, 1e-4):
+        choice = autotune.choose(steps=1024, latency_ms=H200_DIGITS, tol=tol)
+        for c in (c for c in choice.candidates if c.sampler == "srds"):
+            blocks = c.options["num_blocks"]
+            assert c.sequential_calls == pipelined_calls(1024, blocks, e(blocks, tol))
