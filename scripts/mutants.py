@@ -123,6 +123,10 @@ MUTANTS = (
            "sweep_overhead_ms=overhead, tol=tol)", "sweep_overhead_ms=overhead)",
            "--sampler auto prices the window samplers at the default tol whatever the caller asked",
            ("tests/test_auto.py",)),
+    Mutant("auto-srds-iterations-from-blocks", "srds_trt/autotune.py",
+           "iters = expected_srds_iterations(blocks, tol)", "iters = max(1, min(blocks, math.ceil(0.5 * blocks)))",
+           "--sampler auto prices SRDS at half its blocks whatever the tol (27 iterations at N = 1024, the old model)",
+           ("tests/test_autotune.py",)),
 )
 
 
@@ -160,6 +164,8 @@ def main(argv=None) -> int:
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "benchmarks", copy / "benchmarks",  # some tests build the benchmark cases
                         ignore=shutil.ignore_patterns("__pycache__", "results"))
+        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping-2026-11-27b",  # auto's SRDS pricing test reads it
+                        copy / "benchmarks" / "results" / "stopping-2026-11-27b")
         shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
         probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)
