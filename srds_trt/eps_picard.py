@@ -58,7 +58,9 @@ calls in 16 of the 22 rows, a tie in 4, one more in 2; mixtures at N = 1024 at 1
 mix16 25 -> 17, mix64 27 -> 21; digits at 1e-3: N = 100/196/1024 16 -> 16, 22 -> 20, 35 -> 33. With it no mode
 flipped below a threshold of 3e-2 (5 of 116 runs, mix64 at 3e-2 and up; without it 27 of 125, from 3e-3 up), which
 is what let stopping.py calibrate eps-Picard's threshold looser than ParaDiGMS's. Not adopted (2026-11-27, README
-"Why the digits rows miss"): per-image windows, the inherited slope carried in x0 space.
+"Why the digits rows miss"): per-image windows, the inherited slope carried in x0 space, a pooled multi-secant
+normalised by Tweedie's form of the Jacobian (J = (I - K) / sigma, K symmetric) for every correction
+(benchmarks/results/newton-bound-2026-11-27/: the digits rows need about a quarter of this model's error).
 Experimental options (off by default; the runtime runner refuses them): a wide-baseline warm start
 (extrapolate_span, extrapolate_fit="lsq"), measured in benchmarks/results/eps-picard-experiments-2026-11-27/, and
 `jvp`, the exact linearisation in place of the quasi-Newton model: Newton's correction, whose derivatives are
