@@ -127,6 +127,11 @@ MUTANTS = (
            "iters = expected_srds_iterations(blocks, tol)", "iters = max(1, min(blocks, math.ceil(0.5 * blocks)))",
            "--sampler auto prices SRDS at half its blocks whatever the tol (27 iterations at N = 1024, the old model)",
            ("tests/test_autotune.py",)),
+    Mutant("auto-serial-on-one-device", "srds_trt/autotune.py",
+           "serial_ms = steps * tick_ms(latency_ms, rows_per_point, world_size, allgather_ms)",
+           "serial_ms = steps * tick_ms(latency_ms, rows_per_point)",
+           "--sampler auto prices serial unsharded on a process group (1.24x too slow on SD2; picks a slower sampler)",
+           ("tests/test_autotune.py",)),
 )
 
 

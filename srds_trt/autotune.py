@@ -12,7 +12,10 @@ curve is the engine's measured ms per call vs rows: measured at warm-up, or the 
 with its last slope, below the smallest held flat.
 
 The calls of each candidate:
-- serial: N calls of (images x rows per image) rows, on one device (a tick needs no all-gather).
+- serial: N calls of (images x rows per image) rows, sharded over the ranks like every call of a distributed job
+  (distributed.py shards every engine call, serial's included: with guidance on 2 ranks each runs one row per step,
+  plus the all-gather). It was priced on one device until 2026-11-27, which made it 1.24x too slow on the SD2
+  curve (11.5 ms for 2 rows vs 9.2 + all-gather for 1) and could let a parallel candidate win that serial beats.
 - srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations at
   the caller's tol (SRDS_ITERATIONS: what the stopping rule ran on the committed stopping benchmark); rows per
   tick read off the plan itself.
@@ -220,7 +223,7 @@ def choose(
         sizes = collections.Counter(calls)  # few distinct sizes: price each once
         return sum(n * tick_ms(latency_ms, p * rows_per_point, world_size, allgather_ms) for p, n in sizes.items())
 
-    serial_ms = steps * tick_ms(latency_ms, rows_per_point)  # one device, no all-gather
+    serial_ms = steps * tick_ms(latency_ms, rows_per_point, world_size, allgather_ms)  # sharded like every call
     candidates = [Candidate("serial", {}, steps, rows_per_point, serial_ms)]
     if "srds" in samplers and steps > 1:
         for blocks in sorted({max(1, round(math.sqrt(steps))), default_num_blocks(steps)}):

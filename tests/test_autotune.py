@@ -117,14 +117,18 @@ def test_runnable_choice_falls_back_to_the_best_runnable_candidate_and_says_why(
     assert nothing.sampler == "serial" and nothing.predicted_ms == choice.serial_ms
 
 
-def test_world_size_changes_the_prediction_of_parallel_candidates_only():
+def test_world_size_changes_the_prediction_of_every_candidate():
     one = autotune.choose(steps=100, latency_ms=H200_SD2)
     two = autotune.choose(steps=100, latency_ms=H200_SD2, world_size=2, allgather_ms=0.3)
-    assert two.serial_ms == one.serial_ms  # serial runs on one device
+    # serial is sharded like every call of a distributed job: its 2 guidance rows, one per rank, plus the all-gather
+    assert one.serial_ms == 100 * 11.5 and two.serial_ms == pytest.approx(100 * (9.2 + 0.3))
     for a, b in zip(one.candidates, two.candidates):
         assert (a.sampler, a.options) == (b.sampler, b.options)
-        if a.sampler != "serial":
-            assert b.predicted_ms < a.predicted_ms  # half the rows per rank on a curve that grows with rows
+        assert b.predicted_ms < a.predicted_ms  # half the rows per rank on a curve that grows with rows
+    # where sharded serial wins, auto must see it: SD2 N = 25 on 4 GPUs (a one-device serial would lose to eps-Picard)
+    four = autotune.choose(steps=25, latency_ms=H200_SD2, world_size=4, allgather_ms=0.1,
+                           sweep_overhead_ms=autotune.GPU_SWEEP_OVERHEAD_MS)
+    assert four.sampler == "serial" and four.serial_ms == pytest.approx(25 * 9.3)
 
 
 def test_widest_rows_covers_every_candidate():

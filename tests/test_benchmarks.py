@@ -136,3 +136,28 @@ def test_expected_sweeps_fit_bounds_every_measured_run(tmp_path):
         covered = [r["sweeps"] <= a * r["n_over_w"] + b + 1e-9 for r in rows]
         assert sum(covered) >= 0.75 * len(rows)  # the slow side: three of four runs need no more than predicted
     assert all(row["within_tol"] for row in result["rows"])  # tol is the distance to serial (window_accept_tol)
+
+
+def test_multigpu_projection_is_autos_prediction(tmp_path):
+    """The projection is --sampler auto's own pricing (one auto pick per N and GPU count, the pick the cheapest),
+    serial sharded over its two guidance rows, and the JSON lands whole."""
+    import json
+
+    from benchmarks import multigpu_projection as mgp
+    from srds_trt import autotune
+
+    result = mgp.project(0.1)
+    for steps in mgp.STEPS:
+        for gpus in mgp.WORLDS:
+            rows = [r for r in result["rows"] if r["steps"] == steps and r["gpus"] == gpus]
+            picked = [r for r in rows if r["auto_picks"]]
+            assert len(picked) == 1 and picked[0]["projected_ms"] == min(r["projected_ms"] for r in rows)
+            serial = next(r for r in rows if r["sampler"] == "serial")
+            assert serial["projected_ms"] == round(steps * (mgp.H200_SD2_MS[2] if gpus == 1 else mgp.H200_SD2_MS[1] + 0.1), 1)
+    choice = autotune.choose(steps=100, latency_ms=mgp.H200_SD2_MS, world_size=4, allgather_ms=0.1,
+                             sweep_overhead_ms=autotune.GPU_SWEEP_OVERHEAD_MS)
+    picked = next(r for r in result["rows"] if r["steps"] == 100 and r["gpus"] == 4 and r["auto_picks"])
+    assert picked["projected_ms"] == round(choice.predicted_ms, 1)
+    mgp.main(["--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text())["kind"] == "PROJECTED"
+    assert not list(tmp_path.glob(".*.tmp"))
