@@ -132,6 +132,10 @@ MUTANTS = (
            "serial_ms = steps * tick_ms(latency_ms, rows_per_point)",
            "--sampler auto prices serial unsharded on a process group (1.24x too slow on SD2; picks a slower sampler)",
            ("tests/test_autotune.py",)),
+    Mutant("auto-prices-one-chunk", "srds_trt/autotune.py",
+           "chunk = images if max_rows is None else max(1, min(images, max_rows // widest))", "chunk = images",
+           "--sampler auto prices all images as one chunk where the pipeline runs several, one after the other",
+           ("tests/test_autotune.py",)),
 )
 
 

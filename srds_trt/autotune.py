@@ -30,6 +30,8 @@ The calls of each candidate:
   On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
   H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
   Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
+Several images: the pipeline runs them in chunks whose widest call fits max_rows rows, one chunk after the other;
+each candidate is priced as those chunks (a wide window that splits the images pays its sweeps once per chunk).
 The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
 samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
 never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
@@ -201,12 +203,17 @@ def choose(
     samplers: tuple[str, ...] = CANDIDATES,
     sweep_overhead_ms: Mapping[str, tuple[float, float]] | None = None,
     tol: float = DEFAULT_TOL,
+    max_rows: int | None = None,
+    rows_per_image: Callable[[str, dict], int] | None = None,
 ) -> Choice:
     """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table.
     sweep_overhead_ms: sliding-window sampler -> (fixed, per window point) ms each sweep pays besides its engine
     call (GPU_SWEEP_OVERHEAD_MS on a GPU; None: nothing). tol: what the sampler will run at (sampling.py's meaning);
     it sets the sliding-window samplers' expected sweeps (expected_sweeps) and SRDS's expected iterations
-    (expected_srds_iterations)."""
+    (expected_srds_iterations).
+    max_rows: the pipeline runs the images in chunks whose widest call fits max_rows rows, one chunk after the
+    other; each candidate is priced as those chunks (None: all images in one chunk). rows_per_image(sampler,
+    options): the widest call's rows for ONE image as the pipeline sizes its chunks (default: this plan's own)."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
     check_tol(tol)
@@ -217,30 +224,41 @@ def choose(
         raise ValueError(f"auto prices {', '.join(CANDIDATES)}; unknown: {', '.join(sorted(unknown))}")
     if "serial" not in samplers:
         raise ValueError("serial must be a candidate: auto is never slower than serial")
-    rows_per_point = images * (2 if guided else 1)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    per_point = 2 if guided else 1  # rows per trajectory point and image
 
-    def price(calls: list[int]) -> float:  # calls: trajectory points per sequential call
+    def candidate(sampler: str, options: dict, calls: list[int], per_call_ms: float = 0.0) -> Candidate:
+        """calls: trajectory points per sequential call of one chunk; per_call_ms: what each call pays besides the
+        engine (a sweep's update program). Chunks run one after the other, each the whole plan."""
+        widest = rows_per_image(sampler, options) if rows_per_image else max(calls) * per_point
+        chunk = images if max_rows is None else max(1, min(images, max_rows // widest))
+        full, rest = divmod(images, chunk)
         sizes = collections.Counter(calls)  # few distinct sizes: price each once
-        return sum(n * tick_ms(latency_ms, p * rows_per_point, world_size, allgather_ms) for p, n in sizes.items())
 
-    serial_ms = steps * tick_ms(latency_ms, rows_per_point, world_size, allgather_ms)  # sharded like every call
-    candidates = [Candidate("serial", {}, steps, rows_per_point, serial_ms)]
+        def one_chunk(k: int) -> float:
+            return sum(n * tick_ms(latency_ms, p * k * per_point, world_size, allgather_ms)
+                       for p, n in sizes.items()) + len(calls) * per_call_ms
+
+        ms = full * one_chunk(chunk) + (one_chunk(rest) if rest else 0.0)
+        return Candidate(sampler, options, len(calls) * (full + (rest > 0)), max(calls) * chunk * per_point, ms)
+
+    serial = candidate("serial", {}, [1] * steps)  # sharded like every call of a distributed job
+    candidates = [serial]
     if "srds" in samplers and steps > 1:
         for blocks in sorted({max(1, round(math.sqrt(steps))), default_num_blocks(steps)}):
             iters = expected_srds_iterations(blocks, tol)
-            calls = list(_srds_points_per_call(steps, blocks, iters))
-            candidates.append(Candidate("srds", {"num_blocks": blocks, "pipelined": True}, len(calls),
-                                        max(calls) * rows_per_point, price(calls)))
+            candidates.append(candidate("srds", {"num_blocks": blocks, "pipelined": True},
+                                        list(_srds_points_per_call(steps, blocks, iters))))
     for name in ("paradigms", "eps-picard"):
         if name not in samplers:
             continue
         for w in window_widths(steps):
             sweeps = expected_sweeps(name, steps, w, tol)
-            fixed, per_point = (sweep_overhead_ms or {}).get(name, (0.0, 0.0))
-            ms = price([w] * sweeps) + sweeps * (fixed + per_point * w)
-            candidates.append(Candidate(name, {"window": w}, sweeps, w * rows_per_point, ms))
+            fixed, per_window_point = (sweep_overhead_ms or {}).get(name, (0.0, 0.0))
+            candidates.append(candidate(name, {"window": w}, [w] * sweeps, fixed + per_window_point * w))
     best = min(candidates, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
-    return Choice(best.sampler, dict(best.options), best.predicted_ms, serial_ms, tuple(candidates))
+    return Choice(best.sampler, dict(best.options), best.predicted_ms, serial.predicted_ms, tuple(candidates))
 
 
 @functools.lru_cache(maxsize=64)

@@ -170,7 +170,8 @@ class SRDSPipeline:
         auto = None
         if sampler == "auto":  # the choice's options (num_blocks/pipelined or window) replace the caller's
             decide_start = time.perf_counter()  # a first auto call builds the engine and times its buckets here
-            auto = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale, tol)
+            auto = self._auto_sampler(num_inference_steps, len(prompts) * num_images_per_prompt, scale, tol,
+                                      max_rows or MAX_ROWS, max_iters)
             auto["decide_s"] = time.perf_counter() - decide_start  # outside wall_time_s: reported on its own
             sampler, options = auto["sampler"], auto["options"]
             num_blocks, pipelined = options.get("num_blocks", num_blocks), options.get("pipelined", pipelined)
@@ -261,11 +262,14 @@ class SRDSPipeline:
         of them (autotune.runnable_choice) and says so in stats["auto"]["fallback"]."""
         return tuple(REFERENCE_SAMPLERS) if self.runtime is None else RUNTIME_SAMPLERS
 
-    def _auto_sampler(self, steps: int, images: int, scale: float, tol: float) -> dict:
+    def _auto_sampler(self, steps: int, images: int, scale: float, tol: float, max_rows: int = 0,
+                      max_iters: int | None = None) -> dict:
         """sampler="auto": srds_trt.autotune's choice for this model, engine, device, world size, N and tol, as the
         stats record it: Choice.as_dict() (every candidate's predicted ms, the reason, any fallback) plus where the
         latency curve came from and what a tick's all-gather costs. Every rank of a process group gets rank 0's
-        curve and all-gather time, so all ranks choose the same sampler (they must run the same schedule)."""
+        curve and all-gather time, so all ranks choose the same sampler (they must run the same schedule).
+        Each candidate is priced as the image chunks __call__ would run it in (max_rows, sized as __call__ sizes
+        them)."""
         from . import autotune
         from .runtime.latency import bucketed
 
@@ -284,11 +288,22 @@ class SRDSPipeline:
             self._record_curve(curve)
         latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
         overhead = autotune.GPU_SWEEP_OVERHEAD_MS if self.device.type == "cuda" else None
-        key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets, tol)
+        max_rows = max_rows or MAX_ROWS
+
+        def per_image(sampler: str, options: dict) -> int:  # the widest call's rows for one image, as __call__ sizes chunks
+            if sampler == "srds":
+                return rows_per_image(steps, options["num_blocks"], guided, options["pipelined"], max_iters)
+            if sampler in WINDOW_SAMPLERS:
+                return window_rows(sampler, steps, options["window"], 1, guided)
+            return 2 if guided else 1
+
+        key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets, tol,
+               max_rows, max_iters)
         if key not in self._auto_cache:  # pricing N = 1024's candidates is milliseconds of Python per request
             self._auto_cache[key] = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency,
                                                     world_size=world, allgather_ms=allgather_ms,
-                                                    sweep_overhead_ms=overhead, tol=tol)
+                                                    sweep_overhead_ms=overhead, tol=tol, max_rows=max_rows,
+                                                    rows_per_image=per_image)
         choice = self._auto_cache[key]
         runnable = self.runnable_samplers()
 

@@ -4,6 +4,8 @@ sampler cannot run on the path, and what stats.json and the CLI say."""
 
 from __future__ import annotations
 
+import math
+
 import json
 import shutil
 
@@ -94,6 +96,28 @@ def test_fallback_to_the_best_runnable_candidate_applies_its_options(digits, mon
     assert auto["sampler"] == out.stats["sampler"] == "srds"  # (the cheapest of all at N=16 anyway: no fallback)
     assert out.stats["blocks"] == auto["options"]["num_blocks"] == 8
     assert out.stats["pipelined"] is True
+
+
+def test_auto_prices_the_image_chunks_the_run_uses(digits, monkeypatch):
+    """4 images, max_rows 64: eps-Picard's window of 16 points needs 32 rows per image, so it would run in 2 chunks
+    of 2 images, one after the other (2 x 18 sweeps); window 8 fits all 4 in one chunk (23 sweeps) and wins on a
+    flat curve. With room for every image in one call, window 16 wins (18 sweeps). Serial fits all 4 in one chunk."""
+    inject(digits, monkeypatch, FLAT)
+    monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "eps-picard"))
+    out = digits("3", num_inference_steps=64, sampler="auto", num_images_per_prompt=4, max_rows=64,
+                 progress_bar=False)
+    auto, stats = out.stats["auto"], out.stats
+    assert (auto["sampler"], auto["options"]) == ("eps-picard", {"window": 8})
+    assert (stats["chunks"], stats["images_per_chunk"]) == (1, 4)
+    by_window = {c["options"]["window"]: c for c in auto["candidates"] if c["sampler"] == "eps-picard"}
+    for w, chunks in ((8, 1), (16, 2)):
+        sweeps = autotune.expected_sweeps("eps-picard", 64, w, auto["tol"])
+        assert (by_window[w]["sequential_calls"], by_window[w]["rows_per_call"]) == (chunks * sweeps, 2 * w * 4 // chunks)
+        assert by_window[w]["predicted_ms"] == pytest.approx(chunks * sweeps * FLAT[64])
+    serial = next(c for c in auto["candidates"] if c["sampler"] == "serial")
+    assert (serial["sequential_calls"], serial["rows_per_call"]) == (64, 8)
+    roomy = digits("3", num_inference_steps=64, sampler="auto", num_images_per_prompt=4, progress_bar=False)
+    assert roomy.stats["auto"]["options"] == {"window": 16} and roomy.stats["chunks"] == 1
 
 
 def test_world_size_changes_the_prediction(digits, monkeypatch):

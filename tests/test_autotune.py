@@ -205,3 +205,26 @@ def test_srds_priced_at_the_iterations_its_rule_runs():
         for c in (c for c in choice.candidates if c.sampler == "srds"):
             blocks = c.options["num_blocks"]
             assert c.sequential_calls == pipelined_calls(1024, blocks, e(blocks, tol))
+
+
+def test_images_are_priced_in_the_chunks_the_pipeline_runs():
+    """max_rows: the pipeline runs images in chunks whose widest call fits, one chunk after the other; each candidate
+    is priced as those chunks (a throughput-bound curve makes chunking free, a flat one makes it cost per chunk)."""
+    flat = {1: 1.0, 4096: 1.0}
+    one = autotune.choose(steps=100, images=1, latency_ms=flat)
+    many = autotune.choose(steps=100, images=10, latency_ms=flat, max_rows=100)
+    whole = autotune.choose(steps=100, images=10, latency_ms=flat)  # no max_rows: one chunk
+    for a, b, c in zip(one.candidates, many.candidates, whole.candidates):
+        per_image = a.rows_per_call  # one image's widest call
+        chunk = max(1, min(10, 100 // per_image))
+        chunks = math.ceil(10 / chunk)
+        assert b.sequential_calls == a.sequential_calls * chunks and b.predicted_ms == pytest.approx(a.predicted_ms * chunks)
+        assert b.rows_per_call == per_image * chunk <= max(100, per_image)
+        assert c.sequential_calls == a.sequential_calls and c.predicted_ms == a.predicted_ms  # flat: 10 images cost 1
+    # the pipeline's own sizing wins over the plan's widest call (e.g. SRDS sized for every iteration)
+    sized = autotune.choose(steps=100, images=10, latency_ms=flat, max_rows=100, rows_per_image=lambda s, o: 100)
+    assert all(c.sequential_calls == a.sequential_calls * 10 for a, c in zip(one.candidates, sized.candidates))
+    linear = autotune.choose(steps=100, images=10, latency_ms=lambda rows: float(rows), max_rows=100)
+    assert linear.serial_ms == 100 * 20.0  # 10 images x 2 rows in one chunk of 20 rows: chunking changes nothing here
+    with pytest.raises(ValueError, match="max_rows"):
+        autotune.choose(steps=10, latency_ms=flat, max_rows=0)
