@@ -136,6 +136,10 @@ MUTANTS = (
            "chunk = images if max_rows is None else max(1, min(images, max_rows // widest))", "chunk = images",
            "--sampler auto prices all images as one chunk where the pipeline runs several, one after the other",
            ("tests/test_autotune.py",)),
+    Mutant("auto-ignores-observations", "srds_trt/autotune.py",
+           "seen = (observed or {}).get(candidate_key(sampler, options))", "seen = None",
+           "--sampler auto prices every candidate at the table's expectation whatever this model's runs took",
+           ("tests/test_autotune.py",)),
 )
 
 

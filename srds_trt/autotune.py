@@ -30,6 +30,10 @@ The calls of each candidate:
   On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
   H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
   Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
+Learning from its runs: a pipeline keeps, per (N, tol, guidance), the iterations / sweeps its SRDS and window runs
+took (SRDSPipeline._observe, upper quartile of the last OBSERVED_RUNS chunks), and passes them as `observed`:
+that candidate is then priced at what this model needed, not at the benchmark's expectation, so a model harder
+than the benchmark's stops being chosen on its table price after one run (stats: iterations_from "observed").
 Several images: the pipeline runs them in chunks whose widest call fits max_rows rows, one chunk after the other;
 each candidate is priced as those chunks (a wide window that splits the images pays its sweeps once per chunk).
 The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
@@ -88,6 +92,16 @@ SRDS_ITERATIONS = {1e-2: 5, 1e-3: 6}
 # Applied where the engine runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in
 # its measured wall clock.
 GPU_SWEEP_OVERHEAD_MS = {"paradigms": (0.25, 0.0), "eps-picard": (0.55, 0.0)}
+OBSERVED_RUNS = 8  # chunks of past runs a pipeline remembers per candidate and settings (module doc)
+
+
+def observed_iterations(history: list[int]) -> int:
+    """What a candidate's past runs say it needs: the upper quartile of its last OBSERVED_RUNS chunks (the slow
+    side, as the tables are fitted), their maximum while fewer than 4."""
+    recent = sorted(history[-OBSERVED_RUNS:])
+    if not recent:
+        raise ValueError("no observed runs")
+    return recent[-1] if len(recent) < 4 else recent[math.ceil(0.75 * len(recent)) - 1]
 
 
 def expected_srds_iterations(blocks: int, tol: float = DEFAULT_TOL) -> int:
@@ -130,6 +144,13 @@ class Candidate:
     sequential_calls: int = 0
     rows_per_call: int = 0  # the widest call's rows (before splitting over ranks)
     predicted_ms: float = 0.0
+    iterations: int | None = None  # SRDS: Parareal iterations; windows: sweeps per chunk (None: serial)
+    iterations_from: str = "expected"  # "expected" (the benchmark tables) or "observed" (this pipeline's runs)
+
+
+def candidate_key(sampler: str, options: Mapping) -> tuple:
+    """A candidate's identity in `observed` (choose): its sampler and options."""
+    return (sampler, tuple(sorted(options.items())))
 
 
 @dataclass(frozen=True)
@@ -155,7 +176,8 @@ class Choice:
         return {"sampler": self.sampler, "options": dict(self.options), "predicted_ms": self.predicted_ms,
                 "serial_ms": self.serial_ms, "reason": self.reason, "fallback": self.fallback,
                 "candidates": [{"sampler": c.sampler, "options": dict(c.options), "sequential_calls": c.sequential_calls,
-                                "rows_per_call": c.rows_per_call, "predicted_ms": c.predicted_ms}
+                                "rows_per_call": c.rows_per_call, "predicted_ms": c.predicted_ms,
+                                "iterations": c.iterations, "iterations_from": c.iterations_from}
                                for c in self.candidates]}
 
 
@@ -205,6 +227,7 @@ def choose(
     tol: float = DEFAULT_TOL,
     max_rows: int | None = None,
     rows_per_image: Callable[[str, dict], int] | None = None,
+    observed: Mapping[tuple, int] | None = None,
 ) -> Choice:
     """The candidate with the lowest predicted latency (ties: serial). latency_ms: rows -> ms, or a {rows: ms} table.
     sweep_overhead_ms: sliding-window sampler -> (fixed, per window point) ms each sweep pays besides its engine
@@ -213,7 +236,9 @@ def choose(
     (expected_srds_iterations).
     max_rows: the pipeline runs the images in chunks whose widest call fits max_rows rows, one chunk after the
     other; each candidate is priced as those chunks (None: all images in one chunk). rows_per_image(sampler,
-    options): the widest call's rows for ONE image as the pipeline sizes its chunks (default: this plan's own)."""
+    options): the widest call's rows for ONE image as the pipeline sizes its chunks (default: this plan's own).
+    observed: candidate_key(sampler, options) -> iterations (SRDS) or sweeps (windows) per chunk that runs of this
+    model at these settings took; replaces the table's expectation for that candidate (SRDSPipeline keeps them)."""
     if steps < 1 or images < 1:
         raise ValueError(f"steps and images must be >= 1, got steps={steps}, images={images}")
     check_tol(tol)
@@ -228,7 +253,12 @@ def choose(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     per_point = 2 if guided else 1  # rows per trajectory point and image
 
-    def candidate(sampler: str, options: dict, calls: list[int], per_call_ms: float = 0.0) -> Candidate:
+    def iterations(sampler: str, options: dict, expected: int, most: int) -> tuple[int, str]:
+        seen = (observed or {}).get(candidate_key(sampler, options))
+        return (expected, "expected") if seen is None else (max(1, min(most, int(seen))), "observed")
+
+    def candidate(sampler: str, options: dict, calls: list[int], per_call_ms: float = 0.0,
+                  iters: tuple[int | None, str] = (None, "expected")) -> Candidate:
         """calls: trajectory points per sequential call of one chunk; per_call_ms: what each call pays besides the
         engine (a sweep's update program). Chunks run one after the other, each the whole plan."""
         widest = rows_per_image(sampler, options) if rows_per_image else max(calls) * per_point
@@ -241,22 +271,24 @@ def choose(
                        for p, n in sizes.items()) + len(calls) * per_call_ms
 
         ms = full * one_chunk(chunk) + (one_chunk(rest) if rest else 0.0)
-        return Candidate(sampler, options, len(calls) * (full + (rest > 0)), max(calls) * chunk * per_point, ms)
+        return Candidate(sampler, options, len(calls) * (full + (rest > 0)), max(calls) * chunk * per_point, ms, *iters)
 
     serial = candidate("serial", {}, [1] * steps)  # sharded like every call of a distributed job
     candidates = [serial]
     if "srds" in samplers and steps > 1:
         for blocks in sorted({max(1, round(math.sqrt(steps))), default_num_blocks(steps)}):
-            iters = expected_srds_iterations(blocks, tol)
-            candidates.append(candidate("srds", {"num_blocks": blocks, "pipelined": True},
-                                        list(_srds_points_per_call(steps, blocks, iters))))
+            options = {"num_blocks": blocks, "pipelined": True}
+            iters = iterations("srds", options, expected_srds_iterations(blocks, tol), blocks)
+            candidates.append(candidate("srds", options, list(_srds_points_per_call(steps, blocks, iters[0])),
+                                        iters=iters))
     for name in ("paradigms", "eps-picard"):
         if name not in samplers:
             continue
         for w in window_widths(steps):
-            sweeps = expected_sweeps(name, steps, w, tol)
+            sweeps = iterations(name, {"window": w}, expected_sweeps(name, steps, w, tol), steps)
             fixed, per_window_point = (sweep_overhead_ms or {}).get(name, (0.0, 0.0))
-            candidates.append(candidate(name, {"window": w}, [w] * sweeps, fixed + per_window_point * w))
+            candidates.append(candidate(name, {"window": w}, [w] * sweeps[0], fixed + per_window_point * w,
+                                        iters=sweeps))
     best = min(candidates, key=lambda c: (c.predicted_ms, c.sampler != "serial"))
     return Choice(best.sampler, dict(best.options), best.predicted_ms, serial.predicted_ms, tuple(candidates))
 

@@ -78,6 +78,9 @@ class SRDSPipeline:
         # everything else samples through the runtime: static buffers, per-bucket programs, CUDA graphs.
         self.runtime = None
         self._auto_cache: dict[tuple, Any] = {}  # --sampler auto: curves, all-gather times (per pipeline)
+        # --sampler auto learns: (steps, tol, guided, autotune.candidate_key) -> iterations / sweeps per chunk of
+        # this pipeline's converged runs (_observe), newest last, at most autotune.OBSERVED_RUNS kept
+        self._auto_observed: dict[tuple, list[int]] = {}
         if backend != "torch" or self.device.type == "cuda":
             from .runtime.sampler import RuntimeSampler
 
@@ -236,6 +239,7 @@ class SRDSPipeline:
                 chunk_stats.append(part_stats)
                 images_bar.update(len(part))
         stats.update(_merge_chunks(chunk_stats))
+        self._observe(sampler, num_inference_steps, tol, guided, pipelined, max_iters, chunk_stats)
         counts = self._rank_counts()
         if counts is not None:  # world_size and every rank's engine calls and rows in THIS call (all ranks agree)
             # on the runtime path a first call's warm-up/capture calls are in it (stats "first_call" says so); an
@@ -297,14 +301,19 @@ class SRDSPipeline:
                 return window_rows(sampler, steps, options["window"], 1, guided)
             return 2 if guided else 1
 
+        observed = {cand: autotune.observed_iterations(history) for (n, t, g, cand), history in self._auto_observed.items()
+                    if (n, t, g) == (steps, tol, guided)}
         key = ("choice", steps, images, guided, world, allgather_ms, tuple(sorted(curve.items())), buckets, tol,
                max_rows, max_iters)
-        if key not in self._auto_cache:  # pricing N = 1024's candidates is milliseconds of Python per request
-            self._auto_cache[key] = autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency,
-                                                    world_size=world, allgather_ms=allgather_ms,
-                                                    sweep_overhead_ms=overhead, tol=tol, max_rows=max_rows,
-                                                    rows_per_image=per_image)
-        choice = self._auto_cache[key]
+        seen = tuple(sorted(observed.items()))
+        cached = self._auto_cache.get(key)
+        if cached is None or cached[0] != seen:  # pricing N = 1024's candidates is milliseconds of Python per request;
+            # one entry per settings, replaced when the observations change (a server's cache stays bounded)
+            self._auto_cache[key] = (seen, autotune.choose(steps=steps, images=images, guided=guided, latency_ms=latency,
+                                                           world_size=world, allgather_ms=allgather_ms,
+                                                           sweep_overhead_ms=overhead, tol=tol, max_rows=max_rows,
+                                                           rows_per_image=per_image, observed=observed))
+        choice = self._auto_cache[key][1]
         runnable = self.runnable_samplers()
 
         def why_not(candidate) -> str | None:
@@ -319,6 +328,23 @@ class SRDSPipeline:
                 "latency_per_rows_ms": {int(r): round(float(ms), 4) for r, ms in curve.items()},
                 "world_size": world, "allgather_ms": allgather_ms, "allgather": allgather,
                 "curve_recorded": self._auto_cache.get(("recorded", str(getattr(self.runtime, "artifacts", None))))}
+
+    def _observe(self, sampler: str, steps: int, tol: float, guided: bool, pipelined: bool, max_iters: int | None,
+                 chunks: list[dict]) -> None:
+        """Remember what this run's chunks needed (SRDS: Parareal iterations; windows: sweeps), for --sampler auto's
+        next choice at the same (N, tol, guidance). Only complete runs count: converged, not cut by max_iters."""
+        from . import autotune
+
+        if sampler not in ("srds", *WINDOW_SAMPLERS) or max_iters is not None:
+            return
+        for part in chunks:
+            if not part.get("converged") or part.get("iterations") is None:
+                continue
+            options = {"num_blocks": part["blocks"], "pipelined": pipelined} if sampler == "srds" \
+                else {"window": part["window"]}
+            history = self._auto_observed.setdefault((steps, tol, guided, autotune.candidate_key(sampler, options)), [])
+            history.append(int(part["iterations"]))
+            del history[:-autotune.OBSERVED_RUNS]
 
     def _world_size(self) -> int:
         from .distributed import group_size

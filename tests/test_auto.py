@@ -120,6 +120,31 @@ def test_auto_prices_the_image_chunks_the_run_uses(digits, monkeypatch):
     assert roomy.stats["auto"]["options"] == {"window": 16} and roomy.stats["chunks"] == 1
 
 
+def test_auto_learns_what_this_model_needed(digits, monkeypatch):
+    """A complete run is remembered (per N, tol, guidance): auto then prices that candidate at what it took, not at
+    the table; a run cut by max_iters is not; and observations that make a candidate dear move the choice."""
+    inject(digits, monkeypatch, FLAT)
+    monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "eps-picard"))
+    from srds_trt import autotune
+
+    ran = digits("3", num_inference_steps=64, sampler="eps-picard", window=8, progress_bar=False).stats
+    digits("3", num_inference_steps=64, sampler="eps-picard", window=16, max_iters=3, progress_bar=False)  # cut
+    assert [k[3] for k in digits._auto_observed] == [autotune.candidate_key("eps-picard", {"window": 8})]
+    out = digits("3", num_inference_steps=64, sampler="auto", progress_bar=False).stats
+    auto = out["auto"]
+    by_window = {c["options"]["window"]: c for c in auto["candidates"] if c["sampler"] == "eps-picard"}
+    assert (by_window[8]["iterations"], by_window[8]["iterations_from"]) == (ran["iterations"], "observed")
+    assert by_window[16]["iterations_from"] == "expected"
+    assert auto["options"] == {"window": 16}  # 18 expected sweeps vs window 8's observed ones
+    window16 = (64, auto["tol"], True, autotune.candidate_key("eps-picard", {"window": 16}))
+    assert digits._auto_observed[window16] == [out["iterations"]]  # the auto run itself is remembered
+    other_tol = digits("3", num_inference_steps=64, sampler="auto", tol=1e-2, progress_bar=False).stats["auto"]
+    assert all(c["iterations_from"] == "expected" for c in other_tol["candidates"])  # kept per tol
+    digits._auto_observed[window16] = [60]  # as if this model had needed 60 sweeps there
+    moved = digits("3", num_inference_steps=64, sampler="auto", progress_bar=False).stats["auto"]
+    assert moved["options"] == {"window": 8}  # the choice moves
+
+
 def test_world_size_changes_the_prediction(digits, monkeypatch):
     inject(digits, monkeypatch, {1: 1.0, 8: 8.0, 64: 64.0})
     one = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False).stats["auto"]

@@ -228,3 +228,24 @@ def test_images_are_priced_in_the_chunks_the_pipeline_runs():
     assert linear.serial_ms == 100 * 20.0  # 10 images x 2 rows in one chunk of 20 rows: chunking changes nothing here
     with pytest.raises(ValueError, match="max_rows"):
         autotune.choose(steps=10, latency_ms=flat, max_rows=0)
+
+
+def test_observed_iterations_replace_the_expectation_of_that_candidate_only():
+    flat = {1: 1.0, 4096: 1.0}
+    table = autotune.choose(steps=196, latency_ms=flat)
+    key = autotune.candidate_key("eps-picard", {"window": 28})
+    learned = autotune.choose(steps=196, latency_ms=flat, observed={key: 40,
+                                                                   autotune.candidate_key("srds", {"num_blocks": 14, "pipelined": True}): 99})
+    for a, b in zip(table.candidates, learned.candidates):
+        if (b.sampler, b.options) == ("eps-picard", {"window": 28}):
+            assert (b.iterations, b.iterations_from, b.sequential_calls) == (40, "observed", 40)
+        elif (b.sampler, b.options) == ("srds", {"num_blocks": 14, "pipelined": True}):
+            assert (b.iterations, b.iterations_from) == (14, "observed")  # clamped to its blocks: exact there
+        else:
+            assert b == a and b.iterations_from == "expected"
+    assert table.options == {"window": 28} and learned.options != {"window": 28}  # a harder model: choice moves
+    record = learned.as_dict()["candidates"]
+    assert {c["iterations_from"] for c in record} == {"expected", "observed"}
+    assert autotune.observed_iterations([5]) == 5 and autotune.observed_iterations([3, 9, 4]) == 9  # few: the max
+    assert autotune.observed_iterations([1, 2, 3, 4, 5, 6, 7, 8]) == 6  # upper quartile
+    assert autotune.observed_iterations([100] + [1] * 8) == 1  # only the last OBSERVED_RUNS count
