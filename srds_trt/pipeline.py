@@ -185,9 +185,8 @@ class SRDSPipeline:
                              "runs every sampler)")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         guided = scale != 1.0
-        per_image = rows_per_image(num_inference_steps, num_blocks, guided, pipelined, max_iters) if sampler == "srds" \
-            else window_rows(sampler, num_inference_steps, window, 1, guided) if sampler in WINDOW_SAMPLERS \
-            else (2 if guided else 1)
+        per_image = chunk_rows_per_image(sampler, num_inference_steps, guided, num_blocks=num_blocks,
+                                         pipelined=pipelined, max_iters=max_iters, window=window)
         chunk = max(1, (max_rows or MAX_ROWS) // per_image)
         # latents: the starting noise x_T itself (a server batching requests of different seeds draws each
         # request's noise as this call would and passes the stack); None draws it from the generator.
@@ -266,8 +265,8 @@ class SRDSPipeline:
         of them (autotune.runnable_choice) and says so in stats["auto"]["fallback"]."""
         return tuple(REFERENCE_SAMPLERS) if self.runtime is None else RUNTIME_SAMPLERS
 
-    def _auto_sampler(self, steps: int, images: int, scale: float, tol: float, max_rows: int = 0,
-                      max_iters: int | None = None) -> dict:
+    def _auto_sampler(self, steps: int, images: int, scale: float, tol: float, max_rows: int,
+                      max_iters: int | None) -> dict:
         """sampler="auto": srds_trt.autotune's choice for this model, engine, device, world size, N and tol, as the
         stats record it: Choice.as_dict() (every candidate's predicted ms, the reason, any fallback) plus where the
         latency curve came from and what a tick's all-gather costs. Every rank of a process group gets rank 0's
@@ -292,14 +291,9 @@ class SRDSPipeline:
             self._record_curve(curve)
         latency = bucketed(curve, buckets) if buckets else curve  # a call pads to its bucket: price it there
         overhead = autotune.GPU_SWEEP_OVERHEAD_MS if self.device.type == "cuda" else None
-        max_rows = max_rows or MAX_ROWS
 
-        def per_image(sampler: str, options: dict) -> int:  # the widest call's rows for one image, as __call__ sizes chunks
-            if sampler == "srds":
-                return rows_per_image(steps, options["num_blocks"], guided, options["pipelined"], max_iters)
-            if sampler in WINDOW_SAMPLERS:
-                return window_rows(sampler, steps, options["window"], 1, guided)
-            return 2 if guided else 1
+        def per_image(sampler: str, options: dict) -> int:  # as __call__ sizes its chunks
+            return chunk_rows_per_image(sampler, steps, guided, max_iters=max_iters, **options)
 
         observed = {cand: autotune.observed_iterations(history) for (n, t, g, cand), history in self._auto_observed.items()
                     if (n, t, g) == (steps, tol, guided)}
@@ -544,6 +538,17 @@ def window_rows(sampler: str, steps: int, window: int | None, images: int, guide
     from .runtime.window_runner import window_rows as rows
 
     return rows(sampler, steps, window, images, guided)
+
+
+def chunk_rows_per_image(sampler: str, steps: int, guided: bool, *, num_blocks: int | None = None,
+                         pipelined: bool = True, max_iters: int | None = None, window: int | None = None) -> int:
+    """The widest call's rows for ONE image of `sampler` at these settings: what __call__ sizes its image chunks by
+    (and --sampler auto prices them by)."""
+    if sampler == "srds":
+        return rows_per_image(steps, num_blocks, guided, pipelined, max_iters)
+    if sampler in WINDOW_SAMPLERS:
+        return window_rows(sampler, steps, window, 1, guided)
+    return 2 if guided else 1
 
 
 def rows_per_image(steps: int, num_blocks: int | None, guided: bool, pipelined: bool, max_iters: int | None) -> int:

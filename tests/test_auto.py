@@ -4,9 +4,8 @@ sampler cannot run on the path, and what stats.json and the CLI say."""
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import shutil
 
 import pytest
