@@ -2,7 +2,7 @@
 and a counting wrapper. Nothing here imports the code under test except where noted (the analytic GMM).
 
 The reference implementations below are deliberately written from the paper's formulas, not from
-srds_trt.solvers / srds_trt.schedule, so that agreement is evidence and not a tautology.
+srds_trt.samplers.ddim / srds_trt.samplers.plan, so that agreement is evidence and not a tautology.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def parareal_ref(model, x: Tensor, grid: list[int], alphas_cumprod: Tensor, boun
 def gaussian_mixture(alphas_cumprod: Tensor, dim: int, seed: int, std: float = 0.02, modes: int = 8,
                      prediction_type: str = "epsilon"):
     """The 'hard' GMM family of the brief: `modes` narrow modes, means 2*randn (seeded)."""
-    from srds_trt.analytic import GaussianMixture
+    from srds_trt.models.analytic import GaussianMixture
 
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(modes, dim, generator=gen, dtype=torch.float64) * 2.0

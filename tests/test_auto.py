@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from srds_trt import SRDSPipeline, autotune
+from srds_trt import SRDSPipeline
+from srds_trt.autotune import pricing as autotune
 
 FLAT = {1: 1.0, 64: 1.0}  # a GPU left idle by a small model: wide calls cost what narrow ones do
 LINEAR = {1: 1.0, 64: 64.0}  # throughput-bound
@@ -29,7 +30,7 @@ def inject(pipe, monkeypatch, curve):
         seen.append(widest)
         return dict(curve)
 
-    monkeypatch.setattr(pipe, "_measure_reference_curve", measured)
+    monkeypatch.setattr(pipe.auto, "measure_reference_curve", measured)
     return seen
 
 
@@ -63,7 +64,7 @@ def test_measured_reference_curve_is_used_and_cached(digits):
     widest = autotune.widest_rows(steps=12, images=1, guided=True)
     assert max(auto["latency_per_rows_ms"]) == widest and min(auto["latency_per_rows_ms"]) == 1
     assert out.stats["sampler"] == auto["sampler"]
-    digits._measure_reference_curve = lambda widest: pytest.fail("measured twice: the curve is cached per pipeline")
+    digits.auto.measure_reference_curve = lambda widest: pytest.fail("measured twice: the curve is cached per pipeline")
     again = digits("7", num_inference_steps=12, sampler="auto", progress_bar=False)
     assert again.stats["auto"]["latency_per_rows_ms"] == auto["latency_per_rows_ms"]
 
@@ -124,11 +125,11 @@ def test_auto_learns_what_this_model_needed(digits, monkeypatch):
     the table; a run cut by max_iters is not; and observations that make a candidate dear move the choice."""
     inject(digits, monkeypatch, FLAT)
     monkeypatch.setattr(digits, "runnable_samplers", lambda: ("serial", "eps-picard"))
-    from srds_trt import autotune
+    from srds_trt.autotune import pricing as autotune
 
     ran = digits("3", num_inference_steps=64, sampler="eps-picard", window=8, progress_bar=False).stats
     digits("3", num_inference_steps=64, sampler="eps-picard", window=16, max_iters=3, progress_bar=False)  # cut
-    assert [k[3] for k in digits._auto_observed] == [autotune.candidate_key("eps-picard", {"window": 8})]
+    assert [k[3] for k in digits.auto.observed] == [autotune.candidate_key("eps-picard", {"window": 8})]
     out = digits("3", num_inference_steps=64, sampler="auto", progress_bar=False).stats
     auto = out["auto"]
     by_window = {c["options"]["window"]: c for c in auto["candidates"] if c["sampler"] == "eps-picard"}
@@ -136,10 +137,10 @@ def test_auto_learns_what_this_model_needed(digits, monkeypatch):
     assert by_window[16]["iterations_from"] == "expected"
     assert auto["options"] == {"window": 16}  # 18 expected sweeps vs window 8's observed ones
     window16 = (64, auto["tol"], True, autotune.candidate_key("eps-picard", {"window": 16}))
-    assert digits._auto_observed[window16] == [out["iterations"]]  # the auto run itself is remembered
+    assert digits.auto.observed[window16] == [out["iterations"]]  # the auto run itself is remembered
     other_tol = digits("3", num_inference_steps=64, sampler="auto", tol=1e-2, progress_bar=False).stats["auto"]
     assert all(c["iterations_from"] == "expected" for c in other_tol["candidates"])  # kept per tol
-    digits._auto_observed[window16] = [60]  # as if this model had needed 60 sweeps there
+    digits.auto.observed[window16] = [60]  # as if this model had needed 60 sweeps there
     moved = digits("3", num_inference_steps=64, sampler="auto", progress_bar=False).stats["auto"]
     assert moved["options"] == {"window": 8}  # the choice moves
 
@@ -147,8 +148,8 @@ def test_auto_learns_what_this_model_needed(digits, monkeypatch):
 def test_world_size_changes_the_prediction(digits, monkeypatch):
     inject(digits, monkeypatch, {1: 1.0, 8: 8.0, 64: 64.0})
     one = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False).stats["auto"]
-    monkeypatch.setattr(digits, "_world_size", lambda: 2)
-    monkeypatch.setattr(digits, "_allgather_cost", lambda widest, world: (0.01, "constant (test)"))
+    monkeypatch.setattr(type(digits), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(digits.auto, "allgather_cost", lambda widest, world: (0.01, "constant (test)"))
     two = digits("3", num_inference_steps=16, sampler="auto", progress_bar=False).stats["auto"]
     assert (one["world_size"], two["world_size"], two["allgather_ms"], two["allgather"]) == (1, 2, 0.01, "constant (test)")
     # serial is sharded like every call of a job: its 2 guidance rows, one per rank, plus the all-gather
@@ -195,7 +196,7 @@ def test_manifest_latency_per_rows_is_used_and_a_choice_wider_than_the_export_fa
 
     record_latency(export_copy, {1: 1.0, 24: 1.0})  # as a GPU warm-up would have stored it
     pipe = SRDSPipeline.from_pretrained("digits", backend="onnxruntime", engine_dir=export_copy)
-    pipe._measure_engine_curve = lambda engine: pytest.fail("measured although the manifest has a curve")
+    pipe.auto.measure_engine_curve = lambda engine: pytest.fail("measured although the manifest has a curve")
     out = pipe("3", num_inference_steps=100, sampler="auto", progress_bar=False, max_iters=3)
     auto = out.stats["auto"]
     assert auto["curve_source"] == "manifest" and auto["latency_per_rows_ms"] == {1: 1.0, 24: 1.0}
@@ -224,11 +225,11 @@ def test_a_measured_tensorrt_curve_is_recorded_once(export_copy, monkeypatch):
 
     pipe = SRDSPipeline.from_pretrained("digits", backend="onnxruntime", engine_dir=export_copy)
     monkeypatch.setattr(pipe, "backend", "tensorrt")  # the recording policy reads the backend; nothing else runs
-    pipe._record_curve({1: 2.5, 2: 2.75})
+    pipe.auto.record_curve({1: 2.5, 2: 2.75})
     assert read_manifest(export_copy)["latency_per_rows"] == {"1": 2.5, "2": 2.75}
-    pipe._record_curve({1: 9.0})  # once per export and pipeline
+    pipe.auto.record_curve({1: 9.0})  # once per export and pipeline
     assert read_manifest(export_copy)["latency_per_rows"] == {"1": 2.5, "2": 2.75}
-    assert pipe._auto_cache[("recorded", str(export_copy))].startswith("recorded in")
+    assert pipe.auto.cache[("recorded", str(export_copy))].startswith("recorded in")
     trt = read_manifest(export_copy)["tensorrt"]
     verify_artifacts(export_copy, flavour=trt["flavour"], version=trt["version"], target=None)  # still valid
 
@@ -236,7 +237,7 @@ def test_a_measured_tensorrt_curve_is_recorded_once(export_copy, monkeypatch):
 # ---- the CLI --------------------------------------------------------------------------------------------------
 
 def test_generate_auto_prints_the_choice_and_writes_it(tmp_path, capsys):
-    from srds_trt.generate import main
+    from srds_trt.cli.generate import main
 
     assert main(["--sampler", "auto", "--steps", "9", "--prompt", "3", "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
@@ -283,7 +284,7 @@ def test_two_gloo_ranks_price_world_size_and_a_measured_all_gather(tmp_path):
 
 
 def test_bucketed_prices_a_call_at_its_padded_bucket():
-    from srds_trt.runtime.latency import bucketed
+    from srds_trt.autotune.latency import bucketed
 
     latency = bucketed({1: 1.0, 2: 2.0, 4: 4.0}, (1, 2, 4))
     assert [latency(r) for r in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 4.0]  # 3 rows run in the 4-row bucket
@@ -295,7 +296,7 @@ def test_engine_curve_times_every_bucket_on_the_cpu():
 
     from srds_trt.models import load_unet
     from srds_trt.runtime.engines.factory import torch_engine
-    from srds_trt.runtime.latency import measure_engine_curve
+    from srds_trt.autotune.latency import measure_engine_curve
 
     engine = torch_engine(load_unet("digits"), device="cpu", dtype=torch.float32, max_rows=6)
     curve = measure_engine_curve(engine, repeats=1)
@@ -308,7 +309,7 @@ def test_engine_curve_on_a_gpu_is_timed_as_graph_replays():
 
     from srds_trt.models import load_unet
     from srds_trt.runtime.engines.factory import torch_engine
-    from srds_trt.runtime.latency import measure_engine_curve
+    from srds_trt.autotune.latency import measure_engine_curve
 
     engine = torch_engine(load_unet("digits", device="cuda"), device="cuda", dtype=torch.float32, max_rows=32,
                           cuda_graphs=False)
@@ -335,8 +336,7 @@ def test_curve_timing_survives_a_load_burst(monkeypatch):
     drops. Timed one row count after the other, 1 row would read 10 ms (every repeat inside the burst)."""
     import torch
 
-    from srds_trt.runtime import latency
-
+    from srds_trt.autotune import latency
     clock, burst = [0.0], [4]
 
     def call(cost_s):

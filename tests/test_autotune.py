@@ -1,4 +1,4 @@
-"""--sampler auto (srds_trt.autotune): serial where latency grows with rows, parallel where calls are flat,
+"""--sampler auto (srds_trt.autotune.pricing): serial where latency grows with rows, parallel where calls are flat,
 never predicted slower than serial, multi-GPU tick cost = latency(ceil(R / K)) + all-gather."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from srds_trt import autotune
-from srds_trt.sampling import SAMPLERS
+from srds_trt.autotune import pricing as autotune
+from srds_trt.samplers import SAMPLERS
 
 H200_DIGITS = {1: 0.87, 2: 0.92, 8: 0.91, 16: 0.95, 32: 1.23, 64: 1.39, 128: 1.74}  # DESIGN.md, CUDA graphs
 H200_SD2 = {1: 9.2, 2: 11.5, 4: 15.8, 8: 25.3, 16: 45.0, 32: 86.3}
@@ -85,12 +85,12 @@ def test_options_are_exactly_what_the_samplers_and_the_pipeline_accept():
     import inspect
 
     from srds_trt import SRDSPipeline
-    from srds_trt.eps_picard import eps_picard_sample
-    from srds_trt.paradigms import paradigms_sample
+    from srds_trt.samplers.eps_picard import eps_picard_sample
+    from srds_trt.samplers.paradigms import paradigms_sample
 
     functions = {"serial": SAMPLERS["serial"], "srds": SAMPLERS["srds"], "paradigms": paradigms_sample,
                  "eps-picard": eps_picard_sample}  # SAMPLERS' entries for the last two are lazy-import wrappers
-    call = inspect.signature(SRDSPipeline.__call__).parameters
+    call = inspect.signature(SRDSPipeline.iter_chunks).parameters  # __call__ passes its keywords on
     choice = autotune.choose(steps=196, latency_ms=H200_DIGITS)
     assert {c.sampler for c in choice.candidates} == set(autotune.CANDIDATES) == set(autotune.OPTIONS)
     for c in choice.candidates:
@@ -189,7 +189,7 @@ def test_srds_priced_at_the_iterations_its_rule_runs():
     import json
     from pathlib import Path
 
-    from srds_trt.schedule import pipelined_calls
+    from srds_trt.samplers.plan import pipelined_calls
 
     root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stopping-2026-11-27b"
     runs = [r for name in ("full.json", "batched.json") for r in json.loads((root / name).read_text()) if r["pipelined"]]

@@ -144,7 +144,7 @@ def test_multigpu_projection_is_autos_prediction(tmp_path):
     import json
 
     from benchmarks import multigpu_projection as mgp
-    from srds_trt import autotune
+    from srds_trt.autotune import pricing as autotune
 
     result = mgp.project(0.1)
     for steps in mgp.STEPS:

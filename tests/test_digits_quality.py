@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srds_trt.schedule import default_num_blocks
+from srds_trt.samplers.plan import default_num_blocks
 import torch
 import torch.nn.functional as F
 

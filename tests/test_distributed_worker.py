@@ -17,13 +17,13 @@ import torch
 
 torch.set_num_threads(1)
 
-from srds_trt.analytic import hard_mixture  # noqa: E402
-from srds_trt.distributed import DistributedError, ShardedEngine, ShardedModel, init_from_env  # noqa: E402
-from srds_trt.guidance import classifier_free_guidance  # noqa: E402
-from srds_trt.noise_schedule import ddim_grid  # noqa: E402
+from srds_trt.models.analytic import hard_mixture  # noqa: E402
+from srds_trt.runtime.distributed import DistributedError, ShardedEngine, ShardedModel, init_from_env  # noqa: E402
+from srds_trt.samplers.guidance import classifier_free_guidance  # noqa: E402
+from srds_trt.samplers.timesteps import ddim_grid  # noqa: E402
 from srds_trt.runtime import SRDSRunner  # noqa: E402
 from srds_trt.runtime.engines import EngineSpec, TorchEngine  # noqa: E402
-from srds_trt.sampling import SAMPLERS  # noqa: E402
+from srds_trt.samplers import SAMPLERS  # noqa: E402
 
 SD_LIKE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                set_alpha_to_one=True, clip_sample=False, steps_offset=1)

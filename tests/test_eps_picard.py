@@ -1,4 +1,4 @@
-"""eps-Picard (srds_trt.eps_picard): fixed point = serial DDIM, iterates = an independent textbook loop, counts,
+"""eps-Picard (srds_trt.samplers.eps_picard): fixed point = serial DDIM, iterates = an independent textbook loop, counts,
 and the sequential-call advantage over ParaDiGMS at matched error (the issue-13 claim, on one small mixture)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import torch
 
 from helpers_core import (CountingModel, RowwiseMLP, alpha_of, ddim_step_ref, max_abs, serial_ref,
                           single_thread)  # noqa: F401 (fixture)
-from srds_trt.analytic import hard_mixture
-from srds_trt.eps_picard import default_window, eps_picard_sample
-from srds_trt.guidance import classifier_free_guidance
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.paradigms import paradigms_sample
-from srds_trt.sampling import SAMPLERS, serial_sample
+from srds_trt.models.analytic import hard_mixture
+from srds_trt.samplers.eps_picard import eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.window import default_window
+from srds_trt.samplers.guidance import classifier_free_guidance
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers.paradigms import paradigms_sample
+from srds_trt.samplers import SAMPLERS, serial_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -101,7 +102,7 @@ def test_iterates_short_of_convergence_match_a_textbook_loop(sweeps, broyden, pr
     model = hard_mixture(alphas)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     expected = textbook_iterates(model, x, timesteps.tolist(), alphas, sweeps, broyden, prior)[-1]
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps, broyden=broyden,
+    result = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=sweeps, broyden=broyden,
                                prior_slope=prior)
     assert result.iterations == sweeps
     assert rel(result.sample, expected) < 1e-9  # the textbook x0-form step rounds differently near alpha ~ 0
@@ -130,7 +131,7 @@ def test_first_sweep_is_ddim_with_the_noise_prediction_at_x_T(prior):
         if prior:
             out = out + math.sqrt(1 - alpha_of(grid[j], alphas)) * (state - x)
         state = ddim_step_ref(state, out, alpha_of(grid[j], alphas), alpha_of(grid[j + 1], alphas), "epsilon")
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, prior_slope=prior)
+    result = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, prior_slope=prior)
     assert rel(result.sample, state) < 1e-13
 
 
@@ -143,7 +144,7 @@ class GaussianData:
         self.alphas = alphas
 
     def __call__(self, x, t):
-        from srds_trt.solvers import alphas_at
+        from srds_trt.samplers.ddim import alphas_at
 
         alpha = alphas_at(t, self.alphas).to(x)[:, None]
         return (1 - alpha).sqrt() * x + self.g * alpha  # g(t) = alpha_t g: not constant along the window
@@ -158,7 +159,7 @@ def test_prior_slope_is_exact_for_gaussian_data():
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = serial_sample(model, x, timesteps, alphas)
     ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w)
-    plain = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
+    plain = eps_picard_experiment(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
     assert ours.slides[:2] == [1, w], ours.slides
     assert plain.slides[1] < w, plain.slides
     for run in (ours, plain):
@@ -171,7 +172,7 @@ def test_counts_rows_calls_and_width():
     counting = CountingModel(guided_mlp(batch))
     x = torch.randn(batch, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     result = eps_picard_sample(counting, x, timesteps, alphas, tol=1e-6)
-    assert result.window == default_window(steps) == 14  # 2 round(sqrt(49))
+    assert result.window == default_window("eps-picard", steps) == 14  # 2 round(sqrt(49))
     # the CFG wrapper doubles rows inside one call: the sampler's model sees rows = points x images
     assert result.sequential_calls == result.iterations == len(counting.rows)
     assert sum(counting.rows) == result.model_evals
@@ -222,7 +223,7 @@ class LambdaLinear:
         self.alphas, self.k = alphas, k
 
     def __call__(self, x, t):
-        from srds_trt.solvers import alphas_at
+        from srds_trt.samplers.ddim import alphas_at
 
         alpha = alphas_at(t, self.alphas).to(x)
         lam = 0.5 * (alpha / (1 - alpha)).log()
@@ -238,11 +239,11 @@ def test_extrapolated_warm_start_is_exact_for_an_output_linear_in_lambda():
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = serial_sample(model, x, timesteps, alphas)
     # the output does not depend on x: no slope (prior_slope=False) is the exact first sweep here
-    ours = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
+    ours = eps_picard_experiment(model, x, timesteps, alphas, tol=1e-9, window=w, prior_slope=False)
     assert rel(ours.sample, ref) < 1e-12
     assert ours.slides[2:-1] == [w] * (len(ours.slides) - 3)
     assert ours.iterations == 2 + math.ceil((steps - w) / w)
-    frozen = eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, extrapolate=0, prior_slope=False)
+    frozen = eps_picard_experiment(model, x, timesteps, alphas, tol=1e-9, window=w, extrapolate=0, prior_slope=False)
     assert frozen.iterations >= ours.iterations + 4, (frozen.iterations, ours.iterations)
 
 
@@ -255,7 +256,7 @@ def test_first_evaluation_inherits_the_neighbours_secant_slope():
     model = LambdaLinear(alphas, features=3, k=0.4)
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = serial_sample(model, x, timesteps, alphas)
-    runs = {inherit: eps_picard_sample(model, x, timesteps, alphas, tol=1e-9, window=w, inherit_slope=inherit)
+    runs = {inherit: eps_picard_experiment(model, x, timesteps, alphas, tol=1e-9, window=w, inherit_slope=inherit)
             for inherit in (True, False)}
     for run in runs.values():
         assert rel(run.sample, ref) < 1e-10
@@ -275,7 +276,7 @@ def test_every_switch_keeps_the_serial_fixed_point():
     jvp = FiniteDifferenceJVP(model)
     for kwargs in ({"extrapolate": 0}, {"extrapolate": 2}, {"inherit_slope": False}, {"broyden": False},
                    {"secant": False}, {"warm_start": False}, {"prior_slope": False}, {"jvp": jvp}):
-        result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
+        result = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=7, prediction_type="v_prediction",
                                    **kwargs)
         assert result.converged and rel(result.sample, ref) < 1e-13, kwargs
     assert jvp.calls > 0
@@ -377,7 +378,7 @@ def test_experimental_options_keep_the_serial_fixed_point(kwargs, prediction_typ
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref = serial_ref(model, x, timesteps.tolist(), alphas, prediction_type)
     for window in (7, 12, steps):
-        result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=window,
+        result = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=window,
                                    prediction_type=prediction_type, **kwargs)
         assert result.converged and rel(result.sample, ref) < 1e-13, (kwargs, window, rel(result.sample, ref))
 
@@ -418,11 +419,11 @@ def test_wide_baseline_warm_start_by_hand(fit, span):
     expected = _chain(x, outs + [out7], grid, alphas)
     kwargs = {"extrapolate_span": span, "extrapolate_fit": fit}
     kwargs["prior_slope"] = False  # sweep 1 propagates the outputs unmoved (the prior slope has its own tests)
-    result = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, **kwargs)
+    result = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, **kwargs)
     assert result.slides == [1]
     assert rel(result.sample, expected) < 1e-13
     if (fit, span) != ("nodes", 1):
-        default = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, prior_slope=False)
+        default = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=7, max_iters=1, prior_slope=False)
         assert rel(default.sample, expected) > 1e-6
 
 
@@ -433,7 +434,7 @@ def test_rejects_bad_experimental_options():
     for kwargs in ({"extrapolate_span": 0}, {"extrapolate_span": 1.5}, {"extrapolate_fit": "cubic"},
                    {"extrapolate_fit": "lsq", "extrapolate": 2}, {"coarse_steps": 4}):
         with pytest.raises((ValueError, TypeError)):  # coarse_steps: the removed coarse warm start
-            eps_picard_sample(model, x, timesteps, alphas, **kwargs)
+            eps_picard_experiment(model, x, timesteps, alphas, **kwargs)
 
 
 class _Linear:
@@ -460,7 +461,7 @@ def test_newton_correction_is_exact_for_a_model_linear_in_x():
     model = _Linear(5)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = serial_ref(model, x, timesteps.tolist(), alphas, "epsilon")
-    newton = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, jvp=model.jvp)
+    newton = eps_picard_experiment(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1, jvp=model.jvp)
     assert rel(newton.sample, ref) < 1e-12
     quasi = eps_picard_sample(model, x, timesteps, alphas, tol=0.0, window=steps, max_iters=1)
     assert rel(quasi.sample, ref) > 1e-4

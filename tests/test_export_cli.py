@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from srds_trt.export import __main__ as cli
+from srds_trt.cli import export as cli
 from srds_trt.export import registry
 from test_export_support import digits_like
 
@@ -80,8 +80,7 @@ def test_unwritable_out_dir(stub_registry, tmp_path, capsys):
 
 def test_parity_failure_builds_nothing(stub_registry, tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorrt_rtx")
-    from srds_trt.export import pipeline
-
+    from srds_trt.export import build as pipeline
     def no_build(*args, **kwargs):
         raise AssertionError("built a plan after a failed parity gate")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from srds_trt.export import __main__ as cli
-from srds_trt.export import pipeline
+from srds_trt.cli import export as cli
+from srds_trt.export import build as pipeline
 from srds_trt.export.parity import ParityReport
 from srds_trt.export.trt_build import BuildResult
 from test_export_cli import assert_one_line_error, run_cli, stub_registry  # noqa: F401  (fixture)
@@ -101,7 +101,7 @@ def test_export_still_succeeds_end_to_end(stub_registry, no_plan_build, tmp_path
 HOLDER = """
 import sys, tempfile, time
 from pathlib import Path
-from srds_trt.export.pipeline import _hold_lock
+from srds_trt.export.build import _hold_lock
 tmp = Path(tempfile.mkdtemp(dir=sys.argv[1], prefix=".tmp-0123456789abcdef-"))
 _hold_lock(tmp)
 print(tmp, flush=True)

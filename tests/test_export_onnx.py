@@ -70,7 +70,7 @@ def test_config_batch_range_and_rejections():
 
 
 def test_image_size_maps_to_the_unet_input():
-    from srds_trt.export.pipeline import ExportError, spatial_shape
+    from srds_trt.export.build import ExportError, spatial_shape
     from test_export_support import text_like
 
     tiny_sd = text_like()  # latents are pixels / 8, and two resolution levels need an even latent size

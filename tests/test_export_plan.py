@@ -16,7 +16,7 @@ pytest.importorskip("tensorrt_rtx")
 
 from srds_trt.export import ArtifactError, ExportConfig, export_unet, find_artifacts, load_engine, verify_artifacts
 from srds_trt.export import artifacts as artifacts_mod
-from srds_trt.export import pipeline
+from srds_trt.export import build as pipeline
 from srds_trt.export.manifest import sha256_file
 from srds_trt.export.parity import ParityError
 from srds_trt.export.artifacts import tensorrt_module

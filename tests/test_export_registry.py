@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from srds_trt.export import __main__ as cli
-
+from srds_trt.cli import export as cli
 models = pytest.importorskip("srds_trt.models")
 
 

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from srds_trt import generate
-from srds_trt.generate import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, main
+from srds_trt.cli import generate
+from srds_trt.cli.generate import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, main
 
 
 def run(argv, capsys):

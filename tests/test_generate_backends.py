@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tensorrt_rtx")
 
-from srds_trt.generate import main
+from srds_trt.cli.generate import main
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_pipeline_runtime_path_equals_reference_path():
     import torch
 
     from srds_trt import SRDSPipeline
-    from srds_trt.runtime.sampler import RuntimeSampler
+    from srds_trt.runtime.executor import RuntimeSampler
 
     reference = SRDSPipeline.from_pretrained("digits")
     fast = SRDSPipeline.from_pretrained("digits")
@@ -84,8 +84,9 @@ def test_one_warm_up_per_runner_and_first_call_timing_apart(monkeypatch):
     import torch
 
     from srds_trt import SRDSPipeline
-    from srds_trt.runtime import serial_runner, srds_runner
-    from srds_trt.runtime.sampler import RuntimeSampler
+    from srds_trt.runtime import serial_runner
+    from srds_trt.runtime.srds import runner as srds_runner
+    from srds_trt.runtime.executor import RuntimeSampler
 
     runs = {"srds": 0, "serial": 0}
     for name, module, cls in (("srds", srds_runner, "SRDSRunner"), ("serial", serial_runner, "SerialRunner")):
@@ -114,11 +115,11 @@ def test_widest_pipelined_tick_fits_the_reserved_rows():
     import torch
 
     from srds_trt.models import load_unet
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
     from srds_trt.runtime.engines.factory import torch_engine
-    from srds_trt.runtime.sampler import rows_needed
-    from srds_trt.runtime.srds_runner import SRDSRunner
-    from srds_trt.schedule import build_tick_plan
+    from srds_trt.runtime.executor import rows_needed
+    from srds_trt.runtime.srds.runner import SRDSRunner
+    from srds_trt.samplers.plan import build_tick_plan
 
     assert rows_needed(100, 25, 1, False) == 32 and rows_needed(8, 4, 1, False) == 6
     for steps in range(2, 40, 3):
@@ -137,7 +138,7 @@ def test_widest_pipelined_tick_fits_the_reserved_rows():
 def test_onnxruntime_buffers_on_a_bucket_ladder_bounded_by_an_estimate(digits_export):
     from srds_trt.runtime.engines.base import EngineError, default_buckets, estimate_memory
     from srds_trt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-    from srds_trt.runtime.sampler import artifact_folder
+    from srds_trt.runtime.executor import artifact_folder
 
     engine = OnnxRuntimeEngine(artifact_folder(digits_export, "digits", "onnxruntime"))
     assert engine.buckets == default_buckets(24) and len(engine.buckets) < 12  # not one buffer set per row count

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srds_trt.generate import main, summary_table
+from srds_trt.cli.generate import main, summary_table
 
 
 

@@ -51,7 +51,7 @@ def test_graph_replay_equals_eager(dtype):
 
 def _runs(dtype, coarse_modes, steps=64):
     from srds_trt.runtime import SerialRunner, SRDSRunner
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
 
     ts, ac = ddim_grid(SD_LIKE, steps)
     engine = digits_like_engine(dtype, lanes=2, max_rows=64)
@@ -87,7 +87,7 @@ def test_two_stream_schedule_equals_single_stream():
 
 def _short_runs(**variants):
     """One SRDSRunner per variant (kwargs), max_iters = 2 < B, same x; returns {name: (runner, result)}."""
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
     from srds_trt.runtime import SRDSRunner
 
     ts, ac = ddim_grid(SD_LIKE, 64)
@@ -126,7 +126,7 @@ def test_overlap_equals_one_stream_short_of_convergence():
 
 
 def test_host_stream_and_early_exit_on_gpu():
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
     from srds_trt.runtime import SRDSRunner
 
     ts, ac = ddim_grid(SD_LIKE, 64)
@@ -147,7 +147,7 @@ def test_host_stream_and_early_exit_on_gpu():
 
 
 def test_capture_failure_runs_uncaptured_and_says_so():
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
     from srds_trt.runtime import SRDSRunner
     from srds_trt.runtime.engines import EngineSpec, TorchEngine
 
@@ -174,9 +174,9 @@ def test_window_runner_graph_equals_eager_every_sweep(sampler, record_property):
     (N = 63, not a multiple of the window); one host read per sweep, measured; tol = 0 gives the serial sample."""
     import time
 
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
     from srds_trt.runtime import SerialRunner
-    from srds_trt.runtime.window_runner import WindowRunner
+    from srds_trt.runtime.window.runner import WindowRunner
 
     ts, ac = ddim_grid(SD_LIKE, 63)
     engine = digits_like_engine(torch.float32, graphs=False, max_rows=64)
@@ -215,8 +215,8 @@ def test_window_runner_graph_equals_eager_every_sweep(sampler, record_property):
 def test_window_runner_on_a_host_stream():
     """The window runner ordered on a host's stream (a torch stream, then its raw handle): same sample as the
     current stream, and the input produced on that stream is waited for."""
-    from srds_trt.noise_schedule import ddim_grid
-    from srds_trt.runtime.window_runner import WindowRunner
+    from srds_trt.samplers.timesteps import ddim_grid
+    from srds_trt.runtime.window.runner import WindowRunner
 
     ts, ac = ddim_grid(SD_LIKE, 30)
     engine = digits_like_engine(torch.float32, graphs=False, max_rows=64)
@@ -242,9 +242,9 @@ def test_fused_chains_equal_the_torch_loops_every_sweep(record_property):
     sweep's CUDA graph; prints both sweep times at w = 64 (digits shapes, N = 1024, one guided image)."""
     import time
 
-    from srds_trt.noise_schedule import ddim_grid
-    from srds_trt.runtime import fused
-    from srds_trt.runtime.window_runner import WindowRunner
+    from srds_trt.samplers.timesteps import ddim_grid
+    from srds_trt.runtime.window import fused
+    from srds_trt.runtime.window.runner import WindowRunner
 
     if not fused.available(torch.device("cuda"), torch.float32):
         pytest.skip("Triton is not importable here")

@@ -55,8 +55,8 @@ def test_evaluations_per_point_add_up_to_the_sampler_s_rows(tmp_path):
     import torch
 
     from benchmarks.cases import mixture_case
-    from srds_trt.eps_picard import eps_picard_sample
-    from srds_trt.paradigms import paradigms_sample
+    from srds_trt.samplers.eps_picard import eps_picard_sample
+    from srds_trt.samplers.paradigms import paradigms_sample
 
     case = mixture_case("wide2", images=3, device=torch.device("cpu"))
     timesteps, alphas, steps = case.grid(30)

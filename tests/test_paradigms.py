@@ -1,4 +1,4 @@
-"""ParaDiGMS (srds_trt.paradigms): converges to the serial DDIM sample, counts what it says it counts."""
+"""ParaDiGMS (srds_trt.samplers.paradigms): converges to the serial DDIM sample, counts what it says it counts."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from srds_trt.analytic import hard_mixture
-from srds_trt.guidance import classifier_free_guidance
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.paradigms import paradigms_sample, step_noise_variance
-from srds_trt.sampling import SampleResult
-from srds_trt.sampling import serial_sample
+from srds_trt.models.analytic import hard_mixture
+from srds_trt.samplers.guidance import classifier_free_guidance
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers.paradigms import paradigms_sample, step_noise_variance
+from srds_trt.samplers import SampleResult
+from srds_trt.samplers import serial_sample
 
 CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
           "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
@@ -161,7 +161,7 @@ def test_invalid_arguments_are_rejected(kwargs):
 
 def test_step_noise_variance_is_the_ddpm_posterior_variance():
     timesteps, alphas_cumprod = grid(10)
-    from srds_trt.solvers import alphas_at
+    from srds_trt.samplers.ddim import alphas_at
 
     a = alphas_at(timesteps, alphas_cumprod)
     var = step_noise_variance(a)

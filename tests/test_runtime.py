@@ -13,9 +13,9 @@ import torch
 from helpers_core import single_thread  # noqa: F401  (fixture)
 from srds_trt.runtime import NonFiniteError, SerialRunner, SRDSRunner
 from srds_trt.runtime.engines import EngineError, EngineSpec, TorchEngine, bucket_for, default_buckets
-from srds_trt.guidance import classifier_free_guidance, conditional
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.sampling import serial_sample, srds_sample
+from srds_trt.samplers.guidance import classifier_free_guidance, conditional
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers import serial_sample, srds_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: a second intra-op thread only spins
 

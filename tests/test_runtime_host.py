@@ -15,15 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers_core import single_thread  # noqa: F401  (fixture)
-from srds_trt.guidance import classifier_free_guidance
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.guidance import classifier_free_guidance
+from srds_trt.samplers.timesteps import ddim_grid
 from srds_trt.runtime import EngineError, SerialRunner, SRDSRunner
 from srds_trt.runtime.cuda_graphs import capture_graph
 from srds_trt.runtime.engines import EngineSpec, TorchEngine
 from srds_trt.runtime.host import as_tensor, host_stream, stream_handle
-from srds_trt.runtime.tables import build_tick_tables, tick_rows, widest_call
-from srds_trt.sampling import serial_sample, srds_sample
-from srds_trt.schedule import build_tick_plan
+from srds_trt.runtime.srds.tables import build_tick_tables, tick_rows, widest_call
+from srds_trt.samplers import serial_sample, srds_sample
+from srds_trt.samplers.plan import build_tick_plan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -187,6 +187,6 @@ def test_widest_tick_of_every_plan_fits_the_rows_the_runner_reserves(steps, bloc
 
 
 def _slots(plan):
-    from srds_trt.runtime.tables import slot_map
+    from srds_trt.runtime.srds.tables import slot_map
 
     return slot_map(plan)

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from helpers_core import parareal_ref, single_thread  # noqa: F401  (fixture)
-from srds_trt.guidance import classifier_free_guidance, conditional
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.guidance import classifier_free_guidance, conditional
+from srds_trt.samplers.timesteps import ddim_grid
 from srds_trt.runtime import SRDSRunner
 from srds_trt.runtime.engines import EngineSpec, TorchEngine
-from srds_trt.sampling import srds_sample
+from srds_trt.samplers import srds_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

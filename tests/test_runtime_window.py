@@ -21,14 +21,17 @@ import torch
 
 from helpers_core import single_thread  # noqa: F401  (fixture)
 from test_runtime_iterates import BATCH, LABELS, NULL, SCALE, SD_LIKE, SPEC, cond_model, x_T
-from srds_trt.eps_picard import eps_picard_sample
-from srds_trt.guidance import classifier_free_guidance, conditional
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.paradigms import paradigms_sample
+from dataclasses import fields
+
+from srds_trt.samplers.eps_picard import MECHANISMS, EpsPicardOptions, eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.guidance import classifier_free_guidance, conditional
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers.paradigms import paradigms_sample
 from srds_trt.runtime.engines import EngineError, TorchEngine
-from srds_trt.runtime.window_runner import WindowRunner, eps_picard_options, window_rows
-from srds_trt.sampling import serial_sample
-from srds_trt.stopping import NonFiniteError
+from srds_trt.runtime.window.runner import WindowRunner
+from srds_trt.samplers.window import window_rows
+from srds_trt.samplers import serial_sample
+from srds_trt.samplers.stopping import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -67,8 +70,10 @@ def make_runner(sampler: str, steps: int, window, guided: bool, max_rows: int = 
         return cond_model(x, t, c)
 
     engine = TorchEngine(engine_model, SPEC, max_rows=max_rows)
+    runner_options = {k: options.pop(k) for k in ("fused_chains", "cuda_graphs", "noise_floor") if k in options}
     runner = WindowRunner(engine, sampler=sampler, batch=BATCH, timesteps=ts, alphas_cumprod=ac, window=window,
-                          guided=guided, state_dtype=torch.float64, **options)
+                          guided=guided, state_dtype=torch.float64, options=EpsPicardOptions(**options) if options else None,
+                          **runner_options)
     return runner, calls
 
 
@@ -81,6 +86,8 @@ def run(runner: WindowRunner, guided: bool, seed: int, **kwargs):
 def reference(sampler: str, steps: int, window, guided: bool, seed: int, recorder: Recorder | None = None, **kwargs):
     ts, ac = grid(steps)
     model = (recorder or Recorder()).reference_model(guided)
+    if sampler == "eps-picard" and set(kwargs) & {f.name for f in fields(EpsPicardOptions)}:
+        return eps_picard_experiment(model, x_T(seed), ts, ac, window=window, **kwargs)
     return REFERENCE[sampler](model, x_T(seed), ts, ac, window=window, **kwargs)
 
 
@@ -148,7 +155,8 @@ def test_tol_zero_returns_the_serial_sample(sampler, steps, window, guided):
 def _flipped_options() -> list[dict]:
     """Every eps-Picard option of the reference moved off its default, one at a time."""
     flips = []
-    for name, default in eps_picard_options().items():
+    for name in MECHANISMS:
+        default = getattr(EpsPicardOptions(), name)
         if isinstance(default, bool):
             flips.append({name: not default})
         elif name == "extrapolate":
@@ -168,22 +176,19 @@ def test_every_eps_picard_option_follows_the_reference(options):
 
 
 def test_the_runner_mirrors_every_option_of_the_reference():
-    """An algorithm option added to eps_picard_sample must be mirrored by the runner (EPS_PICARD_OPTIONS), not
-    silently left at whatever the runner does: the contract's own keywords aside, the sets are equal."""
-    import inspect
-
-    from srds_trt.runtime.window_runner import EPS_PICARD_OPTIONS, REFERENCE_ONLY_OPTIONS
-
-    contract = {"model", "x", "timesteps", "alphas_cumprod", "prediction_type", "window", "tol", "max_iters", "progress"}
-    # the experiments the runner refuses instead of mirroring (eps_picard_options raises on a non-default value)
-    options = set(inspect.signature(eps_picard_sample).parameters) - contract - {*REFERENCE_ONLY_OPTIONS}
-    assert options <= set(EPS_PICARD_OPTIONS), f"not mirrored by the runner: {sorted(options - set(EPS_PICARD_OPTIONS))}"
+    """An option added to EpsPicardOptions is either a mechanism the runner mirrors (MECHANISMS: flipped one at a
+    time above against the reference) or research the runner refuses, never silently ignored."""
+    research = {"extrapolate_span", "extrapolate_fit", "jvp"}
+    assert {f.name for f in fields(EpsPicardOptions)} == set(MECHANISMS) | research
+    for name in research:
+        value = {"extrapolate_span": 2, "extrapolate_fit": "lsq", "jvp": (lambda x, t, d: d)}[name]
+        assert EpsPicardOptions(**{name: value}).research() == [name]
 
 
 def test_defaults_are_the_references():
     """A runner built without options runs what eps_picard_sample runs by default, window and tol included."""
     runner, _ = make_runner("eps-picard", 17, None, True)
-    assert runner.window == 8 and runner.options == eps_picard_options()
+    assert runner.window == 8 and runner.options == EpsPicardOptions()
     assert_same_result(run(runner, True, seed=4), reference("eps-picard", 17, None, True, seed=4))
     runner, _ = make_runner("paradigms", 17, None, False)
     assert runner.window == 4
@@ -258,16 +263,16 @@ def test_dlpack_inputs_and_a_host_stream_handle():
 def test_refusals():
     with pytest.raises(EngineError, match="engine rows"):
         make_runner("eps-picard", 16, 8, True, max_rows=16)  # 8 points x 2 images x 2 = 32 rows
-    with pytest.raises(ValueError, match="unknown eps-Picard options"):
+    with pytest.raises(TypeError):
         make_runner("eps-picard", 16, 5, True, anderson=True)
-    with pytest.raises(ValueError, match="reference-only option extrapolate_fit"):
+    with pytest.raises(ValueError, match=r"research-only eps-Picard options \['extrapolate_fit'\]"):
         make_runner("eps-picard", 16, 5, True, extrapolate_fit="lsq")
     make_runner("eps-picard", 16, 5, True, extrapolate_fit="nodes")  # the reference's default: accepted
-    with pytest.raises(ValueError, match="reference-only option jvp"):  # Newton's sequential derivatives: a bound
+    with pytest.raises(ValueError, match=r"research-only eps-Picard options \['jvp'\]"):  # sequential derivatives
         make_runner("eps-picard", 16, 5, True, jvp=lambda x, t, d: d)
     with pytest.raises(ValueError, match="no algorithm options"):
         make_runner("paradigms", 16, 5, True, secant=False)
-    with pytest.raises(ValueError, match="sampler must be one of"):
+    with pytest.raises(ValueError, match="sliding-window sampler must be one of"):
         make_runner("srds", 16, 5, True)
     assert window_rows("eps-picard", 100, None, 3, True) == 20 * 3 * 2
     assert window_rows("paradigms", 100, None, 3, False) == 10 * 3
@@ -290,7 +295,7 @@ def test_nan_in_the_state_is_an_error():
 def test_pipeline_runtime_path_equals_reference_path(sampler):
     """SRDSPipeline(sampler=...) through RuntimeSampler and the torch engine (the GPU glue, on the CPU)."""
     from srds_trt import SRDSPipeline
-    from srds_trt.runtime.sampler import RuntimeSampler
+    from srds_trt.runtime.executor import RuntimeSampler
 
     reference_pipe = _digits()
     fast = SRDSPipeline(reference_pipe.loaded, default_guidance_scale=reference_pipe.default_guidance_scale)

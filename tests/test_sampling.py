@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from helpers_core import SD_CONFIG, CountingModel, RowwiseMLP, gaussian_mixture, max_abs, parareal_ref, serial_ref
 from helpers_core import single_thread  # noqa: F401  (fixture)
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.sampling import serial_sample, srds_sample
-from srds_trt.schedule import block_bounds, build_tick_plan
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers import serial_sample, srds_sample
+from srds_trt.samplers.plan import block_bounds, build_tick_plan
 
 NS = [1, 2, 3, 7, 10, 25, 36, 50, 100]  # squares and non-squares
 SHAPE = (3, 2, 3)  # [images, ...]: 3 images of 6 features

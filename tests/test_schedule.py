@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srds_trt.schedule import (EXPECTED_ITERATIONS, CoarseRow, FineRow, block_bounds, build_tick_plan, default_num_blocks,
+from srds_trt.samplers.plan import (EXPECTED_ITERATIONS, CoarseRow, FineRow, block_bounds, build_tick_plan, default_num_blocks,
                                pipelined_calls)
 
 

@@ -13,9 +13,9 @@ import torch
 
 from helpers_core import LINEAR_CONFIG, SD_CONFIG, RowwiseMLP, max_abs, serial_ref
 from helpers_core import single_thread  # noqa: F401  (fixture)
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.sampling import serial_sample, srds_sample
-from srds_trt.solvers import alphas_at, ddim_coefficients
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers import serial_sample, srds_sample
+from srds_trt.samplers.ddim import alphas_at, ddim_coefficients
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -186,7 +186,7 @@ def test_grid_finer_than_training_schedule_is_fractional_and_exact_for_srds():
     a = alphas_at(grid, alphas)
     assert bool((a[1:] > a[:-1]).all())  # monotone in time, interpolated between table entries
     assert float(alphas_at(torch.tensor([3.0]), alphas)) == float(alphas[3])
-    from srds_trt.analytic import hard_mixture
+    from srds_trt.models.analytic import hard_mixture
 
     model = hard_mixture(alphas)  # takes fractional timesteps: its alphas come from alphas_at
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

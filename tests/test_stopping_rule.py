@@ -16,10 +16,10 @@ import torch
 
 from helpers_core import SD_CONFIG, CountingModel, gaussian_mixture, max_abs, parareal_ref
 from helpers_core import single_thread  # noqa: F401  (fixture)
-from srds_trt.noise_schedule import ddim_grid
-from srds_trt.sampling import DEFAULT_TOL, serial_sample, srds_sample
-from srds_trt.stopping import error_estimate
-from srds_trt.schedule import block_bounds
+from srds_trt.samplers.timesteps import ddim_grid
+from srds_trt.samplers import DEFAULT_TOL, serial_sample, srds_sample
+from srds_trt.samplers.stopping import error_estimate
+from srds_trt.samplers.plan import block_bounds
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -259,7 +259,7 @@ def test_mutants_of_the_rule_fail_the_hard_rows(monkeypatch):
     estimator (judging the previous iteration's final change) stops falsely or late."""
     import math
 
-    import srds_trt.stopping as stopping
+    import srds_trt.samplers.stopping as stopping
 
     def old_rule(history):
         residuals = [max(c) for c in history]
@@ -361,7 +361,7 @@ def test_batch_whose_final_sample_stalls_while_the_interior_moves_is_not_accepte
     (contracting from 3.2e-2) and the interior's max change fell by 0.2 (under INTERIOR_CONTRACTION) to 2e-2,
     20x tol: it stopped there with a true error of 2.3e-3 > tol = 1e-3. The rule must return an iterate within
     tol: it stops at 8 (p = 7's final change grew back to 2.1e-3: no estimate there), error 4.4e-6."""
-    from srds_trt.stopping import StoppingRule
+    from srds_trt.samplers.stopping import StoppingRule
 
     def stop(tol):
         rule = StoppingRule(tol, GMM1024_BLOCKS)

@@ -19,7 +19,7 @@ from google.protobuf import json_format, text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
 from srds_trt.export.config import ExportConfig  # noqa: E402
-from srds_trt.export.pipeline import export_unet  # noqa: E402
+from srds_trt.export.build import export_unet  # noqa: E402
 from srds_trt.serve.protocol import INPUTS  # noqa: E402
 from srds_trt.triton_repo import row_buckets, write_triton_repo  # noqa: E402
 from test_export_support import digits_like  # noqa: E402

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from benchmarks.cases import mixture_case
-from srds_trt.eps_picard import eps_picard_sample
-from srds_trt.paradigms import paradigms_sample
-from srds_trt.sampling import SAMPLERS, serial_sample
-from srds_trt.stopping import WINDOW_ACCEPT, window_accept_tol
+from srds_trt.samplers.eps_picard import eps_picard_sample
+from srds_trt.samplers.paradigms import paradigms_sample
+from srds_trt.samplers import SAMPLERS, serial_sample
+from srds_trt.samplers.stopping import WINDOW_ACCEPT, window_accept_tol
 
 RAW = {"eps-picard": eps_picard_sample, "paradigms": paradigms_sample}
 # (case, N, window, tol) where the raw threshold = tol misses by far: eps-Picard mix64 N=196 at 5e-2, a flipped

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .runtime.engines.base import Engine
+from .engines.base import Engine
 
 DEFAULT_TIMEOUT_S = 120.0
 

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, TypeVar
 
 import torch
 
-from .engines.base import Engine, bucket_for
+from ..runtime.engines.base import Engine, bucket_for
 
 K = TypeVar("K")
 
@@ -54,7 +54,7 @@ def best_ms_interleaved(calls: Mapping[K, Callable[[], None]], device: torch.dev
 def measure_engine_curve(engine: Engine, buckets: tuple[int, ...] | None = None, repeats: int = 3,
                          seed: int = 0) -> dict[int, float]:
     """{bucket rows: ms of one engine call} over `buckets` (default: all of the engine's), inputs random but finite."""
-    from .cuda_graphs import capture_graph
+    from ..runtime.cuda_graphs import capture_graph
 
     buckets = tuple(sorted(buckets or engine.buckets, reverse=True))  # largest first: smaller graphs fit its pool
     gen = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def measure_allgather_ms(group, rows: int, sample_shape: tuple[int, ...], dtype:
     must call this together; the caller agrees on one number across ranks)."""
     import torch.distributed as dist
 
-    from ..distributed import _all_gather
+    from ..runtime.distributed import _all_gather
 
     world = dist.get_world_size(group)
     local = torch.zeros(max(1, rows), *sample_shape, dtype=dtype, device=device)
@@ -92,7 +92,7 @@ def measure_allgather_ms(group, rows: int, sample_shape: tuple[int, ...], dtype:
 
 def bucketed(curve: Mapping[int, float], buckets: tuple[int, ...]) -> Callable[[int], float]:
     """rows -> ms of a call padded to its bucket (autotune's interpolation beyond the largest bucket)."""
-    from ..autotune import interpolate_ms
+    from .pricing import interpolate_ms
 
     table = dict(curve)
     limit = max(buckets)

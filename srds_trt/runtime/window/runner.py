@@ -33,10 +33,10 @@ still gives the serial sample bit for bit (a converged point's update is the ser
 slides are decided by states equal to the last bit, which rounding decides: 37 of those 60 runs slid
 differently there (1602 sweeps in all against the reference's 1579; the op-for-op runner before: 3 of 60, 1578).
 
-eps-Picard's algorithm options (EPS_PICARD_OPTIONS) and their defaults are read from eps_picard_sample's
-signature. The reference's "None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is
-not stored, because it cannot change a result: outs[j] of points entering the window (every such point is
-evaluated, which overwrites it, before it is read) and the rank-1 terms (set and used within one sweep).
+eps-Picard's mechanisms come from samplers.eps_picard.EpsPicardOptions (research-only ones refused). The reference's
+"None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is not stored, because it
+cannot change a result: outs[j] of points entering the window (evaluated, which overwrites it, before it is read)
+and the rank-1 terms (set and used within one sweep).
 
 Cost besides the model call (kernel-launching ops counted on the CPU, views not counted): eps-Picard ~4 per window
 point plus ~100 (w = 64, guided, batch 1: 360 per sweep, update 265 + warm start 95; it was 988 while the
@@ -49,7 +49,6 @@ launches at w = 64) are one kernel each (fused.py; H100, digits N = 1024: ~0.5 m
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -57,41 +56,21 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..eps_picard import default_window as eps_picard_window, prior_slopes
-from ..paradigms import (WINDOW_SAMPLERS, default_window as paradigms_window, step_noise_variance, window_result,
-                         window_width)
-from ..sampling import SampleResult
-from ..solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
-from ..stopping import NonFiniteError, check_tol
+from ...samplers.base import SampleResult
+from ...samplers.ddim import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from ...samplers.eps_picard import EpsPicardOptions, extrapolation_weights, prior_slopes
+from ...samplers.paradigms import DEFAULT_TOLERANCE as PARADIGMS_TOLERANCE, step_noise_variance
+from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, check_tol
+from ...samplers.window import (WINDOW_SAMPLERS, check_window_sampler, default_window, resolve_window, window_result,
+                                window_rows)
 from . import fused
-from .cuda_graphs import CapturedGraph, capture_graph
-from .engine_call import guided_call, load_conditioning
-from .engines.base import Engine, EngineError
-from .host import as_tensor, host_stream
-from .srds_runner import effective_tol
+from ..cuda_graphs import CapturedGraph, capture_graph
+from ..engine_call import guided_call, load_conditioning
+from ..engines.base import Engine, EngineError
+from ..host import as_tensor, host_stream
+from ..srds.runner import effective_tol
 
-# eps_picard_sample keywords that change its algorithm (the runner mirrors each; defaults come from the reference)
-EPS_PICARD_OPTIONS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden", "prior_slope")
-# eps_picard_sample keywords the runner does NOT mirror (experiments): refused unless left at the reference's default
-REFERENCE_ONLY_OPTIONS = ("extrapolate_span", "extrapolate_fit", "jvp")
 BEGIN, SLIDE, RESIDUAL = 0, 1, 2  # entries of the per-sweep status the host reads
-
-
-def default_window(sampler: str, steps: int) -> int:
-    """The reference sampler's default window (eps-Picard: 2 round(sqrt N); ParaDiGMS: round(sqrt N))."""
-    _check_sampler(sampler)
-    return eps_picard_window(steps) if sampler == "eps-picard" else paradigms_window(steps)
-
-
-def resolve_window(sampler: str, steps: int, window: int | None) -> int:
-    """The points per sweep a sliding-window sampler runs with: its default when window is None, capped at N
-    (checked: window >= 1)."""
-    return window_width(steps, default_window(sampler, steps) if window is None else window, None)
-
-
-def window_rows(sampler: str, steps: int, window: int | None, images: int, guided: bool) -> int:
-    """Engine rows of one sweep: window x images x (2 under guidance)."""
-    return resolve_window(sampler, steps, window) * images * (2 if guided else 1)
 
 
 @dataclass
@@ -109,6 +88,19 @@ class WindowStats:
 
 
 class WindowRunner:
+    """One sliding-window sampler on an engine: the shared sweep (gather, call, slide, status) over static buffers.
+    Each algorithm is a subclass with its own update and entering rule (EpsPicardRunner, ParadigmsRunner);
+    WindowRunner(engine, sampler=NAME, ...) builds the one registered for NAME in WINDOW_RUNNERS."""
+
+    sampler: str
+    default_tol: float
+
+    def __new__(cls, *args: Any, sampler: str = "eps-picard", **kwargs: Any):
+        if cls is WindowRunner:
+            check_window_sampler(sampler)
+            cls = WINDOW_RUNNERS[sampler]
+        return super().__new__(cls)
+
     def __init__(
         self,
         engine: Engine,
@@ -124,9 +116,10 @@ class WindowRunner:
         state_dtype: torch.dtype = torch.float32,
         noise_floor: float = 0.0,
         fused_chains: bool | None = None,
-        **options: Any,
+        options: EpsPicardOptions | None = None,
     ):
-        _check_sampler(sampler)
+        if sampler != self.sampler:
+            raise ValueError(f"{type(self).__name__} runs {self.sampler}, not {sampler!r}")
         check_solver("ddim", prediction_type)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -134,19 +127,14 @@ class WindowRunner:
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs a CUDA engine")
-        self.sampler, self.engine, self.batch, self.guided = sampler, engine, batch, guided
+        self.engine, self.batch, self.guided = engine, batch, guided
         self.device, self.dtype, self.noise_floor = engine.device, state_dtype, noise_floor
         # eps-Picard's two sequential chains as one Triton launch each (fused.py): by default where available
         # (CUDA, float32, Triton importable); False runs the torch loops (the reference for the fused kernels)
         self.fused = fused.available(self.device, self.dtype) if fused_chains is None else fused_chains
         if self.fused and not fused.available(self.device, self.dtype):
             raise ValueError("fused_chains=True needs CUDA, float32 states and Triton")
-        self.options = eps_picard_options(**options) if sampler == "eps-picard" else _no_options(options)
-        self.warm_start = self.options.get("warm_start", False)
-        self.secant = self.options.get("secant", False)
-        self.inherit_slope = self.secant and self.options.get("inherit_slope", False)
-        self.broyden = self.secant and self.options.get("broyden", False)
-        self.prior_slope = self.secant and self.options.get("prior_slope", False)
+        self._set_options(options)
         timesteps = as_grid(timesteps)
         self.steps = n = len(timesteps) - 1
         self.window = w = resolve_window(sampler, n, window)
@@ -171,8 +159,8 @@ class WindowRunner:
         self._var = torch.cat([step_noise_variance(alphas), zeros]).to(**dev)  # ParaDiGMS thresholds / tol^2, float64
         self._t = torch.cat([timesteps[:-1].to(torch.float64), timesteps[-2:-1].to(torch.float64).expand(pad)]
                             ).to(**dev, dtype=engine.spec.timestep_dtype)
-        if sampler == "eps-picard" and self.warm_start:
-            weights = extrapolation_table(alphas, timesteps, w, self.options)
+        if self.warm_start:
+            weights = extrapolation_table(alphas, timesteps, w, self.options.extrapolate)
             self._weights = weights.to(**dev, dtype=state_dtype)  # [(N + 1) * w, 3]: row old_end * w + offset
         self._nodes = torch.arange(3, **dev)  # extrapolation nodes old_end - 1 - k
         self._points_w = torch.arange(w, **dev)  # window point i = begin + i
@@ -184,8 +172,7 @@ class WindowRunner:
         self.points = torch.zeros(n + pad + 1, batch, *sample, dtype=state_dtype, **dev)  # points[j]: state at t_j
         self.outs = torch.zeros(n + pad, batch, *sample, dtype=state_dtype, **dev)  # eps-Picard: newest output
         self.used = torch.zeros_like(self.outs)  # the output the last propagation used at point j (slope-corrected)
-        # an eps_picard.py without `extrapolate` warm-starts from the newest raw output (outs), not from `used`
-        self._warm_source = self.used if "extrapolate" in self.options else self.outs
+        self._warm_source = self.used  # the warm start extrapolates the outputs the last propagation used
         self.evaluated_at = torch.zeros_like(self.outs)  # the state outs[j] was evaluated at
         self.has_eval = torch.zeros(n + pad, dtype=torch.bool, **dev)  # False: never evaluated (or warm-started)
         self.slopes = torch.zeros(n + pad, batch, *([1] * len(sample)), dtype=state_dtype, **dev)  # 0: no secant
@@ -210,10 +197,7 @@ class WindowRunner:
         out = out.view(w, *pts.shape[1:])
         valid = idx < n
         span = (n - b).clamp(max=w)  # [1]: window points on the grid
-        if self.sampler == "eps-picard":
-            change, moved, slide, reported = self._eps_picard_update(idx, pts, out, valid, span)
-        else:
-            change, moved, slide, reported = self._paradigms_update(idx, pts, out, valid, span)
+        change, moved, slide, reported = self._update(idx, pts, out, valid, span)
         residual = torch.where(valid, change, torch.zeros_like(change)).amax()
         old_end = b + span
         new_begin = b + slide
@@ -226,7 +210,204 @@ class WindowRunner:
         moved the sentinel gives w (the reference's `span` either way)."""
         return torch.cat([moved | ~valid, self._sentinel]).int().argmax().reshape(1)
 
-    def _eps_picard_update(self, idx, pts, out, valid, span):
+    # ----- what each algorithm defines -----
+    def _set_options(self, options: EpsPicardOptions | None) -> None:
+        if options is not None:
+            raise ValueError(f"{self.sampler} takes no algorithm options, got {options}")
+        self.options = None
+        self.warm_start = self.secant = self.inherit_slope = self.broyden = self.prior_slope = False
+
+    def _update(self, idx: Tensor, pts: Tensor, out: Tensor, valid: Tensor, span: Tensor):
+        """One sweep's state update from the window's model outputs: (change, moved, slide, reported slide)."""
+        raise NotImplementedError
+
+    def _run_tol(self, tol: float) -> float:
+        return tol
+
+    def _enter(self, new_begin: Tensor, old_end: Tensor) -> None:
+        """Points entering the window (j in [old_end, min(new_begin + w, N))): eps-Picard's warm start continues
+        the recurrence with the last evaluated output; ParaDiGMS (and warm_start=False) copy x[old_end]."""
+        w = self.window
+        nidx = new_begin + self._points_w
+        entering = (nidx >= old_end) & (nidx < self.steps)
+        pts = self.points.index_select(0, new_begin + self._points_w1)
+        if self.warm_start:
+            # outputs extrapolated (Lagrange, fixed weights per (old_end, offset)) from the outputs the last
+            # propagation used at old_end - 1, - 2, - 3, then propagated; unused nodes have weight 0
+            nodes = self._warm_source.index_select(0, (old_end - 1 - self._nodes).clamp(min=0))
+            offset = (nidx - old_end).clamp(0, w - 1)
+            weights = self._weights.index_select(0, old_end * w + offset)  # [w, 3]
+            column = lambda k: weights[:, k].view(w, *([1] * (pts.dim() - 1)))  # noqa: E731
+            guess = column(0) * nodes[0] + column(1) * nodes[1] + column(2) * nodes[2]  # [w, batch, ...]
+            c_x, c_out = (c.index_select(0, nidx).view_as(column(0)) for c in (self._c_x, self._c_out))
+            c_guess = c_out * guess  # elementwise, as the reference's c_out[j] * out_j per point
+            entering = entering.view_as(column(0))
+            self.used.index_copy_(0, nidx, torch.where(entering, guess, self.used.index_select(0, nidx)))
+            # the recurrence along the entering points (which ones: data) as x_{i+1} = A_i x_i + B_i, one addcmul
+            # per point: entering, A = c_x, B = c_out guess (the reference's step); else A = 0 and B = the old
+            # x_{i+1}, kept: 0 * x_i adds 0 because x_i is finite there (a state of this sweep's window, whose
+            # NaN/Inf the residual reports, or padding past N, which no valid point reads). B is taken from the
+            # old states before the loop overwrites them.
+            A = torch.where(entering, c_x, torch.zeros_like(c_x))
+            B = torch.where(entering, c_guess, pts[1:])
+            if self.fused:  # one Triton launch (fused.py)
+                fused.affine_chain(A.contiguous(), B, pts)
+            else:
+                for i in range(w):
+                    torch.addcmul(B[i], A[i], pts[i], out=pts[i + 1])
+        else:
+            start = self.points.index_select(0, old_end)
+            pts[1:] = torch.where(entering.view(w, *([1] * (pts.dim() - 1))), start, pts[1:])
+        self.points.index_copy_(0, nidx + 1, pts[1:])
+
+    def capture(self) -> None:
+        """Warm up and capture the sweep (once per runner); a failure leaves it eager and says why."""
+        if self.sweep_program is not None:
+            return
+        self.begin.zero_()  # the warm-up sweeps zeros; run() resets every buffer
+        self.sweep_program = capture_graph(self._sweep, device=self.device, enabled=self.cuda_graphs)
+        if self.sweep_program.failure is not None and self.fused:  # a Triton kernel that does not build or run
+            self.capture_failures["fused_chains"] = self.sweep_program.failure  # here: the torch loops instead
+            self.fused = False
+            self.begin.zero_()
+            self.sweep_program = capture_graph(self._sweep, device=self.device, enabled=self.cuda_graphs)
+        if self.sweep_program.failure is not None:
+            self.capture_failures["sweep"] = self.sweep_program.failure
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ----- one generation -----
+    def run(
+        self,
+        x: Any,
+        cond: Any,
+        uncond: Any = None,
+        *,
+        guidance_scale: float = 1.0,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        progress: Callable[[int, float], None] | None = None,
+        stream: Any = None,
+    ) -> SampleResult:
+        """The sampler from x_T = x [batch, C, H, W]; tol defaults to the reference sampler's default.
+
+        tol (eps-Picard: max-abs change in units of x, raised above the engine's noise floor like SRDS's;
+        ParaDiGMS: its own per-step RMS knob, paradigms.py) and max_iters (sweeps) are per run: the captured
+        program reads tol from a device scalar. stream: the host's CUDA stream (see host.py).
+        """
+        x, cond = as_tensor(x, "x"), as_tensor(cond, "cond")
+        uncond = None if uncond is None else as_tensor(uncond, "uncond")
+        if x.shape != (self.batch, *self.engine.spec.sample_shape):
+            raise ValueError(f"x must have shape {(self.batch, *self.engine.spec.sample_shape)}, got {tuple(x.shape)}")
+        if self.guided and uncond is None:
+            raise ValueError("this runner was built for guidance: pass uncond")
+        if max_iters is not None and max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+        tol = self._run_tol(check_tol(self.default_tol if tol is None else tol))
+        host = host_stream(stream, self.device)
+        self.capture()
+        stats = self.last_run = WindowStats()
+        residuals: list[float] = []
+        slides: list[int] = []
+        model_evals, begin = 0, 0
+        with torch.cuda.stream(host) if host is not None else contextlib.nullcontext():
+            self._reset(x, cond, uncond, guidance_scale, tol)
+            while begin < self.steps and (max_iters is None or stats.sweeps < max_iters):
+                stats.begins.append(begin)
+                self.sweep_program.run()
+                stats.sweeps += 1
+                model_evals += min(self.window, self.steps - begin) * self.batch
+                begin, slide, residual = self._read_status(host)
+                residuals.append(residual)
+                slides.append(slide)
+                if residual != residual or abs(residual) == float("inf"):
+                    raise NonFiniteError(f"{self.sampler} sweep {stats.sweeps}: NaN/Inf in the state (engine "
+                                         f"{self.engine.name}, {self.engine.spec.dtype}); fp16 overflow is the usual "
+                                         "cause: export with upcast attention or run fp32")
+                if progress is not None:
+                    progress(stats.sweeps, residual)
+            # on the host's stream: the copy-out and the finite check are ordered after the last sweep there
+            result = window_result(self.sampler, self.points[self.steps].clone(), x, iterations=stats.sweeps,
+                                   window=self.window, model_evals=model_evals, residuals=residuals, slides=slides,
+                                   converged=begin >= self.steps, tol=tol)
+        result.ticks_launched = stats.sweeps
+        result.engine_calls = {self.bucket: stats.sweeps} if stats.sweeps else {}
+        return result
+
+    def _reset(self, x: Tensor, cond: Tensor, uncond: Tensor | None, guidance_scale: float, tol: float) -> None:
+        self.scale.fill_(guidance_scale)
+        self.tol.fill_(tol)
+        self.tol_sq.fill_(tol**2)
+        rows = self.window * self.batch
+        load_conditioning(self.engine, self.bucket, 0, rows, self.batch, [uncond, cond] if self.guided else [cond])
+        self.points.copy_(x.to(self.device, self.dtype).unsqueeze(0).expand_as(self.points))
+        for buffer in (self.outs, self.used, self.evaluated_at, self.slopes, self.has_eval, self.begin):
+            buffer.zero_()
+
+    def _read_status(self, host) -> tuple[int, int, float]:
+        """THE host read of a sweep: [begin, slide, residual], 24 bytes (pinned + event on a GPU), timed."""
+        start = time.perf_counter()
+        if host is not None:
+            self._status_host.copy_(self.status, non_blocking=True)
+            self._read_done.record(host)
+            self._read_done.synchronize()
+            values = self._status_host.tolist()
+        else:
+            values = self.status.tolist()
+        self.last_run.host_read_s += time.perf_counter() - start
+        self.last_run.host_reads += 1
+        return int(values[BEGIN]), int(values[SLIDE]), values[RESIDUAL]
+
+
+def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, extrapolate: int) -> Tensor:
+    """Warm-start weights, float64 [(N + 1) * w, 3]: row old_end * w + d holds the Lagrange weights (in the
+    reference's coordinate) of the nodes old_end - 1 - k, k = 0..order, for the entering point old_end + d;
+    weight 0 for unused nodes and for points past the grid. Computed by the reference's own function."""
+    steps = len(timesteps) - 1
+    table = torch.zeros(steps + 1, w, 3, dtype=torch.float64)
+    if extrapolate == 0:  # one node, weight 1 (the empty Lagrange product)
+        table[:, :, 0] = 1.0
+        return table.view(-1, 3)
+    s = warm_start_coordinate(alphas)
+    rows = [[0.0] * 3 for _ in range((steps + 1) * w)]
+    for first in range(1, steps + 1):
+        order = min(extrapolate, first - 1)
+        nodes = [first - 1 - k for k in range(order + 1)]
+        for d in range(min(w, steps - first)):
+            rows[first * w + d][: order + 1] = extrapolation_weights(s, nodes, first + d)
+    table = torch.tensor(rows, dtype=torch.float64).view(steps + 1, w, 3)
+    return table.view(-1, 3)
+
+
+def warm_start_coordinate(alphas: Tensor) -> list[float]:
+    """The coordinate eps_picard.py extrapolates outputs in: lambda = log(sqrt(a / (1 - a))) per grid point (python
+    floats, computed as there)."""
+    return (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
+
+
+class EpsPicardRunner(WindowRunner):
+    """eps_picard.py's sweep on the runtime (its mechanisms from EpsPicardOptions; research-only ones refused)."""
+
+    sampler = "eps-picard"
+    default_tol = DEFAULT_TOL
+
+    def _set_options(self, options: EpsPicardOptions | None) -> None:
+        options = options or EpsPicardOptions()
+        if options.research():
+            raise ValueError(f"research-only eps-Picard options {options.research()}: the runner runs the sampler's "
+                             "mechanisms only (warm_start, secant, extrapolate, inherit_slope, broyden, prior_slope)")
+        if options.extrapolate not in (0, 1, 2):
+            raise ValueError(f"extrapolate must be 0, 1 or 2, got {options.extrapolate}")
+        self.options = options
+        self.warm_start, self.secant = options.warm_start, options.secant
+        self.inherit_slope = self.secant and options.inherit_slope
+        self.broyden = self.secant and options.broyden
+        self.prior_slope = self.secant and options.prior_slope
+
+    def _run_tol(self, tol: float) -> float:
+        return effective_tol(tol, self.noise_floor)  # max-abs change in units of x: above the engine's noise
+
+    def _update(self, idx, pts, out, valid, span):
         """eps_picard.py's sweep: secant slopes from the previous evaluation, then the DDIM recurrence along the
         window with the newest outputs moved along their slopes to this sweep's states."""
         w = self.window
@@ -313,7 +494,14 @@ class WindowRunner:
         slide = torch.minimum(self._first_moved(moved, valid) + 1, span)
         return change, moved, slide, slide
 
-    def _paradigms_update(self, idx, pts, out, valid, span):
+
+class ParadigmsRunner(WindowRunner):
+    """paradigms.py's sweep on the runtime (tol: its per-step RMS knob, as there)."""
+
+    sampler = "paradigms"
+    default_tol = PARADIGMS_TOLERANCE
+
+    def _update(self, idx, pts, out, valid, span):
         """paradigms.py's sweep: x_{j+1} = x_begin + cumsum of the window's DDIM updates (Jacobi), slide by the
         per-point RMS change against tol^2 sigma_j^2."""
         w, batch = self.window, self.batch
@@ -330,206 +518,5 @@ class WindowRunner:
         slide = torch.clamp(self._first_moved(moved, valid) + 1, max=w)
         return change.abs().flatten(1).amax(1), moved, slide, torch.minimum(slide, self.steps - self.begin)
 
-    def _enter(self, new_begin: Tensor, old_end: Tensor) -> None:
-        """Points entering the window (j in [old_end, min(new_begin + w, N))): eps-Picard's warm start continues
-        the recurrence with the last evaluated output; ParaDiGMS (and warm_start=False) copy x[old_end]."""
-        w = self.window
-        nidx = new_begin + self._points_w
-        entering = (nidx >= old_end) & (nidx < self.steps)
-        pts = self.points.index_select(0, new_begin + self._points_w1)
-        if self.sampler == "eps-picard" and self.warm_start:
-            # outputs extrapolated (Lagrange, fixed weights per (old_end, offset)) from the outputs the last
-            # propagation used at old_end - 1, - 2, - 3, then propagated; unused nodes have weight 0
-            nodes = self._warm_source.index_select(0, (old_end - 1 - self._nodes).clamp(min=0))
-            offset = (nidx - old_end).clamp(0, w - 1)
-            weights = self._weights.index_select(0, old_end * w + offset)  # [w, 3]
-            column = lambda k: weights[:, k].view(w, *([1] * (pts.dim() - 1)))  # noqa: E731
-            guess = column(0) * nodes[0] + column(1) * nodes[1] + column(2) * nodes[2]  # [w, batch, ...]
-            c_x, c_out = (c.index_select(0, nidx).view_as(column(0)) for c in (self._c_x, self._c_out))
-            c_guess = c_out * guess  # elementwise, as the reference's c_out[j] * out_j per point
-            entering = entering.view_as(column(0))
-            self.used.index_copy_(0, nidx, torch.where(entering, guess, self.used.index_select(0, nidx)))
-            # the recurrence along the entering points (which ones: data) as x_{i+1} = A_i x_i + B_i, one addcmul
-            # per point: entering, A = c_x, B = c_out guess (the reference's step); else A = 0 and B = the old
-            # x_{i+1}, kept: 0 * x_i adds 0 because x_i is finite there (a state of this sweep's window, whose
-            # NaN/Inf the residual reports, or padding past N, which no valid point reads). B is taken from the
-            # old states before the loop overwrites them.
-            A = torch.where(entering, c_x, torch.zeros_like(c_x))
-            B = torch.where(entering, c_guess, pts[1:])
-            if self.fused:  # one Triton launch (fused.py)
-                fused.affine_chain(A.contiguous(), B, pts)
-            else:
-                for i in range(w):
-                    torch.addcmul(B[i], A[i], pts[i], out=pts[i + 1])
-        else:
-            start = self.points.index_select(0, old_end)
-            pts[1:] = torch.where(entering.view(w, *([1] * (pts.dim() - 1))), start, pts[1:])
-        self.points.index_copy_(0, nidx + 1, pts[1:])
 
-    def capture(self) -> None:
-        """Warm up and capture the sweep (once per runner); a failure leaves it eager and says why."""
-        if self.sweep_program is not None:
-            return
-        self.begin.zero_()  # the warm-up sweeps zeros; run() resets every buffer
-        self.sweep_program = capture_graph(self._sweep, device=self.device, enabled=self.cuda_graphs)
-        if self.sweep_program.failure is not None and self.fused:  # a Triton kernel that does not build or run
-            self.capture_failures["fused_chains"] = self.sweep_program.failure  # here: the torch loops instead
-            self.fused = False
-            self.begin.zero_()
-            self.sweep_program = capture_graph(self._sweep, device=self.device, enabled=self.cuda_graphs)
-        if self.sweep_program.failure is not None:
-            self.capture_failures["sweep"] = self.sweep_program.failure
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    # ----- one generation -----
-    def run(
-        self,
-        x: Any,
-        cond: Any,
-        uncond: Any = None,
-        *,
-        guidance_scale: float = 1.0,
-        tol: float | None = None,
-        max_iters: int | None = None,
-        progress: Callable[[int, float], None] | None = None,
-        stream: Any = None,
-    ) -> SampleResult:
-        """The sampler from x_T = x [batch, C, H, W]; tol defaults to the reference sampler's default.
-
-        tol (eps-Picard: max-abs change in units of x, raised above the engine's noise floor like SRDS's;
-        ParaDiGMS: its own per-step RMS knob, paradigms.py) and max_iters (sweeps) are per run: the captured
-        program reads tol from a device scalar. stream: the host's CUDA stream (see host.py).
-        """
-        x, cond = as_tensor(x, "x"), as_tensor(cond, "cond")
-        uncond = None if uncond is None else as_tensor(uncond, "uncond")
-        if x.shape != (self.batch, *self.engine.spec.sample_shape):
-            raise ValueError(f"x must have shape {(self.batch, *self.engine.spec.sample_shape)}, got {tuple(x.shape)}")
-        if self.guided and uncond is None:
-            raise ValueError("this runner was built for guidance: pass uncond")
-        if max_iters is not None and max_iters < 0:
-            raise ValueError(f"max_iters must be >= 0, got {max_iters}")
-        tol = check_tol(_default_tol(self.sampler) if tol is None else tol)
-        if self.sampler == "eps-picard":
-            tol = effective_tol(tol, self.noise_floor)
-        host = host_stream(stream, self.device)
-        self.capture()
-        stats = self.last_run = WindowStats()
-        residuals: list[float] = []
-        slides: list[int] = []
-        model_evals, begin = 0, 0
-        with torch.cuda.stream(host) if host is not None else contextlib.nullcontext():
-            self._reset(x, cond, uncond, guidance_scale, tol)
-            while begin < self.steps and (max_iters is None or stats.sweeps < max_iters):
-                stats.begins.append(begin)
-                self.sweep_program.run()
-                stats.sweeps += 1
-                model_evals += min(self.window, self.steps - begin) * self.batch
-                begin, slide, residual = self._read_status(host)
-                residuals.append(residual)
-                slides.append(slide)
-                if residual != residual or abs(residual) == float("inf"):
-                    raise NonFiniteError(f"{self.sampler} sweep {stats.sweeps}: NaN/Inf in the state (engine "
-                                         f"{self.engine.name}, {self.engine.spec.dtype}); fp16 overflow is the usual "
-                                         "cause: export with upcast attention or run fp32")
-                if progress is not None:
-                    progress(stats.sweeps, residual)
-            # on the host's stream: the copy-out and the finite check are ordered after the last sweep there
-            result = window_result(self.sampler, self.points[self.steps].clone(), x, iterations=stats.sweeps,
-                                   window=self.window, model_evals=model_evals, residuals=residuals, slides=slides,
-                                   converged=begin >= self.steps, tol=tol)
-        result.ticks_launched = stats.sweeps
-        result.engine_calls = {self.bucket: stats.sweeps} if stats.sweeps else {}
-        return result
-
-    def _reset(self, x: Tensor, cond: Tensor, uncond: Tensor | None, guidance_scale: float, tol: float) -> None:
-        self.scale.fill_(guidance_scale)
-        self.tol.fill_(tol)
-        self.tol_sq.fill_(tol**2)
-        rows = self.window * self.batch
-        load_conditioning(self.engine, self.bucket, 0, rows, self.batch, [uncond, cond] if self.guided else [cond])
-        self.points.copy_(x.to(self.device, self.dtype).unsqueeze(0).expand_as(self.points))
-        for buffer in (self.outs, self.used, self.evaluated_at, self.slopes, self.has_eval, self.begin):
-            buffer.zero_()
-
-    def _read_status(self, host) -> tuple[int, int, float]:
-        """THE host read of a sweep: [begin, slide, residual], 24 bytes (pinned + event on a GPU), timed."""
-        start = time.perf_counter()
-        if host is not None:
-            self._status_host.copy_(self.status, non_blocking=True)
-            self._read_done.record(host)
-            self._read_done.synchronize()
-            values = self._status_host.tolist()
-        else:
-            values = self.status.tolist()
-        self.last_run.host_read_s += time.perf_counter() - start
-        self.last_run.host_reads += 1
-        return int(values[BEGIN]), int(values[SLIDE]), values[RESIDUAL]
-
-
-def eps_picard_options(**given: Any) -> dict[str, Any]:
-    """eps_picard_sample's algorithm options (warm start, secant, ...), defaults read from its signature, so a
-    runner built without options runs what the reference runs by default."""
-    from ..eps_picard import eps_picard_sample
-
-    known = {name: p.default for name, p in inspect.signature(eps_picard_sample).parameters.items()
-             if name in EPS_PICARD_OPTIONS}
-    reference = {name: p.default for name, p in inspect.signature(eps_picard_sample).parameters.items()}
-    for name in [name for name in given if name in REFERENCE_ONLY_OPTIONS and name in reference]:
-        if given[name] != reference[name]:
-            raise ValueError(f"reference-only option {name}={given[name]!r}: the runner runs eps_picard_sample's "
-                             f"default {name}={reference[name]!r} only")
-        given = {k: v for k, v in given.items() if k != name}
-    unknown = set(given) - set(known)
-    if unknown:
-        raise ValueError(f"unknown eps-Picard options {sorted(unknown)}; the runner mirrors {sorted(known)}")
-    options = {**known, **given}
-    if options.get("extrapolate", 0) not in (0, 1, 2):
-        raise ValueError(f"extrapolate must be 0, 1 or 2, got {options['extrapolate']}")
-    return options
-
-
-def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, options: dict[str, Any]) -> Tensor:
-    """Warm-start weights, float64 [(N + 1) * w, 3]: row old_end * w + d holds the Lagrange weights (in the
-    reference's coordinate) of the nodes old_end - 1 - k, k = 0..order, for the entering point old_end + d;
-    weight 0 for unused nodes and for points past the grid. Computed by the reference's own function."""
-    steps = len(timesteps) - 1
-    table = torch.zeros(steps + 1, w, 3, dtype=torch.float64)
-    if options.get("extrapolate", 0) == 0:  # one node, weight 1 (the empty Lagrange product)
-        table[:, :, 0] = 1.0
-        return table.view(-1, 3)
-    from ..eps_picard import extrapolation_weights
-
-    s = warm_start_coordinate(alphas)
-    rows = [[0.0] * 3 for _ in range((steps + 1) * w)]
-    for first in range(1, steps + 1):
-        order = min(options["extrapolate"], first - 1)
-        nodes = [first - 1 - k for k in range(order + 1)]
-        for d in range(min(w, steps - first)):
-            rows[first * w + d][: order + 1] = extrapolation_weights(s, nodes, first + d)
-    table = torch.tensor(rows, dtype=torch.float64).view(steps + 1, w, 3)
-    return table.view(-1, 3)
-
-
-def warm_start_coordinate(alphas: Tensor) -> list[float]:
-    """The coordinate eps_picard.py extrapolates outputs in: lambda = log(sqrt(a / (1 - a))) per grid point (python
-    floats, computed as there)."""
-    return (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
-
-
-def _no_options(options: dict[str, Any]) -> dict[str, Any]:
-    if options:
-        raise ValueError(f"ParaDiGMS takes no algorithm options here, got {sorted(options)}")
-    return {}
-
-
-def _default_tol(sampler: str) -> float:
-    from ..paradigms import DEFAULT_TOL as PARADIGMS_TOL
-    from ..stopping import DEFAULT_TOL
-
-    return DEFAULT_TOL if sampler == "eps-picard" else PARADIGMS_TOL
-
-
-def _check_sampler(sampler: str) -> None:
-    if sampler not in WINDOW_SAMPLERS:
-        raise ValueError(f"sampler must be one of {WINDOW_SAMPLERS}, got {sampler!r}")
+WINDOW_RUNNERS: dict[str, type[WindowRunner]] = {"eps-picard": EpsPicardRunner, "paradigms": ParadigmsRunner}

@@ -46,7 +46,7 @@ parallel sampler, and measured that is right (digits N=100, one thread: eps-pica
 2.09 s).
 
 Where the curve comes from and what runs (SRDSPipeline._auto_sampler): the export manifest's latency_per_rows, else
-the runtime engine measured at warm-up (srds_trt.runtime.latency), else the reference model; `runnable_choice`
+the runtime engine measured at warm-up (srds_trt.autotune.latency), else the reference model; `runnable_choice`
 then keeps the lowest-predicted candidate the pipeline's path can run, and `Choice.fallback` says what it skipped.
 """
 
@@ -58,8 +58,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from .schedule import build_tick_plan, default_num_blocks
-from .stopping import DEFAULT_TOL, check_tol
+from ..samplers.plan import build_tick_plan, default_num_blocks
+from ..samplers.stopping import DEFAULT_TOL, check_tol
 
 LatencyCurve = Callable[[int], float] | Mapping[int, float]
 

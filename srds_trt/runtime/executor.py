@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from .serial_runner import SerialRunner
-from .srds_runner import RunResult, SRDSRunner
-from .window_runner import WindowRunner, window_rows
+from .srds.runner import RunResult, SRDSRunner
+from .window.runner import WindowRunner
 from .engines.base import Engine, EngineError
 from .engines.factory import BACKENDS, torch_engine
-from ..schedule import build_tick_plan
-from ..sampling import with_asked_tol
-from ..stopping import window_accept_tol
+from ..samplers import run_at_tol
+from ..samplers.plan import build_tick_plan
+from ..samplers.window import window_rows
 
 DEFAULT_ENGINE_DIR = Path("engines")
 
@@ -97,13 +97,13 @@ class RuntimeSampler:
         them, else built (or rebuilt larger) now, sharded over the process group; kept for later calls."""
         if self.engine is not None and self.engine.max_rows >= rows:
             return self.engine
-        from ..distributed import group_size
+        from .distributed import group_size
 
         world = group_size(self.process_group)
         total, rows = rows, -(-rows // world)  # this rank's slice of the widest call
         self._build_engine(rows)
         if world > 1:
-            from ..distributed import ShardedEngine
+            from .distributed import ShardedEngine
 
             self.engine = ShardedEngine(self.engine, self.process_group)
         rows = total
@@ -177,23 +177,22 @@ class RuntimeSampler:
         runner, timing = self._runner(key, rows, lambda engine: WindowRunner(
             engine, sampler=sampler, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod,
             prediction_type=prediction_type, window=window, guided=guided, noise_floor=self.noise_floor))
-        # tol: sampling.py's meaning (max-abs distance to serial), run as the calibrated per-point threshold
-        # (stopping.window_accept_tol), as the registry's reference samplers do; the runner may raise that threshold
-        # above its engine's noise floor (result.accept_tol says what ran)
-        accept_tol = window_accept_tol(tol, sampler)
-        result = with_asked_tol(runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale,
-                                           tol=accept_tol, max_iters=max_iters, progress=progress), tol)
+        # tol: the caller's max-abs distance to serial, run as the calibrated per-point threshold (samplers.run_at_tol,
+        # as the reference samplers); the runner may raise that threshold above its engine's noise floor
+        result = run_at_tol(sampler, tol, lambda threshold: runner.run(
+            x.float(), cond, uncond if guided else None, guidance_scale=scale, tol=threshold, max_iters=max_iters,
+            progress=progress))
         self.last_window_stats = runner.last_run
         return result, timing
 
     def serial(self, x: Tensor, cond: Tensor, uncond: Tensor, *, scale: float, timesteps: Tensor, alphas_cumprod: Tensor,
-               prediction_type: str) -> tuple[Tensor, CallTiming]:
+               prediction_type: str, step: Callable[[], None] | None = None) -> tuple[Tensor, CallTiming]:
         guided = scale != 1.0
         key = ("serial", tuple(timesteps.tolist()), x.shape[0], guided, prediction_type)
         runner, timing = self._runner(key, x.shape[0] * (2 if guided else 1), lambda engine: SerialRunner(
             engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
             guided=guided))
-        return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale), timing
+        return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, step=step), timing
 
 
 def _now(device: torch.device) -> float:

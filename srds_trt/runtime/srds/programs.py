@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..solvers import ddim_update, parareal_update
-from .cuda_graphs import CapturedGraph
-from .engine_call import guided_call
-from .engines.base import Engine
+from ...samplers.ddim import ddim_update, parareal_update
+from ..cuda_graphs import CapturedGraph
+from ..engine_call import guided_call
+from ..engines.base import Engine
 from .tables import CallTable, FormationTable
 
 

@@ -40,14 +40,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..sampling import SampleResult
-from ..schedule import Plan, build_tick_plan
-from ..solvers import as_grid, check_solver
-from ..stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
-from .cuda_graphs import capture_graph
-from .engine_call import load_conditioning
-from .engines.base import Engine, EngineError
-from .host import as_tensor, host_stream
+from ...samplers.base import SampleResult
+from ...samplers.plan import Plan, build_tick_plan
+from ...samplers.ddim import as_grid, check_solver
+from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
+from ..cuda_graphs import capture_graph
+from ..engine_call import load_conditioning
+from ..engines.base import Engine, EngineError
+from ..host import as_tensor, host_stream
 from .programs import CallProgram, FormationProgram
 from .tables import X_T, ZERO, build_tick_tables, residual_rows, widest_call
 

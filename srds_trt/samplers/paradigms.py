@@ -1,6 +1,6 @@
 """ParaDiGMS (Shih et al. 2023, arXiv 2305.16317): Picard iteration over a sliding window of DDIM steps.
 
-A pure function over the same model contract as sampling.py: `model(x[rows, ...], t[rows])` with per-row
+A pure function over the samplers' model contract (base.py): `model(x[rows, ...], t[rows])` with per-row
 timesteps, rows stacked segment-major (row r belongs to image r % batch), so guidance.py's wrappers apply.
 
 The N-step DDIM ODE solution satisfies x_{i+1} = x_s + sum_{s <= j <= i} d_j(x_j) for any earlier point s, where
@@ -20,7 +20,7 @@ The change of point j in a sweep is measured per image as the mean over elements
 compared with tol^2 * sigma_j^2, where sigma_j^2 = (1 - a_{j+1}) / (1 - a_j) * (1 - a_j / a_{j+1}) is the variance
 of the noise a stochastic (DDPM, eta = 1) step from t_j to t_{j+1} would inject: `tol` is a per-step RMS change
 relative to the sampler's own noise scale, NOT a distance to the serial sample in units of x (contrast
-sampling.DEFAULT_TOL). If the first point whose change exceeds its threshold (in any image) is the k-th of the
+stopping.DEFAULT_TOL). If the first point whose change exceeds its threshold (in any image) is the k-th of the
 window, points 1..k-1 did not move, so the k-th point was computed from converged inputs and is accepted too:
 the window slides by k (by the whole window when nothing exceeds), at least one point per sweep. The final
 point x_N has sigma_N = 0 (only an unchanged state passes there), which never limits the slide: it is always
@@ -36,50 +36,19 @@ the serial sample up to the rounding of the cumulative sum, whatever the window.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .sampling import Model, SampleResult, check_grid, state_dtype
+from .base import Model, SampleResult, check_grid, state_dtype
+from .ddim import alphas_at, check_solver, ddim_coefficients, ddim_update
 from .stopping import check_finite, check_tol
-from .solvers import alphas_at, check_solver, ddim_coefficients, ddim_update
+from .window import default_window, window_result, window_width
 
 # diffusers' StableDiffusionParadigmsPipeline default (`tolerance=0.1`): per-step RMS change <= 0.1 sigma_j.
-DEFAULT_TOL = 0.1
-
-
-# The sliding-window samplers (this one and eps_picard.py): their names in sampling.SAMPLERS, defined once for the
-# pipeline's dispatch and the runtime's WindowRunner.
-WINDOW_SAMPLERS = ("eps-picard", "paradigms")
-
-
-def window_width(steps: int, window: int, max_iters: int | None) -> int:
-    """The points per sweep of a sliding-window sampler (window capped at N), after checking its arguments."""
-    w = int(window)
-    if w < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if max_iters is not None and max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
-    return min(w, steps)
-
-
-def window_result(sampler: str, final: Tensor, x: Tensor, *, iterations: int, window: int, model_evals: int,
-                  residuals: list[float], slides: list[int], converged: bool, tol: float) -> SampleResult:
-    """A sliding-window sampler's result: one sweep is one sequential call; NaN/Inf in the sample is an error."""
-    check_finite(float(final.abs().max()), f"{sampler} after {iterations} sweeps")
-    return SampleResult(sample=final.to(x.dtype), sampler=sampler, iterations=iterations, window=window,
-                        model_evals=model_evals, sequential_calls=iterations, residuals=residuals, slides=slides,
-                        converged=converged, tol=tol)
-
-
-def default_window(num_steps: int) -> int:
-    """round(sqrt(N)), ParaDiGMS's usual window (the benchmarks also run 2 round(sqrt(N)); the better one is
-    quoted). Not schedule.default_num_blocks, which is tuned to SRDS's pipelined critical path."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return max(1, min(num_steps, round(math.sqrt(num_steps))))
+# Not a max-abs distance to the serial sample: samplers.SAMPLERS['paradigms'] maps the caller's tol onto it.
+DEFAULT_TOLERANCE = 0.1
 
 
 def step_noise_variance(alphas: Tensor) -> Tensor:
@@ -97,7 +66,7 @@ def paradigms_sample(
     *,
     prediction_type: str = "epsilon",
     window: int | None = None,
-    tol: float = DEFAULT_TOL,
+    tol: float = DEFAULT_TOLERANCE,
     max_iters: int | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> SampleResult:
@@ -111,7 +80,7 @@ def paradigms_sample(
     timesteps = check_grid(x, timesteps)
     steps = len(timesteps) - 1
     tol = check_tol(tol)
-    w = window_width(steps, default_window(steps) if window is None else window, max_iters)
+    w = window_width(steps, default_window("paradigms", steps) if window is None else window, max_iters)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
     alphas = alphas_at(timesteps, alphas_cumprod)

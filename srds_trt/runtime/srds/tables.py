@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..schedule import Plan
-from ..solvers import alphas_at, ddim_coefficients
+from ...samplers.plan import Plan
+from ...samplers.ddim import alphas_at, ddim_coefficients
 
 ZERO, SINK, X_T = 0, 1, 2  # a slot of zeros (padding reads it), a write-only slot (padding writes it), x_T
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .solvers import alphas_at
+from ..samplers.ddim import alphas_at
 
 
 @dataclass(frozen=True)
