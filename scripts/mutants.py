@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_TESTS = ("tests/test_runtime_iterates.py",)
-WINDOW_TESTS = ("tests/test_runtime_window.py",)
+FAST_TESTS = ("tests/runtime/test_runtime_iterates.py",)
+WINDOW_TESTS = ("tests/runtime/test_runtime_window.py",)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ MUTANTS = (
            "if secant and prior_slope and iterations == 0:", "if secant and prior_slope and iterations < 0:",
            "the reference's first sweep propagates the outputs unmoved (the textbook loops and the Gaussian-data "
            "case must see it; the runner mirrors the reference, so the runner tests cannot)",
-           ("tests/test_eps_picard.py",)),
+           ("tests/samplers/test_eps_picard.py",)),
     Mutant("window-slide-one-too-far", "srds_trt/runtime/window/runner.py",
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
            "slide = torch.minimum(self._first_moved(moved, valid) + 2, span)",
@@ -115,31 +115,31 @@ MUTANTS = (
            "return min(fraction * check_tol(tol), cap)", "return check_tol(tol)",
            "the sliding-window samplers accept points at tol itself (the measured misses: eps-Picard 70x tol, "
            "ParaDiGMS 1.9x)",
-           ("tests/test_window_tol.py",)),
+           ("tests/samplers/test_window_tol.py",)),
     Mutant("srds-interior-not-within-tol", "srds_trt/samplers/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
            "SRDS's rule drops the interior-within-tol term (the batched gmm N=1024 false stop: 2.3e-3 at tol 1e-3)",
-           ("tests/test_stopping_rule.py",)),
+           ("tests/samplers/test_stopping_rule.py",)),
     Mutant("auto-prices-the-default-tol", "srds_trt/autotune/planner.py",
            "sweep_overhead_ms=overhead, tol=tol, max_rows=max_rows,", "sweep_overhead_ms=overhead, max_rows=max_rows,",
            "--sampler auto prices the window samplers at the default tol whatever the caller asked",
-           ("tests/test_auto.py",)),
+           ("tests/autotune/test_planner.py",)),
     Mutant("auto-srds-iterations-from-blocks", "srds_trt/autotune/pricing.py",
            "expected_srds_iterations(blocks, tol), blocks)", "max(1, min(blocks, math.ceil(0.5 * blocks))), blocks)",
            "--sampler auto prices SRDS at half its blocks whatever the tol (27 iterations at N = 1024, the old model)",
-           ("tests/test_autotune.py",)),
+           ("tests/autotune/test_pricing.py",)),
     Mutant("auto-serial-on-one-device", "srds_trt/autotune/pricing.py",
            "tick_ms(latency_ms, p * k * per_point, world_size, allgather_ms)",
            "tick_ms(latency_ms, p * k * per_point, *((world_size, allgather_ms) if sampler != 'serial' else (1, 0.0)))",
            "--sampler auto prices serial unsharded on a process group (1.24x too slow on SD2; picks a slower sampler)",
-           ("tests/test_autotune.py",)),
+           ("tests/autotune/test_pricing.py",)),
     Mutant("auto-prices-one-chunk", "srds_trt/autotune/pricing.py",
            "chunk = images if max_rows is None else max(1, min(images, max_rows // widest))", "chunk = images",
            "--sampler auto prices all images as one chunk where the pipeline runs several, one after the other",
-           ("tests/test_autotune.py",)),
+           ("tests/autotune/test_pricing.py",)),
     Mutant("auto-ignores-observations", "srds_trt/autotune/pricing.py",
            "seen = (observed or {}).get(candidate_key(sampler, options))", "seen = None",
            "--sampler auto prices every candidate at the table's expectation whatever this model's runs took",
-           ("tests/test_autotune.py",)),
+           ("tests/autotune/test_pricing.py",)),
 )
 
 

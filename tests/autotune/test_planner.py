@@ -265,7 +265,7 @@ def test_two_gloo_ranks_price_world_size_and_a_measured_all_gather(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(port), "-m", "srds_trt.generate", "--steps", "16", "--prompt", "3", "--quiet",
                "--sampler", "auto", "--dist-timeout", "60", "--out", str(tmp_path / "dist")]

@@ -17,7 +17,7 @@ from srds_trt.runtime.engines.base import default_buckets
 from srds_trt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from srds_trt.export import ArtifactError, ExportConfig, export_unet
 from srds_trt.samplers.timesteps import ddim_grid
-from test_export_support import digits_like
+from export_support import digits_like
 
 
 

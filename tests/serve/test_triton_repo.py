@@ -22,7 +22,7 @@ from srds_trt.export.config import ExportConfig  # noqa: E402
 from srds_trt.export.build import export_unet  # noqa: E402
 from srds_trt.serve.protocol import INPUTS  # noqa: E402
 from srds_trt.triton_repo import row_buckets, write_triton_repo  # noqa: E402
-from test_export_support import digits_like  # noqa: E402
+from export_support import digits_like  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture runs a real digits-shaped export (ONNX, parity, TensorRT-RTX plan)
 

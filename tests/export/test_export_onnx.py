@@ -12,7 +12,7 @@ from srds_trt.export.artifacts import check_external_data
 from srds_trt.export.config import ExportConfig, ExportConfigError
 from srds_trt.export.io_contract import io_contract, sample_inputs
 from srds_trt.export.parity import check_parity, parity_rows, reference_outputs
-from test_export_support import digits_like
+from export_support import digits_like
 
 
 def _export(tmp_path: Path, exporter: str, opset: int = 17) -> tuple[list[Path], object, list, list]:
@@ -71,7 +71,7 @@ def test_config_batch_range_and_rejections():
 
 def test_image_size_maps_to_the_unet_input():
     from srds_trt.export.build import ExportError, spatial_shape
-    from test_export_support import text_like
+    from export_support import text_like
 
     tiny_sd = text_like()  # latents are pixels / 8, and two resolution levels need an even latent size
     assert spatial_shape(tiny_sd, ExportConfig(model="m")) == (4, 8, 8)

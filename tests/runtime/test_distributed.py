@@ -1,7 +1,7 @@
 """SRDS across gloo ranks on one CPU: the sharded job gives the single-process sample bit-for-bit, the same
 stats, per-rank row counts that add up, and a rank that raises or dies ends the whole job with one line.
 
-Each job is K real processes (tests/test_distributed_worker.py with torchrun's variables on 127.0.0.1), the
+Each job is K real processes (tests/fixtures/distributed_worker.py with torchrun's variables on 127.0.0.1), the
 way torchrun would start them, without torchrun's agent (its start-up would double the CI time).
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("test_distributed_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parents[1] / "fixtures" / "distributed_worker.py"
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from srds_trt.cli import export as cli
 from srds_trt.export import registry
-from test_export_support import digits_like
+from export_support import digits_like
 
 
 class UnknownModel(LookupError):

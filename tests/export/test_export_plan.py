@@ -20,7 +20,7 @@ from srds_trt.export import build as pipeline
 from srds_trt.export.manifest import sha256_file
 from srds_trt.export.parity import ParityError
 from srds_trt.export.artifacts import tensorrt_module
-from test_export_support import digits_like, text_like
+from export_support import digits_like, text_like
 
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
 

@@ -116,7 +116,7 @@ def test_sigkilled_export_is_cleaned_but_a_live_one_survives(stub_registry, no_p
     model_dir = tmp_path / "engines" / "digits"
     model_dir.mkdir(parents=True)
     live = subprocess.Popen([sys.executable, "-c", HOLDER, str(model_dir)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     try:
         held = Path(live.stdout.readline().strip())
         old_unlocked = Path(tempfile.mkdtemp(dir=model_dir, prefix=".tmp-fedcba9876543210-"))
