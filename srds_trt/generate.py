@@ -1,8 +1,11 @@
 """`python -m srds_trt.generate`: the generate command (srds_trt.cli.generate)."""
 
-from .cli.generate import main
-
 if __name__ == "__main__":
-    from .cli.generate import _exit
+    from .cli.generate import _exit, exit_on_signals  # light: the command imports torch inside main()
+
+    exit_on_signals()  # Ctrl-C from here on is one line and exit 130, also while torch imports
+    from .cli.generate import main
 
     _exit(main())
+else:
+    from .cli.generate import main  # noqa: F401

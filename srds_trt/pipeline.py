@@ -21,20 +21,19 @@ import torch
 from torch import Tensor
 
 from .autotune.planner import AutoPlanner
-from .execution import Chunk, ReferencePath, RuntimePath
+from .execution import (Chunk, ChunkOutput, ReferencePath, RuntimePath, check_batch, check_finite,
+                        chunk_rows_per_image, sample_chunk, sample_serial)
 from .images import to_pil
 from .models import LoadedUNet, load_unet, unet_model_fn
 from .models.registry import read_json
 from .models.text import TextStack, random_text_stack, text_stack
-from .report import ConvergenceReport, convergence_report, finite_or_none, merge_chunks, warnings_for
-from .samplers import Cancelled, NonFiniteError
-from .samplers.base import check_cancel
+from .report import ConvergenceReport, convergence_report, merge_chunks, warnings_for
+from .samplers import Cancelled  # noqa: F401  (srds_trt.Cancelled)
 from .samplers.guidance import classifier_free_guidance
-from .samplers.plan import default_num_blocks
 from .samplers.timesteps import ddim_grid
-from .samplers.window import WINDOW_SAMPLERS, resolve_window, window_rows
+from .samplers.window import WINDOW_SAMPLERS
 from .settings import (DEFAULT_STEPS, MAX_STEPS, SAMPLERS, GenerationSettings, check_guidance_scale,  # noqa: F401
-                       check_run_args, check_seed)
+                       check_run_args, check_seed)  # (re-exported for callers of srds_trt.pipeline)
 from .samplers.stopping import DEFAULT_TOL
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
@@ -150,19 +149,25 @@ class SRDSPipeline:
         Raises ValueError (SettingError) on bad settings before any model work, NonFiniteError when NaN/Inf reach a
         sample, srds_trt.Cancelled when cancel() returned True."""
         chunks = list(self.iter_chunks(prompt, **kwargs))
-        samples = torch.cat([c.samples for c in chunks])
-        stats = {**chunks[-1].stats, **merge_chunks([c.stats["chunk"] for c in chunks])}
-        stats.pop("chunk", None)
+        stats, report = self.summarize(chunks, max_iters=kwargs.get("max_iters"))
+        return SRDSPipelineOutput(images=[im for c in chunks for im in c.images], stats=stats,
+                                  samples=torch.cat([c.samples for c in chunks]), report=report)
+
+    def summarize(self, chunks: list["ChunkOutput"], *, max_iters: int | None = None) -> tuple[dict, ConvergenceReport]:
+        """The call's stats and convergence report from its chunks (iter_chunks' outputs; their images may have
+        been dropped already); what past runs needed is remembered for sampler="auto"."""
+        parts = [c.stats["chunk"] for c in chunks]
+        stats = {k: v for k, v in chunks[-1].stats.items() if k != "chunk"}
+        stats.update(merge_chunks(parts))
         self.auto.observe(stats["sampler"], stats["steps"], stats["tol"], stats["cfg_rows_per_image"] == 2,
-                          stats.get("pipelined"), kwargs.get("max_iters"), [c.stats["chunk"] for c in chunks])
+                          stats.get("pipelined"), max_iters, parts)
         counts = self._rank_counts()
         if counts is not None:  # world_size and every rank's engine calls and rows in THIS call (all ranks agree)
             stats.update((counts.since(chunks[0].counts_before) if counts is chunks[0].counter else counts).as_stats())
         stats["warnings"] = warnings_for(stats)
         report = convergence_report(stats)
         stats["report"] = report.as_dict()
-        return SRDSPipelineOutput(images=[im for c in chunks for im in c.images], stats=stats, samples=samples,
-                                  report=report)
+        return stats, report
 
     @torch.inference_mode()
     def iter_chunks(self, prompt=None, *, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
@@ -204,7 +209,7 @@ class SRDSPipeline:
         # 3. Chunks sized by the widest call of one image.
         per_image = chunk_rows_per_image(sampler, num_inference_steps, guided, num_blocks=num_blocks,
                                          pipelined=pipelined, max_iters=max_iters, window=window)
-        chunk = max(1, max_rows // per_image)
+        chunk = max(1, self.path.row_budget(per_image, max_rows) // per_image)
         timesteps, alphas_cumprod = ddim_grid(self.loaded.scheduler_config, num_inference_steps)
         alphas_cumprod = alphas_cumprod.to(self.device)
         prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)
@@ -231,53 +236,15 @@ class SRDSPipeline:
             model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, scale)
             run = Chunk(model, noise.to(self.device, self.dtype), cond, uncond, scale, timesteps, alphas_cumprod,
                         prediction_type)
-            sample, part_stats = self._sample_chunk(sampler, run, tol, options, max_iters, progress_bar, cancel)
+            sample, part_stats = sample_chunk(self.path, sampler, run, tol, options, max_iters, progress_bar, cancel)
             if compare_serial and sampler != "serial":
-                reference, serial_stats = self._serial(run, progress_bar, cancel)
+                reference, serial_stats = sample_serial(self.path, run, progress_bar, cancel)
                 part_stats["serial"] = {**serial_stats, "model_evals": num_inference_steps * len(part),
                                         "sequential_calls": num_inference_steps}
                 part_stats["max_abs_diff_vs_serial"] = float((sample.double() - reference.double()).abs().max())
-            sample = _check_finite(sample.detach().cpu(), sampler)  # whatever a sampler checks, no NaN leaves here
+            sample = check_finite(sample.detach().cpu(), sampler)  # whatever a sampler checks, no NaN leaves here
             pixels = self.decode(sample.to(self.device)).cpu()
             yield ChunkOutput(start, part, sample, to_pil(pixels), {**stats, "chunk": part_stats}, counter, before)
-
-    def _sample_chunk(self, name: str, run: Chunk, tol: float, options: dict, max_iters: int | None,
-                      progress_bar: bool, cancel) -> tuple[Tensor, dict]:
-        steps = len(run.timesteps) - 1
-        if name == "serial":
-            sample, part = self._serial(run, progress_bar, cancel)
-            part.update(blocks=1, iterations=None, model_evals=steps * run.x.shape[0], sequential_calls=steps,
-                        converged=True, residuals=[], tol=tol)
-            return sample, part
-        if name in WINDOW_SAMPLERS:  # sweeps until the window has slid past N: known only at the end, no total
-            total, desc, unit = max_iters, f"{name} {steps} steps / window {resolve_window(name, steps, options.get('window'))}", "sweep"
-        else:
-            blocks = options.get("num_blocks") or default_num_blocks(steps)
-            total, desc, unit = max_iters, f"srds {steps} steps / {blocks} blocks (at most {blocks} iterations)", "iter"
-        with _bar(progress_bar, total=total, desc=desc, unit=unit) as bar:
-            def progress(iteration: int, residual: float) -> None:
-                bar.set_postfix(residual=f"{residual:.2e}", tol=f"{tol:.0e}", refresh=False)
-                bar.update(1)
-                check_cancel(cancel, f"{unit} {iteration}")
-
-            result, extra = self.path.run(name, run, tol=tol, options=options, max_iters=max_iters, progress=progress)
-        return result.sample, {**extra,
-            "blocks": result.num_blocks, "iterations": result.iterations, "model_evals": result.model_evals,
-            "sequential_calls": result.sequential_calls, "converged": result.converged,
-            "residuals": [finite_or_none(r) for r in result.residuals],
-            "error_estimates": [finite_or_none(e) for e in result.error_estimates],
-            "tol": tol, "accept_tol": result.accept_tol, "pipelined": options.get("pipelined") if name == "srds" else None,
-            "window": result.window}
-
-    def _serial(self, run: Chunk, progress_bar: bool, cancel) -> tuple[Tensor, dict]:
-        steps = len(run.timesteps) - 1
-        with _bar(progress_bar, total=steps, desc=f"serial {steps} steps", unit="step") as bar:
-            def step() -> None:
-                bar.update(1)
-                check_cancel(cancel, f"serial step {bar.n}")
-
-            sample, stats = self.path.serial(run, step)
-        return _check_finite(sample, "serial"), stats
 
     def _rank_counts(self):
         """Every rank's engine calls and rows so far (runtime.distributed.RankCounts), None when not sharded."""
@@ -286,55 +253,6 @@ class SRDSPipeline:
         if self.runtime is not None:  # the ShardedEngine (None until the first call builds it)
             return getattr(self.runtime.engine, "counts", None)
         return self.cond_model.counts
-
-
-@dataclass
-class ChunkOutput:
-    start: int  # index of the chunk's first image in the call
-    prompts: list[str]
-    samples: Tensor
-    images: list
-    stats: dict  # the call's settings, and this chunk's own numbers under "chunk"
-    counter: Any = None
-    counts_before: Any = None
-
-
-def chunk_rows_per_image(sampler: str, steps: int, guided: bool, *, num_blocks: int | None = None,
-                         pipelined: bool = True, max_iters: int | None = None, window: int | None = None) -> int:
-    """The widest call's rows for ONE image of `sampler` at these settings: what a call sizes its image chunks by
-    (and sampler="auto" prices them by)."""
-    if sampler == "srds":
-        from .runtime.executor import rows_needed
-
-        return rows_needed(steps, num_blocks, 1, guided, pipelined, max_iters)
-    if sampler in WINDOW_SAMPLERS:
-        return window_rows(sampler, steps, window, 1, guided)
-    return 2 if guided else 1
-
-
-def check_batch(cond_model: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """A model whose output does not match its input's shape is an error, never silently broadcast."""
-
-    def checked(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        out = cond_model(x, t, cond)
-        if out.shape != x.shape:
-            raise ValueError(f"the model returned shape {tuple(out.shape)} for an input of {tuple(x.shape)}")
-        return out
-
-    return checked
-
-
-def _check_finite(sample: Tensor, sampler: str) -> Tensor:
-    if not bool(torch.isfinite(sample).all()):
-        raise NonFiniteError(f"{sampler}: NaN/Inf in the sample (a model returning NaN, fp16 overflow, an extreme "
-                             "--guidance-scale); no image written")
-    return sample
-
-
-def _bar(enabled: bool, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not enabled, leave=False, **kwargs)
 
 
 __all__ = ["Cancelled", "ConvergenceReport", "SRDSPipeline", "SRDSPipelineOutput"]

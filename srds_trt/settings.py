@@ -18,7 +18,7 @@ DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRD
 MAX_STEPS = 8192  # grids finer than the training schedule use fractional timesteps (samplers.ddim.alphas_at)
 MAX_GUIDANCE = 1e3  # far beyond any useful scale; larger ones overflow fp16 (and soon fp32) outright
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
-MAX_IMAGES = 1_000_000  # per call; images are sampled in chunks, so memory does not grow with this
+MAX_IMAGES = 2**31 - 1  # per prompt; images are sampled and written in chunks, so memory does not grow with this
 
 
 class SettingError(ValueError):

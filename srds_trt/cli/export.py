@@ -6,15 +6,19 @@ disk (one `error:` line on stderr, nothing left behind); 130 interrupted (Ctrl-C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 from ..export.config import DEFAULT_OPSET, DTYPES, EXPORTERS, ExportConfig, ExportConfigError
 
+# widest profile when --max-batch is unset: digits as wide as the pipeline's own chunks (pipeline.MAX_ROWS), so
+# every run `generate --backend onnxruntime` makes with its defaults fits; SD as a GPU's memory allows
+DEFAULT_MAX_BATCH = {"digits": 512, "sd": 32}
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXAMPLES = """examples:
-  python -m srds_trt.export --model digits --dtype fp32 --max-batch 64
+  python -m srds_trt.export --model digits                      # fp32, up to 512 rows: fits generate's runs
   python -m srds_trt.export --model sd2 --random-weights --max-batch 16 --out engines
   python -m srds_trt.export --model ./my-unet-folder --height 512 --width 512 --profiles 2
 
@@ -28,10 +32,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, help="registry name (digits, sd2, sd2.1, sd1.5) or a local folder")
     p.add_argument("--out", type=Path, default=Path("engines"), help="artifact root")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="precision of the ONNX and plan")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="precision of the ONNX and plan (unset: fp32 for digits, whose CPU runs gain nothing from fp16, "
+                        "fp16 for SD)")
     p.add_argument("--min-batch", type=int, default=1, help="profile minimum rows (CFG doubling included)")
     p.add_argument("--opt-batch", type=int, default=None, help="profile optimum rows; None = a mid-range power of 2")
-    p.add_argument("--max-batch", type=int, default=32, help="profile maximum rows")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"profile maximum rows (unset: {DEFAULT_MAX_BATCH['digits']} for digits, as wide as generate's "
+                        f"own calls, so every default run fits; {DEFAULT_MAX_BATCH['sd']} for SD)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels; None = the model's")
     p.add_argument("--width", type=int, default=None, help="image width in pixels; None = the model's")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
@@ -49,6 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        return _fail(f"export needs {', '.join(missing)}: pip install \"srds_trt[onnx]\" (in a checkout: "
+                     "pip install -e \".[onnx]\"; TensorRT plans: the tensorrt or tensorrt-rtx extra)")
+    family = _family(args.model)
+    args.dtype = args.dtype or ("fp32" if family == "digits" else "fp16")
+    args.max_batch = args.max_batch or DEFAULT_MAX_BATCH.get(family, DEFAULT_MAX_BATCH["sd"])
     try:
         config = ExportConfig(
             model=args.model, out=args.out, dtype=args.dtype, min_batch=args.min_batch, opt_batch=args.opt_batch,
@@ -88,7 +103,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the examples' line breaks."""
+    """--help shows every set default once and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help  # its text says what unset means
+        return super()._get_help_string(action)
+
+
+def _family(model: str) -> str | None:
+    """The model's family, cheaply (no weights); None when the name does not resolve (the export says why)."""
+    try:
+        from ..models import resolve_model
+
+        return resolve_model(model).family
+    except Exception:  # noqa: BLE001 - an unknown model is refused by the export itself, in one line
+        return None
 
 
 def _fail(exc: BaseException | str, code: int = EXIT_USAGE) -> int:

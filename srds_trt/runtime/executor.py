@@ -92,6 +92,25 @@ class RuntimeSampler:
         self.runner_builds = 0  # runners constructed (and captured) so far: one per key
         self.last_window_stats = None  # the last sliding-window run's host reads (window_runner.WindowStats)
 
+    def capacity(self) -> int | None:
+        """Rows one engine call may hold, all ranks together: the export's profile maximum; None for the PyTorch
+        model (it takes any row count)."""
+        if self.artifacts is None:
+            return None
+        from ..export.artifacts import MANIFEST_NAME, ArtifactError, read_manifest
+        from .distributed import group_size
+
+        folders = [self.artifacts]
+        if not (self.engine_dir / MANIFEST_NAME).is_file():  # the folder above several exports: the widest serves
+            folders += [m.parent for m in (self.engine_dir / self.loaded.spec.name).glob(f"*/{MANIFEST_NAME}")]
+        widest = 0
+        for folder in folders:
+            try:
+                widest = max(widest, int(read_manifest(folder)["request"]["max_batch"]))
+            except ArtifactError:  # an unreadable sibling export: find_artifacts skips it too
+                continue
+        return widest * group_size(self.process_group)
+
     def engine_for(self, rows: int) -> Engine:
         """The engine that serves calls of up to `rows` rows (all ranks together): the one built so far if it holds
         them, else built (or rebuilt larger) now, sharded over the process group; kept for later calls."""

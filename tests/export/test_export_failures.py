@@ -139,5 +139,5 @@ def test_help_shows_defaults_examples_and_exit_codes(capsys):
         cli.main(["--help"])
     text = capsys.readouterr().out
     assert info.value.code == 0
-    assert "(default: 32)" in text and "(default: fp16)" in text and "(default: engines)" in text
-    assert "examples:" in text and "--max-batch 64" in text and "130" in text
+    assert "512 for digits" in text and "fp32 for digits" in text and "(default: engines)" in text
+    assert "examples:" in text and "--max-batch 16" in text and "130" in text

@@ -1,49 +1,14 @@
 """The sliding-window samplers (eps-Picard, ParaDiGMS) on the runtime: one captured sweep, one host read per sweep.
 
-A sweep of either sampler (eps_picard.py, paradigms.py) evaluates the w points of its window in ONE batched
-model call, updates the window's states, and slides the window past the points that stopped moving. Here that
-sweep is one fixed-shape program over static buffers:
+A sweep is one fixed-shape program over static buffers: gather the window's w states and tables by a
+device-held window start `begin`; ONE engine call at a fixed bucket; the algorithm's update (a subclass:
+EpsPicardRunner, ParadigmsRunner); the slide (a device argmax) and the points entering the window; a 3-entry
+status [begin, slide, residual] that the host reads once per sweep (pinned memory + event on a GPU). Only the
+host needs the slide, so ONE captured program serves every sweep, tail included: every table is padded past N
+by identity steps and a `valid = j < N` mask keeps padding out of the residual and the slide.
 
-    gather    the window's w states and tables by a device-held window start `begin` (index_select)
-    call      one engine call at a fixed bucket (w x images rows, x2 under guidance: engine_call.guided_call)
-    update    eps-Picard: secant slopes (inherited by points not yet evaluated, the prior slope in the first
-              sweep, plus the rank-1 Broyden term), then the w-point DDIM recurrence unrolled in the program;
-              ParaDiGMS: the cumulative sum of the window's DDIM updates
-    slide     the first moved point (a device argmax), the new `begin`, the points entering the window
-              (eps-Picard's extrapolated warm start, ParaDiGMS's copy of the last state), written back by
-              index_copy_
-    status    [begin, slide, residual] into a small static buffer
-
-The slide is data-dependent, but only the HOST needs its value (to know when to stop): the program itself reads
-`begin` from the device, so ONE captured program (cuda_graphs.capture_graph; eager where capture fails, the
-reason kept in capture_failures) serves every sweep, tail of the grid included. The tail needs no second
-program: every table (timesteps, DDIM coefficients, thresholds) and the state buffer are padded by w (+2)
-entries past the grid end (padding steps are the identity: c_x = 1, c_out = 0, a valid timestep), so window
-points past N compute finite values into padding rows, and a `valid = j < N` mask keeps them out of the
-residual and the slide. The host reads the 3-entry status once per sweep (pinned memory + event on a GPU);
-the number of reads and the time spent in them are kept in `last_run` (WindowStats): measured, not assumed.
-
-Iterate-for-iterate the same as the reference functions (tests/test_runtime_window.py compares every sweep
-short of convergence), to rounding: eps-Picard's recurrence is the reference's rewritten linear in d = x - e
-(_eps_picard_update), so only a 3-kernel chain per point is sequential and the rest is vectorised over the
-window. Float64 states agree with the reference's to 3e-14 at tol = 1e-3 (1e-7 at tol = 1e-5, where secants of
-nearly converged points, dx at rounding level, amplify rounding in the reference itself), and the slides are the
-same: 0 of 60 runs differed at tol = 1e-3 and 1e-5 (5 grids up to N = 100, guided and not, 6 seeds). tol = 0
-still gives the serial sample bit for bit (a converged point's update is the serial one exactly), but its
-slides are decided by states equal to the last bit, which rounding decides: 37 of those 60 runs slid
-differently there (1602 sweeps in all against the reference's 1579; the op-for-op runner before: 3 of 60, 1578).
-
-eps-Picard's mechanisms come from samplers.eps_picard.EpsPicardOptions (research-only ones refused). The reference's
-"None" (no slope, no rank-1 term) is a zero here: out + 0 * d is out exactly. What is not stored, because it
-cannot change a result: outs[j] of points entering the window (evaluated, which overwrites it, before it is read)
-and the rank-1 terms (set and used within one sweep).
-
-Cost besides the model call (kernel-launching ops counted on the CPU, views not counted): eps-Picard ~4 per window
-point plus ~100 (w = 64, guided, batch 1: 360 per sweep, update 265 + warm start 95; it was 988 while the
-recurrence ran op for op as the reference's). On a GPU with Triton its two sequential chains (~250 of those
-launches at w = 64) are one kernel each (fused.py; H100, digits N = 1024: ~0.5 ms of update per sweep instead of
-1.36 ms). ParaDiGMS 67 per sweep whatever w. Not done: launching sweep k+1 before reading sweep k's status
-(SRDSRunner's lookahead) would take the read off the GPU's critical path; it needs x_N snapshotted per sweep.
+Iterate-for-iterate the same as the reference functions (tests/runtime/test_runtime_window.py compares every
+sweep short of convergence). Design notes and measurements: docs/runtime-window.md.
 """
 
 from __future__ import annotations
@@ -61,8 +26,7 @@ from ...samplers.ddim import alphas_at, as_grid, check_solver, ddim_coefficients
 from ...samplers.eps_picard import EpsPicardOptions, extrapolation_weights, prior_slopes
 from ...samplers.paradigms import DEFAULT_TOLERANCE as PARADIGMS_TOLERANCE, step_noise_variance
 from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, check_tol
-from ...samplers.window import (WINDOW_SAMPLERS, check_window_sampler, default_window, resolve_window, window_result,
-                                window_rows)
+from ...samplers.window import WINDOW_SAMPLERS, check_window_sampler, resolve_window, window_result  # noqa: F401
 from . import fused
 from ..cuda_graphs import CapturedGraph, capture_graph
 from ..engine_call import guided_call, load_conditioning
