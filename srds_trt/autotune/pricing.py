@@ -69,7 +69,7 @@ CANDIDATES = ("serial", "srds", "paradigms", "eps-picard")  # every sampler auto
 OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("window",), "eps-picard": ("window",)}
 
 # Expected work per sampler (module doc). Sliding windows: sweeps = a * N / w + b at the tol the registry runs them at,
-# the upper-quartile fits of benchmarks/results/expected-sweeps-2026-11-27c*.json (registry samplers at tol 1e-2,
+# the upper-quartile fits of benchmarks/results/expected-sweeps/tol1e-*.json (registry samplers at tol 1e-2,
 # 1e-3 (the default), 1e-4; e.g. eps-Picard w = 2 round(sqrt N) at 1e-3: digits N = 100, 196, 1024 -> 19, 23, 40
 # sweeps, mixtures at N = 1024 -> 25-30 (with its prior slope and its own acceptance calibration; 19, 24, 43 and
 # 28-32 before, -27*.json); ParaDiGMS w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65).
@@ -79,14 +79,14 @@ WINDOW_SWEEPS = {
     "eps-picard": {1e-2: (0.95, 11.3), 1e-3: (1.11, 13.5), 1e-4: (1.39, 14.1)},
 }
 # SRDS: Parareal iterations its stopping rule runs (pipelined), tol -> upper quartile over the 150 pipelined runs of
-# benchmarks/results/stopping-2026-11-27b (full.json + batched.json: mixtures and digits with and without CFG,
+# benchmarks/results/stopping (full.json + batched.json: mixtures and digits with and without CFG,
 # N = 25..1024, 8..54 blocks, 1..256 images; 75 runs per tol): 5 at 1e-2 (median 4, max 9), 6 at 1e-3 (median 5,
 # max 10). They barely depend on N or the block count (N = 1024, 54 blocks: median 3-4), so they are counts, not a
 # fraction of the blocks: the fraction 0.5 used before priced N = 1024 with 54 blocks at 27 iterations where the rule
 # ran 2-9. expected_srds_iterations interpolates in log10(tol), one more per decade tighter than 1e-3 (unmeasured).
 SRDS_ITERATIONS = {1e-2: 5, 1e-3: 6}
 # A sweep's update program besides the engine call on a GPU, ms = fixed + per_point * w: measured on an H100
-# (benchmarks/results/gpu/2026-11-27-h100-samplers-run2 and -run3-fused, digits, CUDA graphs, the one host read
+# (benchmarks/results/gpu-samplers/h100-sd2.json and h100.json, digits, CUDA graphs, the one host read
 # per sweep included): ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard with its chains fused (runtime/fused.py, the
 # default where Triton imports) 0.5-0.6 ms whatever w; with the torch loops 0.83 (w = 20), 0.84 (28), 1.36 ms (64).
 # Applied where the engine runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in

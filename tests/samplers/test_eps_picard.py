@@ -362,7 +362,7 @@ def test_sliding_iterates_match_a_textbook_loop(tol, steps, w, sweeps):
 
 
 # ---- experimental options (reference only; the runtime runner refuses them): wide-baseline extrapolation.
-# benchmarks/results/eps-picard-experiments-2026-11-27 says what it buys.
+# benchmarks/results/eps-picard-experiments says what it buys.
 
 EXPERIMENTS = ({"extrapolate_span": 3}, {"extrapolate_span": 8}, {"extrapolate_span": 3, "extrapolate": 2},
                {"extrapolate_span": 4, "extrapolate_fit": "lsq"})
