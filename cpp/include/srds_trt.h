@@ -27,6 +27,12 @@
 extern "C" {
 #endif
 
+#if defined(__GNUC__)
+#define SRDS_TRT_API __attribute__((visibility("default")))
+#else
+#define SRDS_TRT_API
+#endif
+
 #define SRDS_TRT_VERSION_MAJOR 0
 #define SRDS_TRT_VERSION_MINOR 1
 #define SRDS_TRT_VERSION_PATCH 0
@@ -100,28 +106,28 @@ typedef struct srds_trt_info {
   double default_tol;
 } srds_trt_info;
 
-const char *srds_trt_version(void); /* "0.1.0" */
-const char *srds_trt_last_error(void); /* this thread's last failure message ("" if none) */
+SRDS_TRT_API const char *srds_trt_version(void); /* "0.1.0" */
+SRDS_TRT_API const char *srds_trt_last_error(void); /* this thread's last failure message ("" if none) */
 
-void srds_trt_request_init(srds_trt_request *request);
-void srds_trt_report_init(srds_trt_report *report);
+SRDS_TRT_API void srds_trt_request_init(srds_trt_request *request);
+SRDS_TRT_API void srds_trt_report_init(srds_trt_report *report);
 
 /* Verify `export_dir` (manifest, every file's sha256, file names inside the folder), then load the engine.
    *runtime is set only on success. */
-srds_trt_status srds_trt_open(const char *export_dir, srds_trt_runtime **runtime);
-srds_trt_status srds_trt_info_get(srds_trt_runtime *runtime, srds_trt_info *info);
+SRDS_TRT_API srds_trt_status srds_trt_open(const char *export_dir, srds_trt_runtime **runtime);
+SRDS_TRT_API srds_trt_status srds_trt_info_get(srds_trt_runtime *runtime, srds_trt_info *info);
 
 /* Run the request; on success write num_images * C * H * W float32 values into out (out_len elements given)
    and, when report != NULL, the convergence report. On failure out and report are untouched. */
-srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_request *request, float *out,
+SRDS_TRT_API srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_request *request, float *out,
                                   size_t out_len, srds_trt_report *report);
 
 /* The timestep grid and the SRDS tick plan the runtime walks for (steps, num_blocks, max_iters), as JSON, into
    buf (NUL-terminated). *needed receives the length + 1; a buf too small is SRDS_TRT_INVALID_ARGUMENT. */
-srds_trt_status srds_trt_describe_plan(srds_trt_runtime *runtime, int32_t steps, int32_t num_blocks,
+SRDS_TRT_API srds_trt_status srds_trt_describe_plan(srds_trt_runtime *runtime, int32_t steps, int32_t num_blocks,
                                        int32_t max_iters, char *buf, size_t buf_len, size_t *needed);
 
-void srds_trt_close(srds_trt_runtime *runtime); /* NULL is fine */
+SRDS_TRT_API void srds_trt_close(srds_trt_runtime *runtime); /* NULL is fine */
 
 #ifdef __cplusplus
 }

@@ -49,18 +49,18 @@ int64_t sample_numel(const srds::Export &e) { return e.sample_shape[0] * e.sampl
 // model(x, t) over the engine: per-image conditioning tiled to the rows (segment-major: row r is image r % batch),
 // classifier-free guidance as one call of [uncond rows; cond rows] (guidance.py), calls above the package's row
 // limit in chunks, engine time accumulated.
-srds::Model make_model(srds::Export &e, const torch::Tensor &cond, const torch::Tensor &uncond, double scale,
+srds::Model make_model(srds::Export &e, const at::Tensor &cond, const at::Tensor &uncond, double scale,
                        int64_t *engine_calls, double *engine_seconds) {
-  return [&e, cond, uncond, scale, engine_calls, engine_seconds](const torch::Tensor &x, const torch::Tensor &t) {
+  return [&e, cond, uncond, scale, engine_calls, engine_seconds](const at::Tensor &x, const at::Tensor &t) {
     const int64_t rows = x.size(0), batch = cond.size(0);
-    auto tile = [&](const torch::Tensor &per_image) {
+    auto tile = [&](const at::Tensor &per_image) {
       std::vector<int64_t> reps(static_cast<size_t>(per_image.dim()), 1);
       reps[0] = rows / batch;
       return per_image.repeat(reps);
     };
-    auto engine = [&](const torch::Tensor &xs, const torch::Tensor &ts, const torch::Tensor &cs) {
-      auto sample = xs.to(e.dtype), timestep = ts.to(torch::kFloat32), c = cs.is_floating_point() ? cs.to(e.dtype) : cs;
-      std::vector<torch::Tensor> outs;
+    auto engine = [&](const at::Tensor &xs, const at::Tensor &ts, const at::Tensor &cs) {
+      auto sample = xs.to(e.dtype), timestep = ts.to(at::kFloat), c = cs.is_floating_point() ? cs.to(e.dtype) : cs;
+      std::vector<at::Tensor> outs;
       const int64_t total = sample.size(0);
       for (int64_t start = 0; start < total; start += e.max_rows) {
         const int64_t end = std::min(total, start + e.max_rows);
@@ -71,11 +71,11 @@ srds::Model make_model(srds::Export &e, const torch::Tensor &cond, const torch::
         ++*engine_calls;
         outs.push_back(out);
       }
-      auto out = outs.size() == 1 ? outs[0] : torch::cat(outs);
+      auto out = outs.size() == 1 ? outs[0] : at::cat(outs);
       return out.to(x.dtype());
     };
     if (scale == 1.0) return engine(x, t, tile(cond));
-    auto out = engine(torch::cat({x, x}), torch::cat({t, t}), torch::cat({tile(uncond), tile(cond)}));
+    auto out = engine(at::cat({x, x}), at::cat({t, t}), at::cat({tile(uncond), tile(cond)}));
     auto halves = out.split(rows);
     return halves[0] + scale * (halves[1] - halves[0]);
   };
@@ -171,46 +171,46 @@ srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_requ
       invalid("out holds " + std::to_string(out_len) + " floats; num_images * C * H * W = " +
               std::to_string(n * per_image));
 
-    torch::Tensor cond, uncond;
+    at::Tensor cond, uncond;
     if (e.conditioning == "class") {
       if (r.class_ids == nullptr) invalid("class_ids must not be NULL for this export (class conditioning)");
-      cond = torch::from_blob(const_cast<int64_t *>(r.class_ids), {n}, torch::kLong).clone();
-      if ((cond < 0).any().item<bool>() || (cond >= e.num_classes).any().item<bool>())
+      cond = at::from_blob(const_cast<int64_t *>(r.class_ids), {n}, at::kLong).clone();
+      if ((cond < 0).any().item().toBool() || (cond >= e.num_classes).any().item().toBool())
         invalid("class_ids must lie in [0, " + std::to_string(e.num_classes - 1) + "] (" +
                 std::to_string(e.null_class) + " = unconditional)");
-      uncond = torch::full({n}, e.null_class, torch::kLong);
+      uncond = at::full({n}, e.null_class, at::kLong);
     } else {
       if (r.embeddings == nullptr || (scale != 1.0 && r.uncond_embeddings == nullptr))
         invalid("embeddings (and uncond_embeddings when guidance_scale != 1) must not be NULL for a text export");
       const int64_t L = e.cond_shape[0], D = e.cond_shape[1];
-      cond = torch::from_blob(const_cast<float *>(r.embeddings), {n, L, D}, torch::kFloat32).clone();
-      uncond = scale != 1.0 ? torch::from_blob(const_cast<float *>(r.uncond_embeddings), {1, L, D}, torch::kFloat32)
+      cond = at::from_blob(const_cast<float *>(r.embeddings), {n, L, D}, at::kFloat).clone();
+      uncond = scale != 1.0 ? at::from_blob(const_cast<float *>(r.uncond_embeddings), {1, L, D}, at::kFloat)
                                   .expand({n, L, D}).clone()
-                            : torch::zeros({n, L, D});
-      if (!torch::isfinite(cond).all().item<bool>() || !torch::isfinite(uncond).all().item<bool>())
+                            : at::zeros({n, L, D});
+      if (!at::isfinite(cond).all().item().toBool() || !at::isfinite(uncond).all().item().toBool())
         invalid("embeddings must be finite");
     }
     std::vector<int64_t> shape{n, e.sample_shape[0], e.sample_shape[1], e.sample_shape[2]};
-    torch::Tensor x;
+    at::Tensor x;
     if (r.initial_noise != nullptr) {
-      x = torch::from_blob(const_cast<float *>(r.initial_noise), shape, torch::kFloat32).clone();
-      if (!torch::isfinite(x).all().item<bool>()) invalid("initial_noise must be finite");
+      x = at::from_blob(const_cast<float *>(r.initial_noise), shape, at::kFloat).clone();
+      if (!at::isfinite(x).all().item().toBool()) invalid("initial_noise must be finite");
     } else {  // as Python: torch.randn(shape, generator=torch.Generator().manual_seed(seed))
       auto generator = at::make_generator<at::CPUGeneratorImpl>(r.seed);
-      x = torch::randn(shape, generator, torch::kFloat32);
+      x = at::randn(shape, generator, at::kFloat);
     }
     const auto timesteps = srds::ddim_grid(e.schedule, r.steps);
 
     int64_t engine_calls = 0;
     double engine_seconds = 0.0;
-    torch::NoGradGuard no_grad;
+    c10::InferenceMode inference;
     auto model = make_model(e, cond, uncond, scale, &engine_calls, &engine_seconds);
     srds::Result result = r.sampler == SRDS_TRT_SAMPLER_SERIAL
                               ? srds::serial_sample(model, x, timesteps, e.schedule)
                               : srds::srds_sample(model, x, timesteps, e.schedule, tol, r.num_blocks, r.max_iters,
                                                   e.stopping);
-    auto sample = result.sample.to(torch::kFloat32).contiguous();
-    if (!torch::isfinite(sample).all().item<bool>())
+    auto sample = result.sample.to(at::kFloat).contiguous();
+    if (!at::isfinite(sample).all().item().toBool())
       throw srds::Error(srds::Code::NonFinite, "the sample holds NaN/Inf");
     // Everything succeeded: only now touch the caller's buffers.
     std::memcpy(out, sample.data_ptr<float>(), static_cast<size_t>(sample.numel()) * sizeof(float));

@@ -93,23 +93,23 @@ void check_listed(const json &files, const std::string &name, const std::string 
 // ---- schedule (noise_schedule.py, solvers.py) ---------------------------------------------------------------
 
 namespace {
-torch::Tensor as_grid(torch::Tensor grid) {  // solvers.as_grid
+at::Tensor as_grid(at::Tensor grid) {  // solvers.as_grid
   if (grid.is_floating_point()) {
-    grid = grid.to(torch::kFloat64);
-    if ((grid == grid.round()).all().item<bool>()) grid = grid.to(torch::kLong);
+    grid = grid.to(at::kDouble);
+    if ((grid == grid.round()).all().item().toBool()) grid = grid.to(at::kLong);
   }
   return grid;
 }
 }  // namespace
 
-torch::Tensor ddim_grid(const Schedule &s, int64_t num_steps) {
+at::Tensor ddim_grid(const Schedule &s, int64_t num_steps) {
   const int64_t T = s.num_train_timesteps;
   if (num_steps < 1) fail(Code::InvalidArgument, "steps must be >= 1");
-  auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
   if (num_steps > T) {
-    auto fine = torch::arange(num_steps, 0, -1, f64) * static_cast<double>(T - 1) / static_cast<double>(num_steps);
-    auto end = torch::full({1}, s.set_alpha_to_one ? -1.0 : 0.0, f64);
-    return as_grid(torch::cat({fine, end}));
+    auto fine = at::arange(num_steps, 0, -1, f64) * static_cast<double>(T - 1) / static_cast<double>(num_steps);
+    auto end = at::full({1}, s.set_alpha_to_one ? -1.0 : 0.0, f64);
+    return as_grid(at::cat({fine, end}));
   }
   std::vector<int64_t> t;  // diffusers DDIMScheduler.set_timesteps, numpy semantics (round half to even)
   if (s.timestep_spacing == "linspace") {
@@ -145,27 +145,27 @@ torch::Tensor ddim_grid(const Schedule &s, int64_t num_steps) {
   if (end >= 0 || !s.set_alpha_to_one) end = std::max<int64_t>(end, 0);
   else end = -1;
   t.push_back(end);
-  return torch::tensor(t, torch::kLong);
+  return at::tensor(t, at::kLong);
 }
 
-torch::Tensor alphas_at(const torch::Tensor &timesteps, const torch::Tensor &table) {
+at::Tensor alphas_at(const at::Tensor &timesteps, const at::Tensor &table) {
   auto clean = timesteps < 0;
-  torch::Tensor alphas;
+  at::Tensor alphas;
   if (!timesteps.is_floating_point()) {
-    alphas = table.index({timesteps.clamp_min(0)});
+    alphas = at::index_select(table, 0, timesteps.clamp_min(0));
   } else {
     auto t = timesteps.clamp_min(0);
-    auto lo = t.floor().to(torch::kLong);
-    auto hi = t.ceil().to(torch::kLong);
+    auto lo = t.floor().to(at::kLong);
+    auto hi = t.ceil().to(at::kLong);
     auto w = t - lo;
     auto log_table = table.log();
-    alphas = torch::where(w == 0, table.index({lo}),
-                          ((1 - w) * log_table.index({lo}) + w * log_table.index({hi})).exp());
+    alphas = at::where(w == 0, at::index_select(table, 0, lo),
+                          ((1 - w) * at::index_select(log_table, 0, lo) + w * at::index_select(log_table, 0, hi)).exp());
   }
-  return torch::where(clean, torch::ones_like(alphas), alphas);
+  return at::where(clean, at::ones_like(alphas), alphas);
 }
 
-std::pair<torch::Tensor, torch::Tensor> ddim_coefficients(const torch::Tensor &a_from, const torch::Tensor &a_to,
+std::pair<at::Tensor, at::Tensor> ddim_coefficients(const at::Tensor &a_from, const at::Tensor &a_to,
                                                            const std::string &prediction_type) {
   auto s_from = a_from.sqrt(), s_to = a_to.sqrt();
   auto n_from = (1 - a_from).sqrt(), n_to = (1 - a_to).sqrt();
@@ -294,18 +294,18 @@ bool StoppingRule::converged() const {
 // ---- samplers (sampling.py) -----------------------------------------------------------------------------------
 
 namespace {
-torch::Tensor per_row(const torch::Tensor &c, const torch::Tensor &like) {
+at::Tensor per_row(const at::Tensor &c, const at::Tensor &like) {
   std::vector<int64_t> shape{-1};
   for (int64_t i = 1; i < like.dim(); ++i) shape.push_back(1);
   return c.to(like.dtype()).view(shape);
 }
 
-torch::Tensor ddim_update(const torch::Tensor &x, const torch::Tensor &out, const torch::Tensor &c_x,
-                          const torch::Tensor &c_out) {
+at::Tensor ddim_update(const at::Tensor &x, const at::Tensor &out, const at::Tensor &c_x,
+                          const at::Tensor &c_out) {
   return per_row(c_x, x) * x + per_row(c_out, x) * out.to(x.dtype());
 }
 
-void check_finite(const torch::Tensor &state, const std::string &where) {
+void check_finite(const at::Tensor &state, const std::string &where) {
   double m = state.abs().max().item<float>();
   if (!std::isfinite(m))
     fail(Code::NonFinite, where + ": NaN/Inf in the sampler state (fp16 overflow, a model returning NaN, or a "
@@ -315,12 +315,12 @@ void check_finite(const torch::Tensor &state, const std::string &where) {
 using Key = std::pair<int, int>;
 }  // namespace
 
-Result serial_sample(const Model &model, const torch::Tensor &x, const torch::Tensor &timesteps,
+Result serial_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps,
                      const Schedule &schedule) {
   auto alphas = alphas_at(timesteps, schedule.alphas_cumprod);
   const int64_t n = timesteps.size(0) - 1, batch = x.size(0);
   auto [c_x, c_out] = ddim_coefficients(alphas.slice(0, 0, n), alphas.slice(0, 1), schedule.prediction_type);
-  auto state = x.to(torch::kFloat32);
+  auto state = x.to(at::kFloat);
   for (int64_t i = 0; i < n; ++i) {
     auto out = model(state, timesteps[i].expand({batch}));
     state = ddim_update(state, out, c_x[i].expand({batch}), c_out[i].expand({batch}));
@@ -334,7 +334,7 @@ Result serial_sample(const Model &model, const torch::Tensor &x, const torch::Te
   return r;
 }
 
-Result srds_sample(const Model &model, const torch::Tensor &x, const torch::Tensor &timesteps,
+Result srds_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps,
                    const Schedule &schedule, double tol, int num_blocks, int max_iters, const StoppingConstants &k) {
   const int steps = static_cast<int>(timesteps.size(0)) - 1;
   const Plan plan = build_tick_plan(steps, num_blocks, max_iters);
@@ -343,15 +343,15 @@ Result srds_sample(const Model &model, const torch::Tensor &x, const torch::Tens
   auto alphas = alphas_at(timesteps, schedule.alphas_cumprod);
   auto [fine_cx, fine_cout] = ddim_coefficients(alphas.slice(0, 0, steps), alphas.slice(0, 1), schedule.prediction_type);
   std::vector<int64_t> starts(plan.bounds.begin(), plan.bounds.end() - 1), ends(plan.bounds.begin() + 1, plan.bounds.end());
-  auto [coarse_cx, coarse_cout] = ddim_coefficients(alphas.index({torch::tensor(starts)}),
-                                                    alphas.index({torch::tensor(ends)}), schedule.prediction_type);
-  auto x0 = x.to(torch::kFloat32);
-  std::map<Key, torch::Tensor> U, F, G;
+  auto [coarse_cx, coarse_cout] = ddim_coefficients(at::index_select(alphas, 0, at::tensor(starts)),
+                                                    at::index_select(alphas, 0, at::tensor(ends)), schedule.prediction_type);
+  auto x0 = x.to(at::kFloat);
+  std::map<Key, at::Tensor> U, F, G;
   StoppingRule rule{tol, blocks, k};
   Result result;
   result.num_blocks = blocks;
   result.tol = tol;
-  auto boundary = [&](int p, int b) -> const torch::Tensor & { return b == 0 ? x0 : U.at({p, b}); };
+  auto boundary = [&](int p, int b) -> const at::Tensor & { return b == 0 ? x0 : U.at({p, b}); };
   auto finish = [&](int p, int calls) {
     result.sample = U.at({p, blocks});
     result.iterations = p;
@@ -363,8 +363,8 @@ Result srds_sample(const Model &model, const torch::Tensor &x, const torch::Tens
   };
   for (size_t tick_index = 0; tick_index < plan.ticks.size(); ++tick_index) {
     const Tick &tick = plan.ticks[tick_index];
-    std::vector<torch::Tensor> inputs, step_from, cxs, couts;
-    std::vector<std::pair<std::map<Key, torch::Tensor> *, Key>> keys;
+    std::vector<at::Tensor> inputs, step_from, cxs, couts;
+    std::vector<std::pair<std::map<Key, at::Tensor> *, Key>> keys;
     for (const auto &r : tick.fine) {
       Key key{r.iteration, r.block};
       inputs.push_back(r.step == 0 ? boundary(key.first, key.second) : F.at(key));
@@ -382,12 +382,12 @@ Result srds_sample(const Model &model, const torch::Tensor &x, const torch::Tens
       couts.push_back(coarse_cout[r.block]);
       keys.push_back({&G, key});
     }
-    auto state = torch::cat(inputs);
-    auto t = torch::stack(step_from).repeat_interleave(batch);
+    auto state = at::cat(inputs);
+    auto t = at::stack(step_from).repeat_interleave(batch);
     auto out = model(state, t);
     result.model_evals += state.size(0);
-    auto updated = ddim_update(state, out, torch::stack(cxs).repeat_interleave(batch),
-                               torch::stack(couts).repeat_interleave(batch));
+    auto updated = ddim_update(state, out, at::stack(cxs).repeat_interleave(batch),
+                               at::stack(couts).repeat_interleave(batch));
     auto chunks = updated.split(batch);
     for (size_t i = 0; i < keys.size(); ++i) (*keys[i].first)[keys[i].second] = chunks[i];
 
@@ -424,7 +424,7 @@ namespace {
 struct AOTIEngine : Engine {
   torch::inductor::AOTIModelPackageLoader loader;
   explicit AOTIEngine(const std::string &path) : loader(path, "model", /*run_single_threaded=*/false, 1, -1) {}
-  torch::Tensor run(const torch::Tensor &sample, const torch::Tensor &timestep, const torch::Tensor &cond) override {
+  at::Tensor run(const at::Tensor &sample, const at::Tensor &timestep, const at::Tensor &cond) override {
     return loader.run({sample, timestep, cond})[0];
   }
 };
@@ -500,7 +500,7 @@ std::unique_ptr<Export> open_export(const std::string &folder_in) {
     auto alphas = sched.at("alphas_cumprod").get<std::vector<double>>();
     if (static_cast<int64_t>(alphas.size()) != e->schedule.num_train_timesteps)
       fail(Code::Artifact, "malformed sampler.json: alphas_cumprod has the wrong length");
-    e->schedule.alphas_cumprod = torch::tensor(alphas, torch::kFloat64);
+    e->schedule.alphas_cumprod = at::tensor(alphas, at::kDouble);
     const json &stop = spec.at("stopping");
     e->stopping = {stop.at("interior_contraction").get<double>(), stop.at("fast_contraction").get<double>(),
                    stop.at("interior_weight").get<double>()};
@@ -521,7 +521,7 @@ std::unique_ptr<Export> open_export(const std::string &folder_in) {
     const json &pkg = spec.at("package");
     e->max_rows = pkg.at("max_rows").get<int64_t>();
     const std::string dtype = pkg.at("dtype").get<std::string>();
-    if (dtype == "fp16") e->dtype = torch::kFloat16;
+    if (dtype == "fp16") e->dtype = at::kHalf;
     else if (dtype != "fp32") fail(Code::Artifact, "malformed sampler.json: package.dtype " + dtype);
     if (pkg.at("file").get<std::string>() != package)
       fail(Code::Artifact, "sampler.json names another package than the manifest; refused");
@@ -541,7 +541,7 @@ std::string plan_json(const Export &e, int steps, int num_blocks, int max_iters)
   auto grid = ddim_grid(e.schedule, steps);
   const Plan plan = build_tick_plan(steps, num_blocks, max_iters);
   json out;
-  auto g = grid.to(torch::kFloat64);
+  auto g = grid.to(at::kDouble);
   out["timesteps"] = std::vector<double>(g.data_ptr<double>(), g.data_ptr<double>() + g.numel());
   out["integer_grid"] = !grid.is_floating_point();
   auto alphas = alphas_at(grid, e.schedule.alphas_cumprod);

@@ -4,7 +4,9 @@
 // that both give the same iterates; tests/cpp/test_c_abi.py checks that at every iterate.
 #pragma once
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
 
 #include <cstdint>
 #include <functional>
@@ -34,13 +36,13 @@ struct Schedule {
   int64_t steps_offset = 0;
   bool set_alpha_to_one = true;
   std::string prediction_type = "epsilon";
-  torch::Tensor alphas_cumprod;  // float64 [T]
+  at::Tensor alphas_cumprod;  // float64 [T]
 };
 
 // The N+1 grid points (long for N <= T, float64 beyond), as noise_schedule.ddim_grid.
-torch::Tensor ddim_grid(const Schedule &schedule, int64_t num_steps);
-torch::Tensor alphas_at(const torch::Tensor &timesteps, const torch::Tensor &alphas_cumprod);
-std::pair<torch::Tensor, torch::Tensor> ddim_coefficients(const torch::Tensor &a_from, const torch::Tensor &a_to,
+at::Tensor ddim_grid(const Schedule &schedule, int64_t num_steps);
+at::Tensor alphas_at(const at::Tensor &timesteps, const at::Tensor &alphas_cumprod);
+std::pair<at::Tensor, at::Tensor> ddim_coefficients(const at::Tensor &a_from, const at::Tensor &a_to,
                                                            const std::string &prediction_type);
 
 // ---- plan (schedule.py) -----------------------------------------------------------------------------------
@@ -82,10 +84,10 @@ struct StoppingRule {
 
 // ---- samplers --------------------------------------------------------------------------------------------
 // model(x[rows, C, H, W] float32, t[rows] float32) -> output [rows, C, H, W] float32 (guidance already applied).
-using Model = std::function<torch::Tensor(const torch::Tensor &, const torch::Tensor &)>;
+using Model = std::function<at::Tensor(const at::Tensor &, const at::Tensor &)>;
 
 struct Result {
-  torch::Tensor sample;
+  at::Tensor sample;
   int iterations = -1;  // -1: serial
   int num_blocks = 0;
   int sequential_calls = 0;
@@ -95,16 +97,16 @@ struct Result {
   double tol = 0.0;
 };
 
-Result serial_sample(const Model &model, const torch::Tensor &x, const torch::Tensor &timesteps,
+Result serial_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps,
                      const Schedule &schedule);
-Result srds_sample(const Model &model, const torch::Tensor &x, const torch::Tensor &timesteps,
+Result srds_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps,
                    const Schedule &schedule, double tol, int num_blocks, int max_iters, const StoppingConstants &k);
 
 // ---- the loaded export -----------------------------------------------------------------------------------
 struct Engine {
   virtual ~Engine() = default;
   // sample [rows, C, H, W] (engine dtype), timestep [rows] float32, cond [rows] int64 or [rows, L, D]
-  virtual torch::Tensor run(const torch::Tensor &sample, const torch::Tensor &timestep, const torch::Tensor &cond) = 0;
+  virtual at::Tensor run(const at::Tensor &sample, const at::Tensor &timestep, const at::Tensor &cond) = 0;
 };
 
 struct Export {
@@ -118,7 +120,7 @@ struct Export {
   std::vector<int64_t> cond_shape;     // (), or (L, D)
   int64_t null_class = -1, num_classes = 0;
   int64_t max_rows = 256;
-  torch::ScalarType dtype = torch::kFloat32;
+  at::ScalarType dtype = at::kFloat;
   std::unique_ptr<Engine> engine;
 };
 
