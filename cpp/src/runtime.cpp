@@ -149,6 +149,10 @@ at::Tensor ddim_grid(const Schedule &s, int64_t num_steps) {
 }
 
 at::Tensor alphas_at(const at::Tensor &timesteps, const at::Tensor &table) {
+  if (timesteps.numel() && (timesteps.min().item().toDouble() < -1 ||
+                            timesteps.max().item().toDouble() > static_cast<double>(table.numel() - 1)))
+    fail(Code::InvalidArgument, "timesteps must lie in [-1, " + std::to_string(table.numel() - 1) +
+                                    "]: the scheduler's grid leaves the training schedule; choose another steps");
   auto clean = timesteps < 0;
   at::Tensor alphas;
   if (!timesteps.is_floating_point()) {
