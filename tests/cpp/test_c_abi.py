@@ -128,21 +128,23 @@ def test_srds_equals_python_at_every_iterate_and_serial(runtime, aoti_export):
     assert np.abs(mine.sample - serial.numpy()).max() <= TOL
     assert (mine.report.iterations, mine.report.sequential_calls, mine.report.converged) == (-1, STEPS, 1)
     blocks = None
-    previous = None
+    previous, diffs = None, {}
     for k in (1, 2, 3, 4, 5, None):
         ref = srds_sample(model, x, timesteps, alphas, tol=0.0, max_iters=k)
         blocks = ref.num_blocks
         got = runtime.generate(class_ids=classes, steps=STEPS, seed=seed, guidance_scale=scale, tol=0.0,
                                max_iters=-1 if k is None else k)
         r = got.report
-        assert np.abs(got.sample - ref.sample.numpy()).max() <= TOL, f"iterate {k}"
+        diffs[k or ref.iterations] = float(np.abs(got.sample - ref.sample.numpy()).max())
+        assert diffs[k or ref.iterations] <= TOL, f"iterate {k}: {diffs}"
         assert (r.iterations, r.num_blocks, r.sequential_calls) == (ref.iterations, blocks, ref.sequential_calls)
         assert math.isclose(r.residual, ref.residuals[-1], rel_tol=1e-3, abs_tol=TOL)
         assert (r.converged, r.cut) == (int(ref.converged), int(not ref.converged))
-        if previous is not None:  # the iterates differ: comparing them means something
-            assert np.abs(got.sample - previous).max() > 10 * TOL or k is None
+        if k == 1:  # iterate 1 is far from serial: comparing iterates means something at this TOL
+            assert np.abs(got.sample - serial.numpy()).max() > 100 * TOL
         previous = got.sample
     assert np.abs(previous - serial.numpy()).max() <= TOL  # k = B reproduces serial
+    print(f"C++ vs Python max-abs per iterate: {diffs}")
 
 
 @pytest.mark.slow
