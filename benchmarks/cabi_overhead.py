@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.run import machine_info
-from srds_trt.guidance import classifier_free_guidance
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.guidance import classifier_free_guidance
+from srds_trt.samplers.timesteps import ddim_grid
 from srds_trt.runtime import cabi
-from srds_trt.sampling import serial_sample, srds_sample
+from srds_trt.samplers import serial_sample, srds_sample
 
 
 def python_side(export: Path, classes: list[int], scale: float, steps: int, seed: int, sampler: str) -> dict:

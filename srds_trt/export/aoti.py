@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..stopping import DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT
+from ..samplers.stopping import DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT
 from .manifest import artifact_key
 
 AOTI_NAME = "unet.pt2"

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from srds_trt.export.manifest import file_entries
-from srds_trt.guidance import classifier_free_guidance
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.guidance import classifier_free_guidance
+from srds_trt.samplers.timesteps import ddim_grid
 from srds_trt.runtime import cabi
-from srds_trt.sampling import serial_sample, srds_sample
-from srds_trt.schedule import build_tick_plan
-from srds_trt.solvers import alphas_at, ddim_coefficients
+from srds_trt.samplers import serial_sample, srds_sample
+from srds_trt.samplers.plan import build_tick_plan
+from srds_trt.samplers.ddim import alphas_at, ddim_coefficients
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 100
