@@ -115,6 +115,13 @@ SRDS_TRT_API void srds_trt_report_init(srds_trt_report *report);
 /* Verify `export_dir` (manifest, every file's sha256, file names inside the folder), then load the engine.
    *runtime is set only on success. */
 SRDS_TRT_API srds_trt_status srds_trt_open(const char *export_dir, srds_trt_runtime **runtime);
+typedef enum srds_trt_engine {
+  SRDS_TRT_ENGINE_AOTINDUCTOR = 0, /* the export's unet.pt2 (CPU in this build) */
+  SRDS_TRT_ENGINE_TENSORRT = 1     /* the export's TensorRT plan; only in a build with SRDS_TRT_WITH_TENSORRT */
+} srds_trt_engine;
+
+/* srds_trt_open with a choice of engine; a build without TensorRT answers SRDS_TRT_INVALID_ARGUMENT for it. */
+SRDS_TRT_API srds_trt_status srds_trt_open_engine(const char *export_dir, int32_t engine, srds_trt_runtime **runtime);
 SRDS_TRT_API srds_trt_status srds_trt_info_get(srds_trt_runtime *runtime, srds_trt_info *info);
 
 /* Run the request; on success write num_images * C * H * W float32 values into out (out_len elements given)

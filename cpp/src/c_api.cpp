@@ -108,10 +108,16 @@ void srds_trt_report_init(srds_trt_report *r) {
 }
 
 srds_trt_status srds_trt_open(const char *export_dir, srds_trt_runtime **runtime) {
+  return srds_trt_open_engine(export_dir, SRDS_TRT_ENGINE_AOTINDUCTOR, runtime);
+}
+
+srds_trt_status srds_trt_open_engine(const char *export_dir, int32_t engine, srds_trt_runtime **runtime) {
   return guarded([&] {
     if (runtime == nullptr || export_dir == nullptr) invalid("srds_trt_open: export_dir and runtime must not be NULL");
+    if (engine != SRDS_TRT_ENGINE_AOTINDUCTOR && engine != SRDS_TRT_ENGINE_TENSORRT)
+      invalid("engine must be SRDS_TRT_ENGINE_AOTINDUCTOR (0) or SRDS_TRT_ENGINE_TENSORRT (1)");
     auto handle = std::make_unique<srds_trt_runtime>();
-    handle->e = srds::open_export(export_dir);
+    handle->e = srds::open_export(export_dir, static_cast<srds::EngineKind>(engine));
     *runtime = handle.release();
     return SRDS_TRT_OK;
   });

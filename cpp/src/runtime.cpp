@@ -351,7 +351,7 @@ Result srds_sample(const Model &model, const at::Tensor &x, const at::Tensor &ti
                                                     at::index_select(alphas, 0, at::tensor(ends)), schedule.prediction_type);
   auto x0 = x.to(at::kFloat);
   std::map<Key, at::Tensor> U, F, G;
-  StoppingRule rule{tol, blocks, k};
+  StoppingRule rule{tol, blocks, k, {}, {}, {}};
   Result result;
   result.num_blocks = blocks;
   result.tol = tol;
@@ -444,7 +444,12 @@ std::vector<int64_t> int_list(const json &value, const std::string &what) {
 }
 }  // namespace
 
-std::unique_ptr<Export> open_export(const std::string &folder_in) {
+std::unique_ptr<Export> open_export(const std::string &folder_in, EngineKind kind) {
+#ifndef SRDS_TRT_WITH_TENSORRT
+  if (kind == EngineKind::TensorRT)
+    fail(Code::InvalidArgument, "this libsrds_trt was built without TensorRT (cmake -DSRDS_TRT_WITH_TENSORRT=ON "
+                                "where TensorRT's C++ SDK is installed)");
+#endif
   std::string folder = folder_in;
   while (folder.size() > 1 && folder.back() == '/') folder.pop_back();
   struct stat st {};
@@ -532,6 +537,15 @@ std::unique_ptr<Export> open_export(const std::string &folder_in) {
   } catch (const json::exception &exc) {
     fail(Code::Artifact, folder + "/" + sampler + ": malformed: " + exc.what() + "; re-export");
   }
+#ifdef SRDS_TRT_WITH_TENSORRT
+  if (kind == EngineKind::TensorRT) {
+    const std::string plan = manifest.at("tensorrt").at("plan").get<std::string>();  // checked above
+    e->max_rows = manifest.at("request").at("max_batch").get<int64_t>();
+    e->engine = make_tensorrt_engine(folder + "/" + plan, e->conditioning == "class" ? "class_labels"
+                                                                                      : "encoder_hidden_states");
+    return e;
+  }
+#endif
   try {
     e->engine = std::make_unique<AOTIEngine>(folder + "/" + package);
   } catch (const std::exception &exc) {

@@ -124,9 +124,15 @@ struct Export {
   std::unique_ptr<Engine> engine;
 };
 
+enum class EngineKind { AOTInductor = 0, TensorRT = 1 };
+
 // Verify the folder (manifest schema, each listed file: plain name, regular file, sha256) before loading anything;
-// then read sampler.json and load the package. Throws Error(Artifact | Engine).
-std::unique_ptr<Export> open_export(const std::string &folder);
+// then read sampler.json and load the engine. Throws Error(Artifact | Engine | InvalidArgument).
+std::unique_ptr<Export> open_export(const std::string &folder, EngineKind kind = EngineKind::AOTInductor);
+
+#ifdef SRDS_TRT_WITH_TENSORRT
+std::unique_ptr<Engine> make_tensorrt_engine(const std::string &plan_path, const std::string &cond_input);
+#endif
 
 std::string plan_json(const Export &e, int steps, int num_blocks, int max_iters);
 

@@ -56,6 +56,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     lib.srds_trt_version.restype = ctypes.c_char_p
     lib.srds_trt_last_error.restype = ctypes.c_char_p
     lib.srds_trt_open.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.srds_trt_open_engine.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)]
     lib.srds_trt_info_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(Info)]
     lib.srds_trt_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(Request), ctypes.POINTER(ctypes.c_float),
                                       ctypes.c_size_t, ctypes.POINTER(Report)]
@@ -64,7 +65,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     lib.srds_trt_close.argtypes = [ctypes.c_void_p]
     lib.srds_trt_request_init.argtypes = [ctypes.POINTER(Request)]
     lib.srds_trt_report_init.argtypes = [ctypes.POINTER(Report)]
-    for name in ("srds_trt_open", "srds_trt_info_get", "srds_trt_generate", "srds_trt_describe_plan"):
+    for name in ("srds_trt_open", "srds_trt_open_engine", "srds_trt_info_get", "srds_trt_generate", "srds_trt_describe_plan"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 

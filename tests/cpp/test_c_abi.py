@@ -221,6 +221,15 @@ def test_python_and_cpp_refuse_the_same_engine_files(aoti_export, tmp_path, runt
             cabi.Runtime(folder, runtime.lib)
 
 
+def test_tensorrt_engine_is_refused_by_a_build_without_it(runtime, aoti_export):
+    import ctypes
+
+    handle = ctypes.c_void_p()
+    status = runtime.lib.srds_trt_open_engine(str(aoti_export).encode(), 1, ctypes.byref(handle))
+    assert status == cabi.INVALID_ARGUMENT and not handle.value
+    assert "without TensorRT" in runtime.lib.srds_trt_last_error().decode()
+
+
 BAD_REQUESTS = {
     "steps 0": (dict(steps=0), cabi.INVALID_ARGUMENT, "steps"),
     "steps 8193": (dict(steps=8193), cabi.INVALID_ARGUMENT, "steps"),
