@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "srds_trt.h"
 
@@ -80,10 +81,15 @@ int main(int argc, char **argv) {
         v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
         pixels[(size_t)y * width + k * w + x] = (unsigned char)lrintf((v + 1.0f) * 127.5f);
       }
-  FILE *f = fopen(out_path, "wb");
-  int ok = f != NULL && fprintf(f, "P5\n%d %d\n255\n", width, h) > 0 &&
-           fwrite(pixels, 1, (size_t)h * width, f) == (size_t)h * width;
+  /* Written to a temporary file beside out_path, then renamed: never a half-written image. */
+  char tmp_path[4096];
+  int ok = snprintf(tmp_path, sizeof tmp_path, "%s.tmp-%ld", out_path, (long)getpid()) < (int)sizeof tmp_path;
+  FILE *f = ok ? fopen(tmp_path, "wb") : NULL;
+  ok = f != NULL && fprintf(f, "P5\n%d %d\n255\n", width, h) > 0 &&
+       fwrite(pixels, 1, (size_t)h * width, f) == (size_t)h * width;
   if (f != NULL) ok = (fclose(f) == 0) && ok;
+  if (ok) ok = rename(tmp_path, out_path) == 0;
+  if (!ok && f != NULL) remove(tmp_path);
   free(pixels);
   free(images);
   srds_trt_close(rt);

@@ -248,6 +248,7 @@ srds_trt_status srds_trt_describe_plan(srds_trt_runtime *runtime, int32_t steps,
     if (runtime == nullptr) invalid("srds_trt_describe_plan: runtime must not be NULL");
     if (steps < 1 || steps > kMaxSteps) invalid("steps must be an integer in [1, 8192], got " + std::to_string(steps));
     if (num_blocks < 0 || num_blocks > steps) invalid("num_blocks must be 0 (default) or in [1, steps]");
+    if (max_iters < -1) invalid("max_iters must be -1 (the block count) or >= 0");
     const std::string text = srds::plan_json(*runtime->e, steps, num_blocks, max_iters);
     if (needed != nullptr) *needed = text.size() + 1;
     if (buf == nullptr || buf_len < text.size() + 1)

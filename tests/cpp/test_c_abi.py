@@ -170,6 +170,18 @@ def test_seed_draws_the_noise_python_draws(runtime):
     assert not np.array_equal(by_seed.sample, other.sample)
 
 
+def test_one_handle_shared_by_threads_gives_the_sequential_results(runtime):
+    """The header promises calls on one handle are serialised inside it (ctypes drops the GIL during the call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds = [1, 2, 3, 4]
+    alone = [runtime.generate(class_ids=[s % 10], sampler="serial", steps=4, seed=s).sample for s in seeds]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda s: runtime.generate(class_ids=[s % 10], sampler="serial", steps=4,
+                                                            seed=s).sample, seeds))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
 # ---- refusals: a status, one line, nothing written ----------------------------------------------------------
 
 def copy_export(export: Path, folder: Path) -> Path:
