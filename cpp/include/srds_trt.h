@@ -73,6 +73,7 @@ typedef struct srds_trt_request {
                               default: the export's (1e-3) */
   int32_t num_blocks;      /* SRDS blocks; 0 = the default (~sqrt(3N), as Python) */
   int32_t max_iters;       /* SRDS iterations at most; -1 = the block count (always reaches the serial sample) */
+  void *cuda_stream;       /* the caller's cudaStream_t for a CUDA build; must be NULL in this (CPU) build */
 } srds_trt_request;
 
 /* What a call reached (the Python pipeline's ConvergenceReport). */

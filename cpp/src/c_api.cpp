@@ -172,6 +172,7 @@ srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_requ
       invalid("num_blocks must be 0 (default) or in [1, steps=" + std::to_string(r.steps) + "], got " +
               std::to_string(r.num_blocks));
     if (r.max_iters < -1) invalid("max_iters must be -1 (the block count) or >= 0, got " + std::to_string(r.max_iters));
+    if (r.cuda_stream != nullptr) invalid("cuda_stream must be NULL: this libsrds_trt runs on the CPU");
     const int64_t n = r.num_images, per_image = sample_numel(e);
     if (out_len != static_cast<size_t>(n * per_image))
       invalid("out holds " + std::to_string(out_len) + " floats; num_images * C * H * W = " +

@@ -26,7 +26,7 @@ class Request(ctypes.Structure):
                 ("embeddings", ctypes.POINTER(ctypes.c_float)), ("uncond_embeddings", ctypes.POINTER(ctypes.c_float)),
                 ("guidance_scale", ctypes.c_double), ("initial_noise", ctypes.POINTER(ctypes.c_float)),
                 ("seed", ctypes.c_uint64), ("tol", ctypes.c_double), ("num_blocks", ctypes.c_int32),
-                ("max_iters", ctypes.c_int32)]
+                ("max_iters", ctypes.c_int32), ("cuda_stream", ctypes.c_void_p)]
 
 
 class Report(ctypes.Structure):

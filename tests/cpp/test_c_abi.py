@@ -278,6 +278,10 @@ def test_wrong_buffer_size_and_struct_size_are_refused(runtime):
     request, keep = runtime.request(class_ids=[3, 7], steps=4)
     out = np.full((1, 1, 16, 16), 7.0, np.float32)  # one image short
     assert runtime.generate_into(request, out) == cabi.INVALID_ARGUMENT and (out == 7.0).all()
+    request.cuda_stream = 1234
+    assert runtime.generate_into(request, np.zeros((2, 1, 16, 16), np.float32)) == cabi.INVALID_ARGUMENT
+    assert "cuda_stream" in runtime.lib.srds_trt_last_error().decode()
+    request.cuda_stream = None
     request.struct_size = 8
     assert runtime.generate_into(request, np.zeros((2, 1, 16, 16), np.float32)) == cabi.INVALID_ARGUMENT
     assert "struct_size" in runtime.lib.srds_trt_last_error().decode()
