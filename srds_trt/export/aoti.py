@@ -207,9 +207,11 @@ def write_sampler_spec(folder: Path, spec: dict[str, Any]) -> Path:
 
 
 def write_runtime_files(module: torch.nn.Module, loaded: Any, dtype: str, folder: Path, *,
+                        sample_shape: tuple[int, ...] | None = None,
                         cache_dir: Path | None = None) -> tuple[list[Path], dict[str, Any]]:
-    """Write unet.pt2 and sampler.json for a loaded registry UNet into `folder`; ([paths], manifest section)."""
-    sample_shape = tuple(int(s) for s in loaded.sample_shape)
+    """Write unet.pt2 and sampler.json for a loaded registry UNet into `folder`; ([paths], manifest section).
+    sample_shape: the exported (C, H, W) when --height/--width differ from the model's own."""
+    sample_shape = tuple(int(s) for s in (sample_shape or loaded.sample_shape))
     cond_shape = tuple(int(s) for s in loaded.cond_shape)
     spec = PackageSpec(loaded.weights_id, dtype, loaded.conditioning, sample_shape, cond_shape)
     seconds, cached = compile_package(module, spec, folder / AOTI_NAME, cache_dir=cache_dir)

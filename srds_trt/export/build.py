@@ -287,7 +287,8 @@ def _build(
     runtime_files, aoti_section = [], None
     if config.aoti:
         with log.stage("AOTInductor package (C/C++ runtime)") as info:
-            runtime_files, aoti_section = aoti.write_runtime_files(module, loaded, config.dtype, tmp)
+            runtime_files, aoti_section = aoti.write_runtime_files(
+                module, loaded, config.dtype, tmp, sample_shape=tuple(contract.inputs[0].shape[1:]))
             info.append(f"{'cached' if aoti_section['from_cache'] else 'compiled'} in {aoti_section['compile_seconds']:.1f} s")
     with log.stage("manifest") as info:
         manifest = _manifest(loaded, config, contract, request, key, target, trt, parity.as_json(), built,
