@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "benchmarks", copy / "benchmarks",  # some tests build the benchmark cases
                         ignore=shutil.ignore_patterns("__pycache__", "results"))
-        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping-2026-11-27b",  # auto's SRDS pricing test reads it
-                        copy / "benchmarks" / "results" / "stopping-2026-11-27b")
+        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping",  # auto's SRDS pricing test reads it
+                        copy / "benchmarks" / "results" / "stopping")
         shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
         probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)
