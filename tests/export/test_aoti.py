@@ -96,3 +96,10 @@ def test_sampler_spec_carries_the_schedule_and_the_rule_constants(digits_module,
     assert back["stopping"] == {"default_tol": DEFAULT_TOL, "interior_contraction": INTERIOR_CONTRACTION,
                                 "fast_contraction": FAST_CONTRACTION, "interior_weight": INTERIOR_WEIGHT}
     assert back["conditioning"]["num_classes"] == 11 and back["guidance"]["default_scale"] == 4.0
+
+
+def test_export_cli_flag():
+    from srds_trt.cli.export import parse_args
+
+    assert parse_args(["--model", "digits", "--aoti"]).aoti is True
+    assert parse_args(["--model", "digits"]).aoti is False  # opt-in: minutes of compile on a small CPU
