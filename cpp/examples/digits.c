@@ -1,6 +1,6 @@
 /* Generate digits with libsrds_trt from C, into one PGM image (a row of 16x16 tiles, one per digit).
  *
- *   srds_trt_digits EXPORT_DIR OUT.pgm [--prompt 3,7] [--seed 0] [--steps 100] [--sampler srds|serial]
+ *   srds_trt_digits EXPORT_DIR OUT.pgm [--prompt 3,7] [--seed 0] [--steps 100] [--sampler srds|serial|paradigms]
  *                   [--tol 1e-3] [--guidance-scale 4]
  *
  * The image equals what `python -m srds_trt.generate` writes for the same flags (to <= 2 grey levels): the
@@ -16,7 +16,7 @@
 
 static int usage(const char *message) {
   fprintf(stderr, "error: %s\nusage: srds_trt_digits EXPORT_DIR OUT.pgm [--prompt 3,7] [--seed N] [--steps N] "
-                  "[--sampler srds|serial] [--tol X] [--guidance-scale X]\n", message);
+                  "[--sampler srds|serial|paradigms] [--tol X] [--guidance-scale X]\n", message);
   return 2;
 }
 
@@ -37,7 +37,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(flag, "--sampler")) {
       if (!strcmp(value, "srds")) request.sampler = SRDS_TRT_SAMPLER_SRDS;
       else if (!strcmp(value, "serial")) request.sampler = SRDS_TRT_SAMPLER_SERIAL;
-      else return usage("--sampler must be srds or serial");
+      else if (!strcmp(value, "paradigms")) request.sampler = SRDS_TRT_SAMPLER_PARADIGMS;
+      else return usage("--sampler must be srds, serial or paradigms");
     } else return usage("unknown option");
     if (end != NULL && *end != '\0') return usage("a numeric option has a non-numeric value");
   }
@@ -97,8 +98,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "error: cannot write %s\n", out_path);
     return 3;
   }
+  static const char *names[] = {"serial", "srds", "paradigms"};
   printf("%s: %s, %d iterations, %d sequential calls, residual %.3g, estimated error %.3g, converged %d\n",
-         out_path, request.sampler == SRDS_TRT_SAMPLER_SRDS ? "srds" : "serial", report.iterations,
-         report.sequential_calls, report.residual, report.estimated_error, report.converged);
+         out_path, names[request.sampler], report.iterations, report.sequential_calls, report.residual,
+         report.estimated_error, report.converged);
   return 0;
 }

@@ -48,7 +48,8 @@ typedef enum srds_trt_status {
 
 typedef enum srds_trt_sampler {
   SRDS_TRT_SAMPLER_SERIAL = 0, /* N sequential DDIM steps: the reference */
-  SRDS_TRT_SAMPLER_SRDS = 1    /* pipelined Parareal SRDS: converges to the serial sample */
+  SRDS_TRT_SAMPLER_SRDS = 1,   /* pipelined Parareal SRDS: converges to the serial sample */
+  SRDS_TRT_SAMPLER_PARADIGMS = 2 /* ParaDiGMS: Picard sweeps over a sliding window ("iterations" are sweeps) */
 } srds_trt_sampler;
 
 typedef struct srds_trt_runtime srds_trt_runtime; /* opaque */
@@ -74,20 +75,21 @@ typedef struct srds_trt_request {
   int32_t num_blocks;      /* SRDS blocks; 0 = the default (~sqrt(3N), as Python) */
   int32_t max_iters;       /* SRDS iterations at most; -1 = the block count (always reaches the serial sample) */
   void *cuda_stream;       /* the caller's cudaStream_t for a CUDA build; must be NULL in this (CPU) build */
+  int32_t window;          /* ParaDiGMS: points per sweep; 0 = round(sqrt(N)), as Python */
 } srds_trt_request;
 
 /* What a call reached (the Python pipeline's ConvergenceReport). */
 typedef struct srds_trt_report {
   uint32_t struct_size;    /* sizeof(srds_trt_report), set by the caller or srds_trt_report_init */
   int32_t sampler;         /* the sampler that ran */
-  int32_t iterations;      /* Parareal iterations (SRDS); -1 for serial */
+  int32_t iterations;      /* Parareal iterations (SRDS) or sweeps (ParaDiGMS); -1 for serial */
   int32_t num_blocks;      /* SRDS blocks; 0 for serial */
   int32_t sequential_calls; /* batched model calls on the critical path */
   int64_t engine_calls;    /* engine invocations (a call above the package's row limit runs in chunks) */
   int64_t model_evals;     /* state rows evaluated (x2 engine rows under guidance) */
   double residual;         /* last max-abs change between iterates; NaN for serial */
-  double estimated_error;  /* the stopping rule's estimate of the distance to the serial sample; NaN for serial */
-  double tol;              /* the tol that was held */
+  double estimated_error;  /* the SRDS stopping rule's estimate of the distance to the serial sample; else NaN */
+  double tol;              /* the tol that was held (ParaDiGMS: the tol asked; its per-point threshold is derived) */
   int32_t converged;       /* 1: stopped by the rule or exactness (serial: always 1) */
   int32_t cut;             /* 1: stopped by max_iters before converging */
   double seconds;          /* wall time of the call */

@@ -158,8 +158,12 @@ srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_requ
     std::lock_guard<std::mutex> lock(runtime->mutex);
     auto &e = *runtime->e;
     const srds_trt_request &r = *request;
-    if (r.sampler != SRDS_TRT_SAMPLER_SERIAL && r.sampler != SRDS_TRT_SAMPLER_SRDS)
-      invalid("sampler must be SRDS_TRT_SAMPLER_SERIAL (0) or SRDS_TRT_SAMPLER_SRDS (1), got " + std::to_string(r.sampler));
+    if (r.sampler != SRDS_TRT_SAMPLER_SERIAL && r.sampler != SRDS_TRT_SAMPLER_SRDS && r.sampler != SRDS_TRT_SAMPLER_PARADIGMS)
+      invalid("sampler must be SRDS_TRT_SAMPLER_SERIAL (0), _SRDS (1) or _PARADIGMS (2), got " + std::to_string(r.sampler));
+    if (r.sampler == SRDS_TRT_SAMPLER_PARADIGMS && e.stopping.paradigms_fraction < 0)
+      invalid("this export's sampler.json has no ParaDiGMS calibration (window_accept); re-export with --aoti");
+    if (r.window < 0 || r.window > r.steps)
+      invalid("window must be 0 (default) or in [1, steps=" + std::to_string(r.steps) + "], got " + std::to_string(r.window));
     if (r.steps < 1 || r.steps > kMaxSteps)
       invalid("steps must be an integer in [1, " + std::to_string(kMaxSteps) + "], got " + std::to_string(r.steps));
     if (r.num_images < 1 || r.num_images > 65536)
@@ -212,10 +216,15 @@ srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_requ
     double engine_seconds = 0.0;
     c10::InferenceMode inference;
     auto model = make_model(e, cond, uncond, scale, &engine_calls, &engine_seconds);
-    srds::Result result = r.sampler == SRDS_TRT_SAMPLER_SERIAL
-                              ? srds::serial_sample(model, x, timesteps, e.schedule)
-                              : srds::srds_sample(model, x, timesteps, e.schedule, tol, r.num_blocks, r.max_iters,
-                                                  e.stopping);
+    srds::Result result;
+    if (r.sampler == SRDS_TRT_SAMPLER_SERIAL) {
+      result = srds::serial_sample(model, x, timesteps, e.schedule);
+    } else if (r.sampler == SRDS_TRT_SAMPLER_SRDS) {
+      result = srds::srds_sample(model, x, timesteps, e.schedule, tol, r.num_blocks, r.max_iters, e.stopping);
+    } else {  // run_at_tol: the per-point threshold calibrated for the caller's tol (stopping.window_accept_tol)
+      const double threshold = std::min(e.stopping.paradigms_fraction * tol, e.stopping.paradigms_cap);
+      result = srds::paradigms_sample(model, x, timesteps, e.schedule, threshold, r.window, r.max_iters);
+    }
     auto sample = result.sample.to(at::kFloat).contiguous();
     if (!at::isfinite(sample).all().item().toBool())
       throw srds::Error(srds::Code::NonFinite, "the sample holds NaN/Inf");
@@ -234,7 +243,7 @@ srds_trt_status srds_trt_generate(srds_trt_runtime *runtime, const srds_trt_requ
       rep.estimated_error = result.estimates.empty() ? NAN : result.estimates.back();
       rep.tol = r.sampler == SRDS_TRT_SAMPLER_SERIAL ? 0.0 : tol;
       rep.converged = result.converged ? 1 : 0;
-      rep.cut = r.sampler == SRDS_TRT_SAMPLER_SRDS && !result.converged ? 1 : 0;
+      rep.cut = r.sampler != SRDS_TRT_SAMPLER_SERIAL && !result.converged ? 1 : 0;
       rep.engine_seconds = engine_seconds;
       rep.seconds = std::chrono::duration<double>(Clock::now() - begin).count();
       *report = rep;

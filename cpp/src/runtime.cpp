@@ -422,6 +422,59 @@ Result srds_sample(const Model &model, const at::Tensor &x, const at::Tensor &ti
   fail(Code::Internal, "plan ended without completing iteration 0");
 }
 
+Result paradigms_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps, const Schedule &schedule,
+                        double threshold, int window, int max_iters) {
+  const int64_t steps = timesteps.size(0) - 1, batch = x.size(0);
+  const int64_t w = std::min<int64_t>(window > 0 ? window : std::max<int64_t>(1, std::llround(std::sqrt(double(steps)))), steps);
+  auto alphas = alphas_at(timesteps, schedule.alphas_cumprod);
+  auto [c_x, c_out] = ddim_coefficients(alphas.slice(0, 0, steps), alphas.slice(0, 1), schedule.prediction_type);
+  auto drift_x = c_x - 1;
+  auto a_from = alphas.slice(0, 0, steps), a_to = alphas.slice(0, 1);
+  auto var = (1 - a_to) / (1 - a_from) * (1 - a_from / a_to);  // step_noise_variance
+  auto thresholds = (threshold * threshold) * at::cat({var, at::zeros({1}, var.options())});
+  std::vector<int64_t> reps{steps + 1};
+  for (int64_t i = 0; i < x.dim(); ++i) reps.push_back(1);
+  auto points = x.to(at::kFloat).unsqueeze(0).repeat(reps);
+  std::vector<int64_t> view{-1, batch};
+  for (int64_t i = 1; i < x.dim(); ++i) view.push_back(x.size(i));
+  int64_t begin = 0, end = w;
+  Result result;
+  result.iterations = 0;
+  while (begin < steps && (max_iters < 0 || result.iterations < max_iters)) {
+    const int64_t span = end - begin;
+    auto state = points.slice(0, begin, end).flatten(0, 1);
+    auto out = model(state, timesteps.slice(0, begin, end).repeat_interleave(batch));
+    result.model_evals += state.size(0);
+    auto delta = ddim_update(state, out, drift_x.slice(0, begin, end).repeat_interleave(batch),
+                             c_out.slice(0, begin, end).repeat_interleave(batch));
+    auto fresh = points[begin] + delta.view(view).cumsum(0);
+    auto change = fresh - points.slice(0, begin + 1, end + 1);
+    auto mean_square = change.to(at::kDouble).pow(2).flatten(2).mean(-1);
+    auto moved = (mean_square > thresholds.slice(0, begin + 1, end + 1).unsqueeze(1)).any(1);
+    const int64_t first_moved = moved.any().item().toBool() ? moved.to(at::kInt).argmax().item().toLong() : span;
+    const int64_t slide = std::min(first_moved + 1, w);
+    points.slice(0, begin + 1, end + 1).copy_(fresh);
+    result.iterations += 1;
+    double residual = change.abs().max().item().toDouble();
+    if (!std::isfinite(residual))
+      fail(Code::NonFinite, "ParaDiGMS sweep " + std::to_string(result.iterations) +
+                                ": NaN/Inf in the sampler state (fp16 overflow, a model returning NaN, or a guidance "
+                                "scale that overflows)");
+    result.residuals.push_back(residual);
+    const int64_t old_end = end;
+    begin += slide;
+    end = std::min(begin + w, steps);
+    if (end > old_end) points.slice(0, old_end + 1, end + 1).copy_(points[old_end].unsqueeze(0).expand_as(points.slice(0, old_end + 1, end + 1)));
+  }
+  auto final_point = points[steps];
+  check_finite(final_point, "paradigms after " + std::to_string(result.iterations) + " sweeps");
+  result.sample = final_point;
+  result.sequential_calls = result.iterations;
+  result.converged = begin >= steps;
+  result.num_blocks = 0;
+  return result;
+}
+
 // ---- the export ---------------------------------------------------------------------------------------------
 
 namespace {
@@ -514,6 +567,10 @@ std::unique_ptr<Export> open_export(const std::string &folder_in, EngineKind kin
     e->stopping = {stop.at("interior_contraction").get<double>(), stop.at("fast_contraction").get<double>(),
                    stop.at("interior_weight").get<double>()};
     e->default_tol = stop.at("default_tol").get<double>();
+    if (stop.contains("window_accept") && stop["window_accept"].contains("paradigms")) {
+      e->stopping.paradigms_fraction = stop["window_accept"]["paradigms"].at(0).get<double>();
+      e->stopping.paradigms_cap = stop["window_accept"]["paradigms"].at(1).get<double>();
+    }
     const json &guide = spec.at("guidance");
     e->default_guidance = guide.at("default_scale").is_number() ? guide.at("default_scale").get<double>() : 1.0;
     const json &cond = spec.at("conditioning");

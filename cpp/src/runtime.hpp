@@ -70,6 +70,7 @@ Plan build_tick_plan(int num_steps, int num_blocks, int max_iters);
 // ---- stopping (stopping.py) ------------------------------------------------------------------------------
 struct StoppingConstants {
   double interior_contraction = 0.25, fast_contraction = 0.0, interior_weight = 1.0;
+  double paradigms_fraction = -1.0, paradigms_cap = -1.0;  // window_accept_tol; < 0: not in the export
 };
 double error_estimate(const std::vector<std::vector<double>> &history, const StoppingConstants &k);
 struct StoppingRule {
@@ -101,6 +102,10 @@ Result serial_sample(const Model &model, const at::Tensor &x, const at::Tensor &
                      const Schedule &schedule);
 Result srds_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps,
                    const Schedule &schedule, double tol, int num_blocks, int max_iters, const StoppingConstants &k);
+
+// ParaDiGMS (samplers/paradigms.py): `threshold` is its per-step RMS knob (window_accept_tol of the caller's tol).
+Result paradigms_sample(const Model &model, const at::Tensor &x, const at::Tensor &timesteps, const Schedule &schedule,
+                        double threshold, int window, int max_iters);
 
 // ---- the loaded export -----------------------------------------------------------------------------------
 struct Engine {

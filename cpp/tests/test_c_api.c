@@ -46,7 +46,7 @@ int main(void) {
   srds_trt_report rep;
   srds_trt_report_init(&rep);
 
-  for (int sampler = 0; sampler < 2; ++sampler) {
+  for (int sampler = 0; sampler < 3; ++sampler) { /* serial, SRDS, ParaDiGMS */
     srds_trt_request_init(&rq);
     rq.sampler = sampler;
     rq.steps = 16;

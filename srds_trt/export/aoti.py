@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..samplers.stopping import DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT
+from ..samplers.stopping import DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT, WINDOW_ACCEPT
 from .manifest import artifact_key
 
 AOTI_NAME = "unet.pt2"
@@ -196,7 +196,9 @@ def sampler_spec(*, scheduler_config: dict[str, Any], prediction_type: str, cond
                                  "prompt embeddings [L, D] per image, encoded by the caller"},
         "guidance": {"row_layout": ["uncond", "cond"], "default_scale": default_guidance_scale},
         "stopping": {"default_tol": DEFAULT_TOL, "interior_contraction": INTERIOR_CONTRACTION,
-                     "fast_contraction": FAST_CONTRACTION, "interior_weight": INTERIOR_WEIGHT},
+                     "fast_contraction": FAST_CONTRACTION, "interior_weight": INTERIOR_WEIGHT,
+                     # sliding-window samplers: per-point threshold = min(fraction * tol, cap) (window_accept_tol)
+                     "window_accept": {name: list(v) for name, v in WINDOW_ACCEPT.items()}},
     }
 
 

@@ -17,7 +17,7 @@ LIBRARY_ENV = "SRDS_TRT_LIB"
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "build" / "cpp" / "libsrds_trt.so"
 
 OK, INVALID_ARGUMENT, ARTIFACT_ERROR, NON_FINITE, ENGINE_ERROR, INTERNAL_ERROR = range(6)
-SAMPLERS = {"serial": 0, "srds": 1}
+SAMPLERS = {"serial": 0, "srds": 1, "paradigms": 2}
 
 
 class Request(ctypes.Structure):
@@ -26,7 +26,8 @@ class Request(ctypes.Structure):
                 ("embeddings", ctypes.POINTER(ctypes.c_float)), ("uncond_embeddings", ctypes.POINTER(ctypes.c_float)),
                 ("guidance_scale", ctypes.c_double), ("initial_noise", ctypes.POINTER(ctypes.c_float)),
                 ("seed", ctypes.c_uint64), ("tol", ctypes.c_double), ("num_blocks", ctypes.c_int32),
-                ("max_iters", ctypes.c_int32), ("cuda_stream", ctypes.c_void_p)]
+                ("max_iters", ctypes.c_int32), ("cuda_stream", ctypes.c_void_p),
+                ("window", ctypes.c_int32)]
 
 
 class Report(ctypes.Structure):
@@ -109,7 +110,7 @@ class Runtime:
 
     def request(self, *, class_ids, sampler: str = "srds", steps: int = 100, seed: int = 0,
                 initial_noise: np.ndarray | None = None, tol: float | None = None, guidance_scale: float | None = None,
-                num_blocks: int = 0, max_iters: int = -1) -> tuple[Request, list]:
+                num_blocks: int = 0, max_iters: int = -1, window: int = 0) -> tuple[Request, list]:
         r = Request()
         self.lib.srds_trt_request_init(ctypes.byref(r))
         keep: list = []
@@ -118,7 +119,7 @@ class Runtime:
         r.class_ids = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
         r.num_images = len(ids)
         r.sampler, r.steps, r.seed = SAMPLERS.get(sampler, sampler), steps, seed
-        r.num_blocks, r.max_iters = num_blocks, max_iters
+        r.num_blocks, r.max_iters, r.window = num_blocks, max_iters, window
         r.tol = math.nan if tol is None else tol
         r.guidance_scale = math.nan if guidance_scale is None else guidance_scale
         if initial_noise is not None:

@@ -149,6 +149,31 @@ def test_srds_equals_python_at_every_iterate_and_serial(runtime, aoti_export):
 
 
 @pytest.mark.slow
+def test_paradigms_equals_python_at_every_sweep(runtime, aoti_export):
+    """The window sampler: sweeps 1..6 and the converged run, at the per-point threshold Python derives from tol."""
+    from srds_trt.samplers.paradigms import paradigms_sample
+    from srds_trt.samplers.stopping import window_accept_tol
+
+    classes, seed, scale, tol = [7], 3, 4.0, 1e-3
+    model = reference_model(aoti_export, classes, scale)
+    _, config = python_reference(aoti_export)
+    timesteps, alphas = ddim_grid(config, STEPS)
+    x = noise(seed, 1)
+    diffs = {}
+    for k in (1, 2, 3, 4, 5, 6, None):
+        ref = paradigms_sample(model, x, timesteps, alphas, tol=window_accept_tol(tol, "paradigms"), max_iters=k)
+        got = runtime.generate(class_ids=classes, sampler="paradigms", steps=STEPS, seed=seed, guidance_scale=scale,
+                               tol=tol, max_iters=-1 if k is None else k)
+        diffs[ref.iterations] = float(np.abs(got.sample - ref.sample.numpy()).max())
+        assert diffs[ref.iterations] <= TOL, diffs
+        r = got.report
+        assert (r.iterations, r.sequential_calls, r.converged) == (ref.iterations, ref.iterations, int(ref.converged))
+        assert math.isclose(r.residual, ref.residuals[-1], rel_tol=1e-3, abs_tol=TOL)
+    assert ref.converged and ref.iterations > 6  # the sweeps compared above were short of convergence
+    print(f"ParaDiGMS C++ vs Python max-abs per sweep: {diffs}")
+
+
+@pytest.mark.slow
 def test_default_tol_run_stops_where_python_stops(runtime, aoti_export):
     classes, seed = [3, 7], 5
     model = reference_model(aoti_export, classes, 4.0)
@@ -247,6 +272,8 @@ BAD_REQUESTS = {
     "steps 0": (dict(steps=0), cabi.INVALID_ARGUMENT, "steps"),
     "steps 8193": (dict(steps=8193), cabi.INVALID_ARGUMENT, "steps"),
     "sampler 5": (dict(sampler=5), cabi.INVALID_ARGUMENT, "sampler"),
+    "window > steps": (dict(sampler="paradigms", window=11), cabi.INVALID_ARGUMENT, "window"),
+    "overflowing guidance (paradigms)": (dict(guidance_scale=1e38, sampler="paradigms"), cabi.NON_FINITE, "NaN/Inf"),
     "tol -1": (dict(tol=-1.0), cabi.INVALID_ARGUMENT, "tol"),
     "tol inf": (dict(tol=math.inf), cabi.INVALID_ARGUMENT, "tol"),
     "guidance inf": (dict(guidance_scale=math.inf), cabi.INVALID_ARGUMENT, "guidance"),
