@@ -1,4 +1,4 @@
-/* libsrds_trt: run an srds_trt export (serial DDIM and pipelined SRDS) in process, from C, C++, Go, Rust, ...
+/* libsrds_trt: run an srds_trt export (serial DDIM, pipelined SRDS, ParaDiGMS) in process, from C, C++, Go, Rust.
  *
  * An export folder is what `python -m srds_trt.export --model digits --dtype fp32 --aoti` writes: manifest.json,
  * the UNet as an AOTInductor package (unet.pt2) and sampler.json. srds_trt_open verifies the manifest and the
@@ -13,9 +13,11 @@
  *   - Thread safety: a handle may be shared by threads; calls on ONE handle are serialised by a mutex inside it
  *     (they do not run concurrently). For parallel generation open one handle per thread. srds_trt_last_error()
  *     is per thread (thread-local), valid until the calling thread's next srds_trt_* call.
- *   - Device: this build runs the AOTInductor package on the CPU. A CUDA build (libtorch with CUDA) and a TensorRT
- *     engine (CMake option SRDS_TRT_WITH_TENSORRT) are written against their documented APIs and not executed on
- *     the development machine, which has no GPU.
+ *   - Device: this build runs the AOTInductor package on the CPU. The TensorRT engine (CMake option
+ *     SRDS_TRT_WITH_TENSORRT, srds_trt_open_engine) is written against TensorRT's documented API and compiled only
+ *     where TensorRT is found; it was not compiled or run on the development machine (no GPU). No CUDA build yet.
+ *   - Verification reads each file before the engine loads it again by path: keep the folder writable only by
+ *     whoever may change the model.
  */
 #ifndef SRDS_TRT_H
 #define SRDS_TRT_H
@@ -70,10 +72,11 @@ typedef struct srds_trt_request {
      `python -m srds_trt.generate --seed` does (torch.randn on a CPU generator seeded with `seed`). */
   const float *initial_noise;
   uint64_t seed;           /* default 0 */
-  double tol;              /* max-abs distance to the serial sample accepted (SRDS); 0 = run to the serial sample;
-                              default: the export's (1e-3) */
+  double tol;              /* max-abs distance to the serial sample accepted (SRDS, ParaDiGMS); 0 = run to the
+                              serial sample; default: the export's (1e-3) */
   int32_t num_blocks;      /* SRDS blocks; 0 = the default (~sqrt(3N), as Python) */
-  int32_t max_iters;       /* SRDS iterations at most; -1 = the block count (always reaches the serial sample) */
+  int32_t max_iters;       /* SRDS iterations / ParaDiGMS sweeps at most; -1 = no limit (SRDS: the block count,
+                              which always reaches the serial sample) */
   void *cuda_stream;       /* the caller's cudaStream_t for a CUDA build; must be NULL in this (CPU) build */
   int32_t window;          /* ParaDiGMS: points per sweep; 0 = round(sqrt(N)), as Python */
 } srds_trt_request;

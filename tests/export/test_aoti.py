@@ -10,7 +10,8 @@ import torch
 from srds_trt.export import aoti
 from srds_trt.export.onnx_export import UNetForExport
 from srds_trt.models.loading import load_unet
-from srds_trt.samplers.stopping import DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT
+from srds_trt.samplers.stopping import (DEFAULT_TOL, FAST_CONTRACTION, INTERIOR_CONTRACTION, INTERIOR_WEIGHT,
+                                       WINDOW_ACCEPT)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,8 @@ def test_sampler_spec_carries_the_schedule_and_the_rule_constants(digits_module,
     _, alphas = ddim_grid(loaded.scheduler_config, 10)
     assert back["schedule"]["alphas_cumprod"] == alphas.tolist()  # bit for bit through JSON
     assert back["stopping"] == {"default_tol": DEFAULT_TOL, "interior_contraction": INTERIOR_CONTRACTION,
-                                "fast_contraction": FAST_CONTRACTION, "interior_weight": INTERIOR_WEIGHT}
+                                "fast_contraction": FAST_CONTRACTION, "interior_weight": INTERIOR_WEIGHT,
+                                "window_accept": {k: list(v) for k, v in WINDOW_ACCEPT.items()}}
     assert back["conditioning"]["num_classes"] == 11 and back["guidance"]["default_scale"] == 4.0
 
 
