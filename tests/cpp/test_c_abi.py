@@ -340,7 +340,7 @@ def test_c_example_writes_the_image_python_generate_writes(cpp_build, aoti_expor
     flags = dict(seed="5", steps="30", sampler="srds")
     done = subprocess.run([str(cpp_build / "srds_trt_digits"), str(aoti_export), str(tmp_path / "c.pgm"),
                            "--prompt", "3,7", *[x for k, v in flags.items() for x in (f"--{k}", v)]],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     out = tmp_path / "py"
     done = subprocess.run([sys.executable, "-m", "srds_trt.generate", "--prompt", "3", "7", "--out", str(out),
