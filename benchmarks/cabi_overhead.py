@@ -6,7 +6,7 @@ so machine load hits both alike. The C++ side times itself (srds_trt_report.seco
 Python side (srds_trt.sampling.srds_sample / serial_sample over torch._inductor.aoti_load_package) is timed
 around the call and around each engine call.
 
-    python -m benchmarks.cabi_overhead EXPORT_DIR [--reps 5] [--steps 100] [--out benchmarks/results/cabi]
+    python -m benchmarks.cabi_overhead EXPORT_DIR [--reps 5] [--steps 100] [--threads 1] [--out benchmarks/results/cabi]
 
 EXPORT_DIR: `python -m srds_trt.export --model digits --dtype fp32 --aoti` output. Needs build/cpp/libsrds_trt.so.
 """
@@ -73,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cabi"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for both sides (one process, one libtorch); on a CPU shared with other busy "
+                        "processes more than one lets spinning OpenMP workers inflate every engine call")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     classes, scale, seed = [3, 7], 4.0, 0
-    results = {"machine": machine_info("cpu"), "export": str(args.export), "steps": args.steps, "classes": classes,
+    results = {"machine": machine_info("cpu"), "threads": args.threads, "load_average": os.getloadavg(),
+               "export": str(args.export), "steps": args.steps, "classes": classes,
                "guidance_scale": scale, "reps": args.reps, "runs": {}}
     with cabi.Runtime(args.export) as runtime:
         for sampler in ("srds", "serial"):

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 
 #include "runtime.hpp"
@@ -51,22 +53,31 @@ int64_t sample_numel(const srds::Export &e) { return e.sample_shape[0] * e.sampl
 // limit in chunks, engine time accumulated.
 srds::Model make_model(srds::Export &e, const at::Tensor &cond, const at::Tensor &uncond, double scale,
                        int64_t *engine_calls, double *engine_seconds) {
-  return [&e, cond, uncond, scale, engine_calls, engine_seconds](const at::Tensor &x, const at::Tensor &t) {
+  // The engine's conditioning for a call of `rows` state rows, built once per row count (ticks repeat them).
+  auto conds = std::make_shared<std::map<int64_t, at::Tensor>>();
+  return [&e, cond, uncond, scale, engine_calls, engine_seconds, conds](const at::Tensor &x, const at::Tensor &t) {
     const int64_t rows = x.size(0), batch = cond.size(0);
-    auto tile = [&](const at::Tensor &per_image) {
-      std::vector<int64_t> reps(static_cast<size_t>(per_image.dim()), 1);
-      reps[0] = rows / batch;
-      return per_image.repeat(reps);
-    };
-    auto engine = [&](const at::Tensor &xs, const at::Tensor &ts, const at::Tensor &cs) {
-      auto sample = xs.to(e.dtype), timestep = ts.to(at::kFloat), c = cs.is_floating_point() ? cs.to(e.dtype) : cs;
+    auto &c = (*conds)[rows];
+    if (!c.defined()) {
+      auto tile = [&](const at::Tensor &per_image) {
+        std::vector<int64_t> reps(static_cast<size_t>(per_image.dim()), 1);
+        reps[0] = rows / batch;
+        return per_image.repeat(reps);
+      };
+      c = scale == 1.0 ? tile(cond) : at::cat({tile(uncond), tile(cond)});
+      if (c.is_floating_point()) c = c.to(e.dtype);
+    }
+    auto engine = [&](const at::Tensor &xs, const at::Tensor &ts) {
+      auto sample = xs.to(e.dtype), timestep = ts.to(at::kFloat);
       std::vector<at::Tensor> outs;
       const int64_t total = sample.size(0);
       for (int64_t start = 0; start < total; start += e.max_rows) {
         const int64_t end = std::min(total, start + e.max_rows);
+        const bool whole = start == 0 && end == total;
         auto begin = Clock::now();
-        auto out = e.engine->run(sample.slice(0, start, end).contiguous(), timestep.slice(0, start, end).contiguous(),
-                                 c.slice(0, start, end).contiguous());
+        auto out = whole ? e.engine->run(sample, timestep, c)
+                         : e.engine->run(sample.slice(0, start, end).contiguous(),
+                                         timestep.slice(0, start, end).contiguous(), c.slice(0, start, end).contiguous());
         *engine_seconds += std::chrono::duration<double>(Clock::now() - begin).count();
         ++*engine_calls;
         outs.push_back(out);
@@ -74,10 +85,11 @@ srds::Model make_model(srds::Export &e, const at::Tensor &cond, const at::Tensor
       auto out = outs.size() == 1 ? outs[0] : at::cat(outs);
       return out.to(x.dtype());
     };
-    if (scale == 1.0) return engine(x, t, tile(cond));
-    auto out = engine(at::cat({x, x}), at::cat({t, t}), at::cat({tile(uncond), tile(cond)}));
+    if (scale == 1.0) return engine(x, t);
+    auto out = engine(at::cat({x, x}), at::cat({t, t}));
     auto halves = out.split(rows);
-    return halves[0] + scale * (halves[1] - halves[0]);
+    // uncond + scale * (cond - uncond), as guidance.py, in place on the temporary (same operations, same bits)
+    return (halves[1] - halves[0]).mul_(scale).add_(halves[0]);
   };
 }
 }  // namespace

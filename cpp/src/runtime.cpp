@@ -324,10 +324,12 @@ Result serial_sample(const Model &model, const at::Tensor &x, const at::Tensor &
   auto alphas = alphas_at(timesteps, schedule.alphas_cumprod);
   const int64_t n = timesteps.size(0) - 1, batch = x.size(0);
   auto [c_x, c_out] = ddim_coefficients(alphas.slice(0, 0, n), alphas.slice(0, 1), schedule.prediction_type);
+  // Cast once what Python casts at every step (same values): float32 coefficients and timesteps.
+  auto cx = c_x.to(at::kFloat), cout = c_out.to(at::kFloat), ts = timesteps.to(at::kFloat);
   auto state = x.to(at::kFloat);
   for (int64_t i = 0; i < n; ++i) {
-    auto out = model(state, timesteps[i].expand({batch}));
-    state = ddim_update(state, out, c_x[i].expand({batch}), c_out[i].expand({batch}));
+    auto out = model(state, ts[i].expand({batch}));
+    state = cx[i] * state + cout[i] * out.to(state.dtype());
   }
   check_finite(state, "serial sample");
   Result r;
