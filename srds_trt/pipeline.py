@@ -41,6 +41,10 @@ DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRD
 DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}
 
 
+class Cancelled(Exception):
+    """__call__'s cancel() returned True at an iteration / sweep / step boundary."""
+
+
 @dataclass
 class SRDSPipelineOutput:
     images: list  # PIL images, one per generated sample
@@ -150,7 +154,8 @@ class SRDSPipeline:
                  sampler: str = "srds", tol: float = DEFAULT_TOL, num_blocks: int | None = None,
                  pipelined: bool = True, max_iters: int | None = None, num_images_per_prompt: int = 1,
                  negative_prompt: str = "", compare_serial: bool = False, max_rows: int | None = None,
-                 latents: Tensor | None = None, progress_bar: bool = True, window: int | None = None) -> SRDSPipelineOutput:
+                 latents: Tensor | None = None, progress_bar: bool = True, window: int | None = None,
+                 cancel: Callable[[], bool] | None = None) -> SRDSPipelineOutput:
         """Sample one image per prompt (times num_images_per_prompt) with SRDS, serial DDIM or another sampler
         of sampling.SAMPLERS ("auto": srds_trt.autotune chooses the sampler and its num_blocks/pipelined or window
         from this pipeline's measured latency curve, replacing those arguments; stats["auto"] says what and why).
@@ -212,6 +217,7 @@ class SRDSPipeline:
         samples, chunk_stats = [], []
         with _bar(progress_bar and len(prompts) > chunk, total=len(prompts), desc="images", unit="image") as images_bar:
             for start in range(0, len(prompts), chunk):
+                _poll(cancel)
                 part = prompts[start:start + chunk]
                 cond, uncond = self.encode(part, negative_prompt)
                 x = x_all[start:start + chunk].to(self.device, self.dtype)
@@ -223,12 +229,12 @@ class SRDSPipeline:
                                                 alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
                 part_stats: dict[str, Any] = {}
                 if sampler == "serial":
-                    sample, part_stats = self._serial(run, progress_bar)
+                    sample, part_stats = self._serial(run, progress_bar, cancel)
                     part_stats.update(blocks=1, iterations=None, model_evals=num_inference_steps * len(part),
                                       sequential_calls=num_inference_steps, converged=True, residuals=[])
                 else:
                     sample, part_stats = self._sampler(sampler, run, tol, num_blocks, pipelined, max_iters, progress_bar,
-                                                       window)
+                                                       window, cancel)
                 if compare_serial and sampler != "serial":
                     reference, serial_stats = self._serial(run, progress_bar)
                     part_stats["serial"] = {**serial_stats, "model_evals": num_inference_steps * len(part),
@@ -448,7 +454,7 @@ class SRDSPipeline:
         return self._auto_cache[key]
 
     def _sampler(self, name: str, run: dict, tol, num_blocks, pipelined, max_iters, progress_bar,
-                 window: int | None = None) -> tuple[Tensor, dict]:
+                 window: int | None = None, cancel: Callable[[], bool] | None = None) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1
         blocks = num_blocks or default_num_blocks(steps)
         if name in WINDOW_SAMPLERS:  # sweeps until the window has slid past N: known only at the end
@@ -460,6 +466,7 @@ class SRDSPipeline:
             total, desc, unit = min(blocks, max_iters or blocks), f"{name} {steps} steps / {blocks} blocks", "iter"
         with _bar(progress_bar, total=total, desc=desc, unit=unit) as bar:
             def progress(iteration: int, residual: float) -> None:
+                _poll(cancel)
                 bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
                 bar.update(1)
 
@@ -503,12 +510,13 @@ class SRDSPipeline:
             "window": getattr(result, "window", None),
         }
 
-    def _serial(self, run: dict, progress_bar: bool) -> tuple[Tensor, dict]:
+    def _serial(self, run: dict, progress_bar: bool, cancel: Callable[[], bool] | None = None) -> tuple[Tensor, dict]:
         steps = len(run["timesteps"]) - 1
         with _bar(progress_bar, total=steps, desc=f"serial {steps} steps", unit="step") as bar:
             model = run["model"]
 
             def counted(x: Tensor, t: Tensor) -> Tensor:
+                _poll(cancel)
                 out = model(x, t)
                 bar.update(1)
                 return out
@@ -580,6 +588,11 @@ def _check_finite(sample: Tensor, sampler: str) -> Tensor:
 
 def _timing(timing, elapsed: float) -> dict:
     return {"first_call": timing.first_call, "setup_s": timing.setup_s, "wall_time_s": elapsed}
+
+
+def _poll(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled")
 
 
 def _finite_or_none(value):

@@ -237,5 +237,5 @@ def test_cli_refuses_bad_flags_with_exit_2(capsys):
     assert main(["--model", "nosuchmodel"]) == 2
     assert main(["--default-steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert len(err) == 3 and all(line.startswith("srds_trt.serve: error: ") for line in err), err
     assert "--max-queue" in err[0] and "--default-steps" in err[2]
