@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .protocol import InferRequest, Settings
+from .memory import CacheBudget, resident_bytes
 from .report import convergence_report
 
 
@@ -63,6 +64,9 @@ class Batcher:
     def __init__(self, pipe, config: BatchConfig, metrics, model_name: str, *, cache_bytes: int | None = None):
         self.pipe, self.config, self.metrics, self.model = pipe, config, metrics, model_name
         self.cache_bytes = cache_bytes
+        self.budget = CacheBudget(pipe, cache_bytes)
+        if cache_bytes is not None:
+            metrics.cache_budget.labels(model_name).set(cache_bytes)
         # a pipeline without a `latents` argument cannot take per-request noise: run one request per job then
         parameters = inspect.signature(pipe.__call__).parameters
         self.takes_latents = "latents" in parameters
@@ -135,7 +139,19 @@ class Batcher:
             job = self._next_job()
             if job is None:
                 return
-            self._run(job)
+            try:
+                self._run(job)
+            finally:
+                self._after_job()
+
+    def _after_job(self) -> None:
+        evicted = self.budget.evictions
+        held = self.budget.after_job()
+        self.metrics.cache_bytes.labels(self.model).set(held)
+        self.metrics.cache_evictions.labels(self.model).inc(self.budget.evictions - evicted)
+        rss = resident_bytes()
+        if rss is not None:
+            self.metrics.rss.labels(self.model).set(rss)
 
     def _next_job(self) -> list[_Pending] | None:
         with self._cv:

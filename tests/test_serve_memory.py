@@ -1,0 +1,70 @@
+"""Bounded memory: RSS stays flat over varied valid traffic (a bounded loopback soak: distinct (steps, images,
+sampler) settings, each a new shape), the caches are reported in /metrics and kept under --cache-mb (LRU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("uvicorn")
+
+from serve_helpers import metric, post, serve, v2_body  # noqa: E402
+
+from srds_trt import SRDSPipeline  # noqa: E402
+
+INFER = "/v2/models/digits/infer"
+RSS = 'srds_process_resident_bytes{model="digits"}'
+MB = 1 << 20
+# distinct settings: round 1 grows to the largest job (8 images x 64 steps), round 2 stays inside that envelope
+# with other settings (steps, tol, seed): what the server keeps must not grow with their number
+ROUND_1 = [(steps, images, sampler, 0.01) for steps, images in ((8, 2), (16, 4), (32, 8), (64, 8))
+           for sampler in ("srds", "serial")]
+ROUND_2 = [(steps, images, "srds", tol) for steps, images in ((12, 3), (20, 5), (40, 7), (56, 8), (60, 6))
+           for tol in (0.02, 0.005)]
+
+
+@pytest.mark.slow
+def test_rss_stays_flat_over_varied_traffic():
+    from srds_trt.serve import BatchConfig
+
+    torch.set_num_threads(1)
+    pipe = SRDSPipeline.from_pretrained("digits")
+    with serve(pipe, BatchConfig(window_s=0.0, max_batch_images=8, max_queue=8, timeout_s=300),
+               cache_bytes=64 * MB) as (port, _):
+        for _ in range(2):  # warm: torch's and the allocator's one-time state
+            assert post(port, INFER, v2_body(["1", "2"], steps=8))[0] == 200
+        baseline = metric(port, RSS)
+        rounds = []
+        for settings in (ROUND_1, ROUND_2):
+            after = []
+            for steps, images, sampler, tol in settings:
+                body = v2_body([str(i) for i in range(images)], seed=steps, steps=steps, sampler=sampler, tol=tol)
+                status, reply = post(port, INFER, body)
+                assert status == 200, reply
+                after.append((metric(port, RSS) - baseline) / MB)
+            rounds.append(after)
+        print(f"RSS baseline {baseline / MB:.0f} MB; MB above it after each job: round 1 (growing shapes) "
+              + " ".join(f"{g:+.0f}" for g in rounds[0]) + "; round 2 (other settings, same envelope) "
+              + " ".join(f"{g:+.0f}" for g in rounds[1]))
+        assert max(rounds[1]) < max(rounds[0]) + 16, rounds  # flat: distinct settings add nothing
+        assert max(rounds[0]) < 64, rounds  # the envelope itself: freed heap is returned (glibc kept ~190 MB)
+        assert metric(port, 'srds_cache_budget_bytes{model="digits"}') == 64 * MB
+        assert 'srds_cache_bytes{model="digits"}' in __import__("urllib.request").request.urlopen(
+            f"http://127.0.0.1:{port}/metrics").read().decode()
+
+
+def test_lru_budget_evicts_least_recently_used_runner():
+    """The runtime's runner cache under a byte budget: the least recently used runner goes first."""
+    from types import SimpleNamespace
+
+    from srds_trt.serve.memory import CacheBudget
+
+    runners = {k: SimpleNamespace(buffer=torch.zeros(MB // 4)) for k in ("a", "b", "c")}  # 1 MB each
+    pipe = SimpleNamespace(runtime=SimpleNamespace(_runners=runners, engine=None))
+    budget = CacheBudget(pipe, 2 * MB + 1)
+    pipe.runtime._runners.get("a")  # used: "b" is now the least recently used
+    assert budget.after_job() == 2 * MB
+    assert list(pipe.runtime._runners) == ["c", "a"] and budget.evictions == 1
+    shared = torch.zeros(MB // 4)  # two views of one storage count once
+    pipe.runtime._runners["d"] = SimpleNamespace(x=shared[:10], y=shared[10:], engine=pipe.runtime.engine)
+    assert CacheBudget(pipe, None).after_job() == 3 * MB
