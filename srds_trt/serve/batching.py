@@ -8,6 +8,13 @@ with some live requests runs on (its rows are not dropped) and the abandoned req
 Each request's noise is drawn from its own seed exactly as `generate --seed` draws it (pipeline.noise, CPU
 generator) and the job's noise is their concatenation: the samplers are row-independent, so a request's images
 equal its solo run up to float rounding across batch sizes (equal pixels after uint8 quantisation; tested).
+
+Sampler "auto" is load-adaptive: it is resolved per job, priced on the engine's latency-per-rows curve at the
+job's actual image count (the pipeline's autotune). Under load the batcher pulls every compatible waiting request
+into the job, so the job grows and batched serial wins where the parallel samplers' rows would saturate the engine;
+idle, a one-image job gets the parallel sampler. With one engine running jobs one after another, the expected
+completion time summed over the job's requests and every request waiting behind it is (their count) x (the job's
+time), so the job's own predicted time is the objective that also serves the waiting requests.
 """
 
 from __future__ import annotations
@@ -190,6 +197,7 @@ class Batcher:
             return
         settings: Settings = job[0].request.settings
         prompts = [p for item in job for p in item.request.prompts]
+        waiting = len(self._queue)  # requests behind this job (stats: what the adaptive choice saw)
         kwargs = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                       sampler=settings.sampler, tol=settings.tol, progress_bar=False)
         if self.takes_cancel:
@@ -214,11 +222,13 @@ class Batcher:
         if output.stats.get("iterations") is not None:
             self.metrics.iterations.labels(self.model).observe(output.stats["iterations"])
         report = convergence_report(output, settings.tol)
+        self.metrics.sampler_choice.labels(self.model, str(output.stats.get("sampler"))).inc()
         start = 0
         for item in job:
             n = len(item.request.prompts)
             stats = {**output.stats, "prompts": list(item.request.prompts), "images": n, "seed": item.request.seed,
-                     "batch_requests": len(job), "batch_images": len(prompts), "report": report}
+                     "batch_requests": len(job), "batch_images": len(prompts), "queue_waiting": waiting,
+                     "report": report}
             if not item.future.done():
                 item.future.set_result((images[start:start + n], stats))
             start += n
