@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds per request (queue + sampling) before 504; its job stops at the next iteration")
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="request bodies above this get 413 before reading")
+    p.add_argument("--max-body-mb", type=float, default=1.0,
+                   help="request bodies above this get 413 before reading (bounds JSON parse time, which holds the GIL)")
     p.add_argument("--cache-mb", type=float, default=256.0,
                    help="byte budget of the pipeline's runner / curve caches (LRU; 0: keep none between jobs)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),

@@ -28,7 +28,7 @@ class ServeConfig:
     batch: BatchConfig = BatchConfig()
     default_steps: int = 100
     warmup_steps: int | None = None  # steps of the warm-up request (default: default_steps)
-    max_body_bytes: int = 4 * MiB  # larger request bodies get 413 before they are read
+    max_body_bytes: int = 1 * MiB  # larger request bodies get 413 before they are read
     grpc_port: int | None = None  # KServe v2 gRPC beside REST (None: REST only)
     grpc_host: str = "127.0.0.1"
     cache_bytes: int | None = None  # the pipeline's caches under this budget (None: unbounded)
