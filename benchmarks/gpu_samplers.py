@@ -129,7 +129,7 @@ def write(record, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--out", default="benchmarks/results/gpu-samplers")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sections", default="digits,sd2")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")

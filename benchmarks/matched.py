@@ -20,7 +20,7 @@ frozen output is the secant-corrected one). Mixtures run every ablation, digits 
 Cases: the analytic mixtures of cases.MIXTURES (exact models, float64) at N = 196 and 1024 and the embedded digits
 UNet with classifier-free guidance (cases.py "digits", fp32) at N = 100, 196, 1024 (N = 1024 with few images
 and a coarser grid: minutes per run on 2 CPU cores). Results: results.json + results.md under --out (default
-benchmarks/results/matched-<date>/). On two cores, run parts in two processes and join them:
+benchmarks/results/matched/, the latest run). On two cores, run parts in two processes and join them:
 `python -m benchmarks.matched --digits-steps --out A & python -m benchmarks.matched --mixtures --out B;
 python -m benchmarks.matched --merge A B`.
 """
@@ -28,7 +28,6 @@ python -m benchmarks.matched --merge A B`.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import sys
@@ -38,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from srds_trt.eps_picard import eps_picard_sample
-from srds_trt.paradigms import paradigms_sample
-from srds_trt.sampling import serial_sample
+from srds_trt.samplers.eps_picard import eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.paradigms import paradigms_sample
+from srds_trt.samplers import serial_sample
 
 from .cases import MIXTURES, CaseUnavailable, build_case, mixture_case
 from .run import RESULTS_DIR, machine_info
@@ -182,7 +181,7 @@ def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log, lar
         for window in (width, 2 * width):
             runs += _sweep(lambda tol: one("paradigms", paradigms_sample, window, tol), pd_tols, log_run)
         for name in ablations:
-            runs += _sweep(lambda tol: one(name, eps_picard_sample, min(2 * width, steps), tol, **ABLATIONS[name]),
+            runs += _sweep(lambda tol: one(name, eps_picard_experiment, min(2 * width, steps), tol, **ABLATIONS[name]),
                            ep_tols, log_run)
     return runs
 
@@ -348,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.matched", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two mixtures at N=196, digits N=100 with 4 images")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results/matched[-quick]-<date>)")
+                        help="output folder (default benchmarks/results/matched[-quick])")
     parser.add_argument("--mixtures", nargs="*", choices=tuple(MIXTURES), default=None)
     parser.add_argument("--mixture-steps", nargs="*", type=int, default=None)
     parser.add_argument("--digits-steps", nargs="*", type=int, default=None, help="empty: no digits")
@@ -365,8 +364,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] 
         if getattr(args, key) is not None:
             kwargs[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
     config = Config(**kwargs)
-    day = _dt.date.today().isoformat()
-    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}-{day}", args.merge
+    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}", args.merge
 
 
 def main(argv: list[str] | None = None) -> dict:

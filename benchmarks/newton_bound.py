@@ -12,15 +12,14 @@ ParaDiGMS, no cheaper correction reaches the goal; where Newton reaches it, the 
 
 The derivative is a central finite difference, (f(x + h d) - f(x - h d)) / 2h with max|h d| = 1e-2 (both sides in
 one batched call; exact for a model linear in x, tested). ParaDiGMS's counts are read from the committed matched
-results (--paradigms, default matched-2026-11-27c: sequential calls are deterministic and hardware-free); the
+results (--paradigms, default matched: sequential calls are deterministic and hardware-free); the
 quasi-Newton eps-Picard is re-run here beside the bound, over the same tolerance grid (matched.EPS_PICARD_TOLS).
-Results: results.json + results.md under --out (default benchmarks/results/newton-bound-<date>/).
+Results: results.json + results.md under --out (default benchmarks/results/newton-bound/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import sys
@@ -31,14 +30,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srds_trt.eps_picard import default_window, eps_picard_sample
-from srds_trt.sampling import serial_sample
+from srds_trt.samplers.eps_picard import eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.window import default_window
+from srds_trt.samplers import serial_sample
 
 from .cases import MIXTURES, build_case, mixture_case
 from .matched import EPS_PICARD_TOLS, TARGETS, _sweep, _Width, matched, measure
 from .run import RESULTS_DIR, machine_info
 
-PARADIGMS_RESULTS = RESULTS_DIR / "matched-2026-11-27c" / "results.json"
+PARADIGMS_RESULTS = RESULTS_DIR / "matched" / "results.json"
 GOAL = 0.6  # issue 13: at most 0.6x ParaDiGMS's sequential calls
 
 
@@ -76,14 +76,14 @@ def bench(case, steps_list, log) -> tuple[list, dict[tuple[str, int, float], int
         model = _Width(case.model, images)
         with torch.inference_mode():
             reference = serial_sample(model, case.x, timesteps, alphas, prediction_type=case.prediction_type)
-        window = default_window(steps)
+        window = default_window("eps-picard", steps)
 
         def quasi_newton(tol):
             return measure(case, model, timesteps, alphas, reference, "eps-picard", eps_picard_sample, window, tol)
 
         def newton(tol):
             jvp = FiniteDifferenceJVP(case.model)
-            run = measure(case, model, timesteps, alphas, reference, "eps-picard-newton", eps_picard_sample, window,
+            run = measure(case, model, timesteps, alphas, reference, "eps-picard-newton", eps_picard_experiment, window,
                           tol, jvp=jvp)
             jvp_calls[run.case, run.steps, run.tol] = jvp.calls
             return run
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.paradigms.is_file():
         raise SystemExit(f"error: no ParaDiGMS results at {args.paradigms} (run python -m benchmarks.matched)")
-    out = args.out or RESULTS_DIR / f"newton-bound-{_dt.date.today().isoformat()}"
+    out = args.out or RESULTS_DIR / "newton-bound"
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core box (run.py says why)

@@ -14,14 +14,13 @@ Writes benchmarks/results/serve-load/open_loop_<engine>.json and .png.
 Loopback only (127.0.0.1, a free port); the server runs in this process (uvicorn in a thread, one pipeline load
 shared by both configurations, never two at once); each client is a closed loop of tritonclient.http requests.
 Bounded: --requests per level (at least the concurrency) and --level-timeout seconds per level. Writes
-benchmarks/results/serve-load-<date>/serve_load.json and prints a table. CPU wall clock says little about a GPU.
+benchmarks/results/serve-load/serve_load.json and prints a table. CPU wall clock says little about a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import platform
 import socket
@@ -141,7 +140,7 @@ class SimulatedPipe:
         return self._prices[key]
 
     def _price(self, sampler: str, steps: int, images: int, tol: float):
-        from srds_trt import autotune
+        from srds_trt.autotune import pricing as autotune
 
         choice = autotune.choose(steps=steps, images=images, guided=True, latency_ms=self.curve, tol=tol,
                                  max_rows=self.max_rows, sweep_overhead_ms=autotune.GPU_SWEEP_OVERHEAD_MS)
@@ -345,7 +344,7 @@ def main(argv=None) -> int:
                 rows.append({"mode": mode, **level})
                 print(f"{mode:9s} c={c:3d} done={level['completed']:3d} err={level['errors']} "
                       f"rps={level['throughput_rps']} p50={level['p50_ms']} ms p99={level['p99_ms']} ms", flush=True)
-    out = args.out or Path("benchmarks/results") / f"serve-load-{datetime.date.today().isoformat()}"
+    out = args.out or Path("benchmarks/results") / "serve-load"
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "serve_load", "model": "digits", "steps": args.steps, "sampler": "srds",
               "batch_window_ms": args.batch_window_ms, "max_batch_images": args.max_batch_images,

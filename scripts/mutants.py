@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_TESTS = ("tests/test_runtime_iterates.py",)
-WINDOW_TESTS = ("tests/test_runtime_window.py",)
+FAST_TESTS = ("tests/runtime/test_runtime_iterates.py",)
+WINDOW_TESTS = ("tests/runtime/test_runtime_window.py",)
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,16 @@ class Mutant:
 
 
 MUTANTS = (
-    Mutant("halved-correction", "srds_trt/solvers.py",
+    Mutant("halved-correction", "srds_trt/samplers/ddim.py",
            "return g_new + (f_old - g_old)", "return g_new + (f_old - g_old) * 0.5",
            "the Parareal correction U = G_new + (F - G_old) halved"),
-    Mutant("coarse-coefficients-of-next-block", "srds_trt/runtime/tables.py",
+    Mutant("coarse-coefficients-of-next-block", "srds_trt/runtime/srds/tables.py",
            "steps_to.append(bounds[r.block + 1])", "steps_to.append(bounds[min(r.block + 2, len(bounds) - 1)])",
            "coarse rows get the DDIM coefficients of a step over the neighbouring block's end"),
-    Mutant("slot-map-shared-boundary", "srds_trt/runtime/tables.py",
+    Mutant("slot-map-shared-boundary", "srds_trt/runtime/srds/tables.py",
            "U[(p, b)], next_slot = next_slot, next_slot + 1", "U[(p, b)], next_slot = next_slot, next_slot + (b != 1)",
            "slot map off by one: U[p][1] and U[p][2] share a slot"),
-    Mutant("formation-before-coarse-event", "srds_trt/runtime/srds_runner.py",
+    Mutant("formation-before-coarse-event", "srds_trt/runtime/srds/runner.py",
            "            coarse_done = self._call(step.get(\"coarse\"), i)\n"
            "            self._call(step.get(\"fine\"), i)\n"
            "            self._form(step[\"form\"], i, after=coarse_done)\n",
@@ -58,88 +58,88 @@ MUTANTS = (
            "            coarse_done = self._call(step.get(\"coarse\"), i)\n"
            "            self._call(step.get(\"fine\"), i)\n",
            "event order: the formation no longer waits for the coarse call (on CPU: runs before it in the tick)"),
-    Mutant("residual-against-wrong-iterate", "srds_trt/runtime/tables.py",
+    Mutant("residual-against-wrong-iterate", "srds_trt/runtime/srds/tables.py",
            "old = rows_of(tuple(slots.U[(p - 1, b)] if p else ZERO for b in bs), batch)",
            "old = rows_of(tuple(slots.U[(max(p - 2, 0), b)] if p else ZERO for b in bs), batch)",
            "the residual compares U[p] with U[p-2]"),
-    Mutant("formation-counter-stuck", "srds_trt/runtime/programs.py",
+    Mutant("formation-counter-stuck", "srds_trt/runtime/srds/programs.py",
            "        form_boundaries(self.pool, self.formation, self.counter)\n        self.counter.add_(1)\n",
            "        form_boundaries(self.pool, self.formation, self.counter)\n",
            "the formation program's device-side tick counter never advances"),
-    Mutant("exit-waits-for-speculative-ticks", "srds_trt/runtime/srds_runner.py",
+    Mutant("exit-waits-for-speculative-ticks", "srds_trt/runtime/srds/runner.py",
            "done = self._iteration_done[stop]", "done = self._tick_done",
            "the host waits for the last launched tick, not the one that completed the accepted iteration"),
-    Mutant("window-warm-start-off", "srds_trt/runtime/window_runner.py",
-           'if self.sampler == "eps-picard" and self.warm_start:\n            # outputs extrapolated',
+    Mutant("window-warm-start-off", "srds_trt/runtime/window/runner.py",
+           'if self.warm_start:\n            # outputs extrapolated',
            'if False:\n            # outputs extrapolated',
            "eps-Picard's warm start off in the runner: entering points copy x[old_end] (ParaDiGMS's start)",
            WINDOW_TESTS),
-    Mutant("window-entering-off-by-one", "srds_trt/runtime/window_runner.py",
+    Mutant("window-entering-off-by-one", "srds_trt/runtime/window/runner.py",
            "entering = (nidx >= old_end) & (nidx < self.steps)", "entering = (nidx > old_end) & (nidx < self.steps)",
            "off by one in the window index: the first point entering the window is not initialised",
            WINDOW_TESTS),
-    Mutant("window-tail-not-masked", "srds_trt/runtime/window_runner.py",
+    Mutant("window-tail-not-masked", "srds_trt/runtime/window/runner.py",
            "residual = torch.where(valid, change, torch.zeros_like(change)).amax()", "residual = change.amax()",
            "the padding rows past N count in the residual (the tail of the grid)",
            WINDOW_TESTS),
-    Mutant("window-slope-not-inherited", "srds_trt/runtime/window_runner.py",
+    Mutant("window-slope-not-inherited", "srds_trt/runtime/window/runner.py",
            "if self.inherit_slope:\n                before", "if False:\n                before",
            "a point evaluated for the first time gets no secant slope instead of its predecessor's",
            WINDOW_TESTS),
-    Mutant("window-slope-inherited-from-inside", "srds_trt/runtime/window_runner.py",
+    Mutant("window-slope-inherited-from-inside", "srds_trt/runtime/window/runner.py",
            "slopes = torch.cat([behind, slope]).index_select(0, nearest + 1)",
            "slopes = torch.cat([behind, slope]).index_select(0, nearest.clamp(min=0) + 1)",
            "a point evaluated for the first time with no evaluated point before it in the window inherits the first "
            "point's slope instead of the slope behind the window",
            WINDOW_TESTS),
-    Mutant("window-prior-slope-off", "srds_trt/runtime/window_runner.py",
+    Mutant("window-prior-slope-off", "srds_trt/runtime/window/runner.py",
            "if self.prior_slope:  # the first sweep", "if False:  # the first sweep",
            "the runner's first sweep propagates the outputs unmoved instead of along the prior slope",
            WINDOW_TESTS),
-    Mutant("eps-picard-prior-slope-off", "srds_trt/eps_picard.py",
+    Mutant("eps-picard-prior-slope-off", "srds_trt/samplers/eps_picard.py",
            "if secant and prior_slope and iterations == 0:", "if secant and prior_slope and iterations < 0:",
            "the reference's first sweep propagates the outputs unmoved (the textbook loops and the Gaussian-data "
            "case must see it; the runner mirrors the reference, so the runner tests cannot)",
-           ("tests/test_eps_picard.py",)),
-    Mutant("window-slide-one-too-far", "srds_trt/runtime/window_runner.py",
+           ("tests/samplers/test_eps_picard.py",)),
+    Mutant("window-slide-one-too-far", "srds_trt/runtime/window/runner.py",
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
            "slide = torch.minimum(self._first_moved(moved, valid) + 2, span)",
            "eps-Picard slides past the first moved point and the one after it",
            WINDOW_TESTS),
-    Mutant("window-host-read-in-sweep", "srds_trt/runtime/window_runner.py",
+    Mutant("window-host-read-in-sweep", "srds_trt/runtime/window/runner.py",
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span)",
            "slide = torch.minimum(self._first_moved(moved, valid) + 1, span) + 0 * int(moved.any())",
            "a host read inside the sweep program (same results; breaks CUDA-graph capture, stalls the GPU)",
            WINDOW_TESTS),
-    Mutant("window-tol-as-threshold", "srds_trt/stopping.py",
+    Mutant("window-tol-as-threshold", "srds_trt/samplers/stopping.py",
            "return min(fraction * check_tol(tol), cap)", "return check_tol(tol)",
            "the sliding-window samplers accept points at tol itself (the measured misses: eps-Picard 70x tol, "
            "ParaDiGMS 1.9x)",
-           ("tests/test_window_tol.py",)),
-    Mutant("srds-interior-not-within-tol", "srds_trt/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
+           ("tests/samplers/test_window_tol.py",)),
+    Mutant("srds-interior-not-within-tol", "srds_trt/samplers/stopping.py", "INTERIOR_WEIGHT = 1.0", "INTERIOR_WEIGHT = 0.0",
            "SRDS's rule drops the interior-within-tol term (the batched gmm N=1024 false stop: 2.3e-3 at tol 1e-3)",
-           ("tests/test_stopping_rule.py",)),
-    Mutant("auto-prices-the-default-tol", "srds_trt/pipeline.py",
+           ("tests/samplers/test_stopping_rule.py",)),
+    Mutant("auto-prices-the-default-tol", "srds_trt/autotune/planner.py",
            "sweep_overhead_ms=overhead, tol=tol, max_rows=max_rows,", "sweep_overhead_ms=overhead, max_rows=max_rows,",
            "--sampler auto prices the window samplers at the default tol whatever the caller asked",
-           ("tests/test_auto.py",)),
-    Mutant("auto-srds-iterations-from-blocks", "srds_trt/autotune.py",
+           ("tests/autotune/test_planner.py",)),
+    Mutant("auto-srds-iterations-from-blocks", "srds_trt/autotune/pricing.py",
            "expected_srds_iterations(blocks, tol), blocks)", "max(1, min(blocks, math.ceil(0.5 * blocks))), blocks)",
            "--sampler auto prices SRDS at half its blocks whatever the tol (27 iterations at N = 1024, the old model)",
-           ("tests/test_autotune.py",)),
-    Mutant("auto-serial-on-one-device", "srds_trt/autotune.py",
+           ("tests/autotune/test_pricing.py",)),
+    Mutant("auto-serial-on-one-device", "srds_trt/autotune/pricing.py",
            "tick_ms(latency_ms, p * k * per_point, world_size, allgather_ms)",
            "tick_ms(latency_ms, p * k * per_point, *((world_size, allgather_ms) if sampler != 'serial' else (1, 0.0)))",
            "--sampler auto prices serial unsharded on a process group (1.24x too slow on SD2; picks a slower sampler)",
-           ("tests/test_autotune.py",)),
-    Mutant("auto-prices-one-chunk", "srds_trt/autotune.py",
+           ("tests/autotune/test_pricing.py",)),
+    Mutant("auto-prices-one-chunk", "srds_trt/autotune/pricing.py",
            "chunk = images if max_rows is None else max(1, min(images, max_rows // widest))", "chunk = images",
            "--sampler auto prices all images as one chunk where the pipeline runs several, one after the other",
-           ("tests/test_autotune.py",)),
-    Mutant("auto-ignores-observations", "srds_trt/autotune.py",
+           ("tests/autotune/test_pricing.py",)),
+    Mutant("auto-ignores-observations", "srds_trt/autotune/pricing.py",
            "seen = (observed or {}).get(candidate_key(sampler, options))", "seen = None",
            "--sampler auto prices every candidate at the table's expectation whatever this model's runs took",
-           ("tests/test_autotune.py",)),
+           ("tests/autotune/test_pricing.py",)),
 )
 
 
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "benchmarks", copy / "benchmarks",  # some tests build the benchmark cases
                         ignore=shutil.ignore_patterns("__pycache__", "results"))
-        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping-2026-11-27b",  # auto's SRDS pricing test reads it
-                        copy / "benchmarks" / "results" / "stopping-2026-11-27b")
+        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping",  # auto's SRDS pricing test reads it
+                        copy / "benchmarks" / "results" / "stopping")
         shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
         probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)

@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 
-from ..generate import EXIT_USAGE, UsageError, _Parser
+from ..cli.generate import EXIT_USAGE, UsageError, _Parser
 
 EXAMPLES = """examples:
   python -m srds_trt.serve --model digits --port 8000 --grpc-port 8001
@@ -148,7 +148,7 @@ def _server_class():
 def _config(args):
     from ..models import UnknownModelError, resolve_model
     from ..pipeline import check_run_args
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
     from .batching import BatchConfig
     from .service import MiB, ServeConfig
 
@@ -161,7 +161,9 @@ def _config(args):
             try:
                 check_run_args(value, DEFAULT_TOL, None, "srds", 1)
             except ValueError as exc:
-                raise UsageError(str(exc).replace("--steps", flag)) from None
+                from .protocol import setting_message
+
+                raise UsageError(setting_message(exc, flag)) from None
     for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
         if port is not None and not 0 <= port <= 65535:
             raise UsageError(f"{flag} must be in [0, 65535], got {port}")

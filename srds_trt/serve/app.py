@@ -194,6 +194,6 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 def _default_tol() -> float:
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
 
     return DEFAULT_TOL

@@ -75,7 +75,8 @@ class Batcher:
         if cache_bytes is not None:
             metrics.cache_budget.labels(model_name).set(cache_bytes)
         # a pipeline without a `latents` argument cannot take per-request noise: run one request per job then
-        parameters = inspect.signature(pipe.__call__).parameters
+        # SRDSPipeline.__call__(prompt, **kwargs) takes iter_chunks' keywords; a stand-in may list them itself
+        parameters = inspect.signature(getattr(pipe, "iter_chunks", pipe.__call__)).parameters
         self.takes_latents = "latents" in parameters
         self.takes_cancel = "cancel" in parameters
         self._queue: deque[_Pending] = deque()

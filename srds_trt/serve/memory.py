@@ -2,7 +2,7 @@
 recently used first out), and the C allocator's free memory handed back to the OS after every job.
 
 What grows with traffic's variety, and what bounds it here:
-- the runtime's runners (RuntimeSampler._runners: static buffers and CUDA graphs per (steps, images, blocks, ...)
+- the runtime's runners (runtime.executor.RuntimeSampler._runners: buffers and CUDA graphs per (steps, images, ...)
   key) on the runtime path: an LRU under the byte budget (bytes counted from the tensors each runner holds; a
   CUDA graph's private pool is not visible to that count, but is freed with its runner);
 - --sampler auto's choices and observed iterations (per steps, images, tol): at most MAX_AUTO_ENTRIES each;
@@ -32,15 +32,19 @@ class CacheBudget:
         self._libc = _libc()
         runtime = getattr(pipe, "runtime", None)
         if runtime is not None and isinstance(getattr(runtime, "_runners", None), dict):
-            runtime._runners = LRUDict(runtime._runners)  # get() marks an entry used: least recently used out first
+            lru = LRUDict()  # get() marks an entry used: iteration is least recently used first
+            for key, runner in list(runtime._runners.items()):
+                OrderedDict.__setitem__(lru, key, runner)
+            runtime._runners = lru
 
     def after_job(self) -> int:
         """Trim the caches to the budget and return freed heap to the OS; returns the bytes the caches hold."""
         held = self._trim_runners()
-        for name in ("_auto_cache", "_auto_observed"):
-            cache = getattr(self.pipe, name, None)
+        planner = getattr(self.pipe, "auto", None)  # autotune.planner.AutoPlanner: choices and observations
+        for name in ("cache", "observed"):
+            cache = getattr(planner, name, None)
             if isinstance(cache, dict):
-                choices = [k for k in cache if name == "_auto_observed" or (isinstance(k, tuple) and k[:1] == ("choice",))]
+                choices = [k for k in cache if name == "observed" or (isinstance(k, tuple) and k[:1] == ("choice",))]
                 for key in choices[:max(0, len(choices) - MAX_AUTO_ENTRIES)]:  # oldest first (insertion order)
                     del cache[key]
                     self.evictions += 1

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .protocol import InferRequest, ProtocolError, Settings, load_json
+from .protocol import InferRequest, ProtocolError, Settings, load_json, setting_message
 from .service import RequestError, Service
 
 KNOWN = {"model", "prompt", "n", "response_format", "size", "seed", "steps", "sampler", "tol", "guidance_scale",
@@ -53,7 +53,7 @@ def openai_routes(service: Service) -> list[Route]:
 
 def parse_generation(service: Service, body: bytes) -> InferRequest:
     from ..pipeline import check_guidance_scale, check_run_args, check_seed
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
 
     req = load_json(body)
     if not isinstance(req, dict):
@@ -94,7 +94,7 @@ def parse_generation(service: Service, body: bytes) -> InferRequest:
         if scale is not None:
             scale = check_guidance_scale(scale)
     except ValueError as exc:
-        raise ProtocolError(_field_names(str(exc))) from None
+        raise ProtocolError(setting_message(exc, "'{}'")) from None
     prompts = (prompt,) * n
     service.check_prompts(prompts)
     return InferRequest(id=None, prompts=prompts, seed=seed, binary_output=False, outputs=("image", "stats"),
@@ -117,13 +117,6 @@ def _number(req: dict, name: str, default):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ProtocolError(f"'{name}' must be a finite number, got {value!r}"[:200])
     return float(value)
-
-
-def _field_names(message: str) -> str:
-    for flag, name in (("--steps", "steps"), ("--tol", "tol"), ("--seed", "seed"), ("--sampler", "sampler"),
-                       ("--guidance-scale", "guidance_scale")):
-        message = message.replace(flag, f"'{name}'")
-    return message
 
 
 def png_base64(frame) -> str:

@@ -209,21 +209,29 @@ def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_imag
         if scale is not None:
             scale = check_guidance_scale(scale)
     except ValueError as exc:
-        raise ProtocolError(_input_names(str(exc))) from None
+        raise ProtocolError(_input_names(exc)) from None
     return prompts, seed, Settings(steps=steps, guidance_scale=scale, sampler=sampler, tol=tol)
 
 
 def _default_tol() -> float:
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
 
     return DEFAULT_TOL
 
 
-def _input_names(message: str) -> str:
-    """The pipeline's messages name CLI flags; here the same checks name the protocol's inputs."""
+def _input_names(exc: ValueError) -> str:
+    """The validators' messages start with the setting's name (settings.SettingError.setting); here the same
+    checks name the protocol's input: "input 'steps' must be ..."."""
+    return setting_message(exc, "input '{}'")
+
+
+def setting_message(exc: ValueError, template: str) -> str:
+    message, setting = str(exc), getattr(exc, "setting", None)
+    if setting and message.startswith(setting):
+        return template.format(setting) + message[len(setting):]
     for flag, name in (("--steps", "steps"), ("--tol", "tol"), ("--seed", "seed"), ("--sampler", "sampler"),
-                       ("--guidance-scale", "guidance_scale")):
-        message = message.replace(flag, f"input '{name}'")
+                       ("--guidance-scale", "guidance_scale")):  # older validators named the CLI flags
+        message = message.replace(flag, template.format(name))
     return message
 
 
