@@ -5,7 +5,8 @@ dynamic batching on (--batch-window-ms) vs off (window 0, one request per job), 
 sampler policies fixed serial, fixed parallel (srds, eps-picard) and load-adaptive (auto: chosen per job), through
 the server's own batching queue (srds_trt.serve.batching.Batcher, in process, no HTTP). Two engines:
   --engine cpu       the digits pipeline on this CPU, as it is;
-  --engine sim-h200  SIMULATED: a stand-in pipeline that sleeps what each job would cost on an H200 per the
+  --engine sim-h200 (or sim-h200-sd2: the SD2-base UNet's curve, 9.2 ms at 1 row ... 86.3 ms at 32)
+                     SIMULATED: a stand-in pipeline that sleeps what each job would cost on an H200 per the
                      committed CUDA-graph latency curve of the digits-size UNet (shared/DESIGN.md: 0.87 ms at 1 row
                      ... 1.74 ms at 128), priced by srds_trt.autotune (expected iterations / sweeps from its tables,
                      chunks of at most 512 rows). No GPU ran; the queueing, batching and policy code are the real ones.
@@ -115,6 +116,9 @@ def load_level(url: str, concurrency: int, requests: int, timeout_s: float, step
 
 # shared/DESIGN.md: H200, digits-size pixel UNet (1.1 M params, 16x16, fp32), CUDA graph ms per call
 H200_DIGITS_MS = {1: 0.87, 2: 0.92, 8: 0.91, 16: 0.95, 32: 1.23, 64: 1.39, 128: 1.74}
+# shared/DESIGN.md: H200, SD2-base UNet (fp16, 64x64 latents), CUDA graph ms per call: batching is not free
+H200_SD2_MS = {1: 9.2, 2: 11.5, 4: 15.8, 8: 25.3, 16: 45.0, 32: 86.3}
+SIM_CURVES = {"sim-h200": ("digits-size UNet", H200_DIGITS_MS), "sim-h200-sd2": ("SD2-base UNet", H200_SD2_MS)}
 POLICIES = {"fixed serial": "serial", "fixed srds": "srds", "fixed eps-picard": "eps-picard", "adaptive (auto)": "auto"}
 
 
@@ -236,9 +240,10 @@ def open_loop(args) -> int:
         pipe(["1"], num_inference_steps=args.steps, sampler="auto", progress_bar=False)  # measures its curve once
         label = "digits pipeline on this CPU (torch reference path), measured"
     else:
-        pipe = SimulatedPipe(H200_DIGITS_MS)
-        label = ("SIMULATION: sleeps the job's cost on the committed H200 CUDA-graph latency curve of the digits-size "
-                 "UNet (shared/DESIGN.md), priced by srds_trt.autotune; no GPU ran")
+        unet, curve = SIM_CURVES[args.engine]
+        pipe = SimulatedPipe(curve)
+        label = (f"SIMULATION: sleeps the job's cost on the committed H200 CUDA-graph latency curve of the {unet} "
+                 "(shared/DESIGN.md), priced by srds_trt.autotune; no GPU ran")
     batch = BatchConfig(window_s=args.batch_window_ms / 1000, max_batch_images=args.max_batch_images,
                         max_queue=args.max_queue, timeout_s=args.request_timeout)
     rows = []
@@ -265,7 +270,7 @@ def open_loop(args) -> int:
                           "note": "2 cores shared with other jobs"},
               "rows": rows}
     if args.engine != "cpu":
-        record["latency_curve_ms"] = H200_DIGITS_MS
+        record["latency_curve_ms"] = SIM_CURVES[args.engine][1]
     path = out / f"open_loop_{args.engine}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -293,7 +298,8 @@ def plot(record: dict, path: Path) -> None:
         ax.set_ylabel(f"{key} latency (ms)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    title = "SIMULATED H200 (committed latency curve)" if record["engine"] != "cpu" else "this CPU, measured"
+    title = (f"SIMULATED H200, {record['engine']} (committed latency curve)" if record["engine"] != "cpu"
+             else "this CPU, measured")
     fig.suptitle(f"srds_trt.serve, digits, {record['steps']} steps, tol {record['tol']}: {title}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -304,7 +310,7 @@ def plot(record: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.splitlines()[0])
     p.add_argument("--open-loop", action="store_true", help="latency vs offered load per sampler policy (see above)")
-    p.add_argument("--engine", choices=("cpu", "sim-h200"), default="sim-h200")
+    p.add_argument("--engine", choices=("cpu", *SIM_CURVES), default="sim-h200")
     p.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 40, 80, 160], help="requests/s")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per (policy, rate)")
     p.add_argument("--policies", nargs="+", default=["serial", "srds", "eps-picard", "auto"])
