@@ -169,3 +169,27 @@ def test_three_protocols_share_one_sampling_job(server, pipe):
     for key, prompt, seed in (("openai", "1", 11), ("grpc", "2", 12), ("http", "3", 13)):
         solo = _solo(pipe, [prompt], seed)
         assert np.abs(results[key][0].astype(int) - solo.astype(int)).max() <= 1, key  # batch rounding (test_serve)
+
+
+def test_grpc_deadline_abandons_the_job(server):
+    """A gRPC client whose deadline passes cancels the RPC: the job stops (all its requests gone)."""
+    from serve_helpers import metric
+
+    port, grpc_port = server
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    inputs = _grpc_inputs([str(i) for i in range(8)], 1)
+    inputs[2].set_data_from_numpy(np.array([4096], dtype=np.int32))
+    sampler = grpcclient.InferInput("sampler", [1], "BYTES")
+    sampler.set_data_from_numpy(np.array([b"serial"], dtype=object))
+    before = metric(port, 'srds_cancelled_jobs_total{model="digits"}')
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", [*inputs, sampler], client_timeout=1.0)
+    assert "DEADLINE" in str(err.value.status()) or "Deadline" in err.value.message(), err.value
+    import time
+
+    deadline = time.monotonic() + 10  # minutes of work without cancellation; one step with it
+    while metric(port, 'srds_cancelled_jobs_total{model="digits"}') < before + 1:
+        assert time.monotonic() < deadline, "the abandoned gRPC request's job kept running"
+        time.sleep(0.05)
+    np.testing.assert_array_equal(client.infer("digits", _grpc_inputs(["1"], 0)).as_numpy("image").shape, (1, 16, 16, 1))
+    client.close()
