@@ -6,6 +6,7 @@ sleeps the priced time), an idle server runs one request with a parallel sampler
 from __future__ import annotations
 
 import asyncio
+import json
 
 from benchmarks.serve_load import H200_DIGITS_MS, SimulatedPipe
 from srds_trt.serve.batching import Batcher, BatchConfig
@@ -40,3 +41,15 @@ def test_auto_runs_parallel_when_idle_and_batched_serial_under_a_burst():
         assert pipe.price("auto", 100, 1, 0.01).predicted_ms < pipe.price("serial", 100, 1, 0.01).predicted_ms
     finally:
         batcher.close(10)
+
+
+def test_open_loop_benchmark_writes_results_and_plot(tmp_path):
+    from benchmarks.serve_load import main
+
+    assert main(["--open-loop", "--engine", "sim-h200", "--rates", "40", "--duration", "0.5", "--policies", "serial",
+                 "auto", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "open_loop_sim-h200.json").read_text())
+    assert "SIMULATION" in record["label"] and record["latency_curve_ms"] == {str(k): v for k, v in H200_DIGITS_MS.items()}
+    assert [r["policy"] for r in record["rows"]] == ["fixed serial", "adaptive (auto)"]
+    assert all(r["completed"] == r["offered"] and r["p99_ms"] is not None for r in record["rows"])
+    assert (tmp_path / "open_loop_sim-h200.png").stat().st_size > 10_000
