@@ -231,7 +231,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
 
 
 def test_cli_refuses_bad_flags_with_exit_2(capsys):
-    from srds_trt.serve.__main__ import main
+    from srds_trt.cli.serve import main
 
     assert main(["--max-queue", "0"]) == 2
     assert main(["--model", "nosuchmodel"]) == 2
@@ -244,7 +244,7 @@ def test_cli_refuses_bad_flags_with_exit_2(capsys):
 def test_cli_without_the_serve_extra_is_one_line_and_help_shows_defaults(monkeypatch, capsys):
     import importlib.util
 
-    from srds_trt.serve.__main__ import build_parser, main
+    from srds_trt.cli.serve import build_parser, main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prometheus_client" else real(name, *a))
