@@ -283,6 +283,7 @@ def open_loop(args) -> int:
 
 def plot(record: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,16 +293,21 @@ def plot(record: dict, path: Path) -> None:
         rows = [r for r in record["rows"] if r["policy"] == policy and r["p50_ms"] is not None]
         for ax, key in zip(axes, ("p50_ms", "p99_ms")):
             ax.plot([r["rate_rps"] for r in rows], [r[key] for r in rows], marker="o", label=policy)
+    rates = sorted({r["rate_rps"] for r in record["rows"]})
     for ax, key in zip(axes, ("p50", "p99")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("offered load (requests/s, Poisson, 1 image each)")
         ax.set_ylabel(f"{key} latency (ms)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    title = (f"SIMULATED H200, {record['engine']} (committed latency curve)" if record["engine"] != "cpu"
-             else "this CPU, measured")
-    fig.suptitle(f"srds_trt.serve, digits, {record['steps']} steps, tol {record['tol']}: {title}", fontsize=10)
+    unet = SIM_CURVES.get(record["engine"], ("",))[0]
+    title = (f"SIMULATED: an H200 running the {unet} (committed CUDA-graph latency curve)"
+             if record["engine"] != "cpu" else "digits pipeline on this 2-core CPU, measured")
+    fig.suptitle(f"srds_trt.serve open loop, {record['steps']} steps, tol {record['tol']}, guided, 1 image per request: "
+                 f"{title}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
