@@ -238,7 +238,13 @@ def open_loop(args) -> int:
         from srds_trt import SRDSPipeline
 
         pipe = SRDSPipeline.from_pretrained("digits")
-        pipe(["1"], num_inference_steps=args.steps, sampler="auto", progress_bar=False)  # measures its curve once
+        pipe(["1"], num_inference_steps=args.steps, sampler="auto", progress_bar=False)
+        # auto on the reference path measures one latency curve per distinct widest call (~1 s each here) on the
+        # first job of that size: measure them all before the timed run, as a server's warm-up would
+        from srds_trt.autotune import widest_rows
+
+        for images in range(1, args.max_batch_images + 1):
+            pipe.auto.latency_curve(widest_rows(steps=args.steps, images=images, guided=True))
         label = "digits pipeline on this CPU (torch reference path), measured"
     else:
         unet, curve = SIM_CURVES[args.engine]
@@ -248,10 +254,9 @@ def open_loop(args) -> int:
     batch = BatchConfig(window_s=args.batch_window_ms / 1000, max_batch_images=args.max_batch_images,
                         max_queue=args.max_queue, timeout_s=args.request_timeout)
     rows = []
-    for name, sampler in POLICIES.items():
-        if sampler not in args.policies:
-            continue
-        for k, rate in enumerate(args.rates):
+    policies = [(name, sampler) for name, sampler in POLICIES.items() if sampler in args.policies]
+    for k, rate in enumerate(args.rates):  # policies interleaved per rate: a busy machine's drift hits all alike
+        for name, sampler in policies:
             level = open_loop_level(pipe, sampler, rate, args.duration, args.steps, args.tol, batch, seed=k)
             rows.append({"policy": name, **level})
             print(f"{name:17s} {rate:7.2f} req/s: done {level['completed']:4d}/{level['offered']:4d} "
@@ -260,6 +265,7 @@ def open_loop(args) -> int:
                   flush=True)
     out = args.out or Path("benchmarks/results/serve-load")
     out.mkdir(parents=True, exist_ok=True)
+    rows.sort(key=lambda r: list(POLICIES).index(r["policy"]))
     record = {"benchmark": "serve_load --open-loop", "engine": args.engine, "label": label, "model": "digits",
               "steps": args.steps, "tol": args.tol, "guided": True, "images_per_request": 1,
               "duration_s_per_level": args.duration, "batch_window_ms": args.batch_window_ms,
