@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from srds_trt.autotune.pricing import window_widths
-from srds_trt.samplers.paradigms import WINDOW_SAMPLERS
+from srds_trt.samplers.window import WINDOW_SAMPLERS
 from srds_trt.samplers import SAMPLERS, serial_sample
 from srds_trt.samplers.stopping import DEFAULT_TOL
 

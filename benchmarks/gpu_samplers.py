@@ -1,4 +1,4 @@
-"""GPU check of issue 13 on the path users run (SRDSPipeline, which `python -m srds_trt.generate` calls): every
+"""GPU check of every sampler on the path users run (SRDSPipeline, which `python -m srds_trt.generate` calls): every
 sampler's wall clock, first call (capture) apart from steady state, beside serial, and what --sampler auto picks.
 
     python -m benchmarks.gpu_samplers --out DIR [--smoke] [--sections digits,sd2] [--budget-s 300]

@@ -1,4 +1,4 @@
-"""python -m benchmarks.matched [--quick] [--out DIR]: eps-Picard vs ParaDiGMS at matched error (issue 13).
+"""python -m benchmarks.matched [--quick] [--out DIR]: eps-Picard vs ParaDiGMS at matched error.
 
 The issue-13 goal: at most 0.6x ParaDiGMS's sequential model calls at matched max-abs error vs the serial DDIM
 sample (targets 1e-2 and 1e-3), at equal parallel width (<= 2 round(sqrt N) trajectory points per image in any

@@ -1,5 +1,5 @@
 """python -m benchmarks.newton_bound [--steps N ...] [--mixture NAME] [--out DIR]: what an EXACT Jacobian would buy
-eps-Picard at matched error (issue 13's digits rows). A bound, not a sampler.
+eps-Picard at matched error (the digits rows). A bound, not a sampler.
 
 eps-Picard moves each stale model output to the state of this sweep along a quasi-Newton model of d out / d x (a
 scalar secant, a rank-1 Broyden term, the neighbour's slope for a point's first correction). Given `jvp=` it uses
@@ -39,7 +39,7 @@ from .matched import EPS_PICARD_TOLS, TARGETS, _sweep, _Width, matched, measure
 from .run import RESULTS_DIR, machine_info
 
 PARADIGMS_RESULTS = RESULTS_DIR / "matched" / "results.json"
-GOAL = 0.6  # issue 13: at most 0.6x ParaDiGMS's sequential calls
+GOAL = 0.6  # the goal: at most 0.6x ParaDiGMS's sequential calls
 
 
 class FiniteDifferenceJVP:

@@ -2,52 +2,7 @@
 
 A pure function of (N, images, guidance, the engine's latency-per-rows curve, world size): no model, no device.
 
-Expected latency of a candidate = sum over its sequential calls of tick_ms(rows of that call), where
-
-    tick_ms(R) = latency(ceil(R / world_size)) + (allgather_ms if world_size > 1 else 0)
-
-(rows split evenly over the ranks, one all-gather of the new states per tick; distributed.py's layout). The
-curve is the engine's measured ms per call vs rows: measured at warm-up, or the export manifest's optional
-`latency_per_rows` field; between measured row counts it is interpolated linearly, above the largest extended
-with its last slope, below the smallest held flat.
-
-The calls of each candidate:
-- serial: N calls of (images x rows per image) rows, sharded over the ranks like every call of a distributed job
-  (distributed.py shards every engine call, serial's included: with guidance on 2 ranks each runs one row per step,
-  plus the all-gather). It was priced on one device until 2026-11-27, which made it 1.24x too slow on the SD2
-  curve (11.5 ms for 2 rows vs 9.2 + all-gather for 1) and could let a parallel candidate win that serial beats.
-- srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations at
-  the caller's tol (SRDS_ITERATIONS: what the stopping rule ran on the committed stopping benchmark); rows per
-  tick read off the plan itself.
-- paradigms, eps-picard: sweeps of w points each; expected sweeps = a * N / w + b, affine fits (WINDOW_SWEEPS
-  below) to the sweeps the registry's samplers ran at tol 1e-2, 1e-3 (the default) and 1e-4 (each run at
-  stopping.window_accept_tol) on the matched cases (`python -m benchmarks.expected_sweeps --tol T`: 4 mixtures at
-  N = 196 and 1024, digits with guidance at N = 100, 196, 1024, both windows), taken on the slow side: a by least
-  squares, b raised until 3 of 4 runs need no more than predicted; between those tols interpolated in log10(tol),
-  so auto prices the tol the caller asked for. b is the first window's start-up (a window from x_T needs several
-  sweeps before it slides), a the sweeps per window length once it slides. A fixed slide fraction (the first
-  version) predicted digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
-  On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
-  H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
-  Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
-Learning from its runs: a pipeline keeps, per (N, tol, guidance), the iterations / sweeps its SRDS and window runs
-took (SRDSPipeline._observe, upper quartile of the last OBSERVED_RUNS chunks), and passes them as `observed`:
-that candidate is then priced at what this model needed, not at the benchmark's expectation, so a model harder
-than the benchmark's stops being chosen on its table price after one run (stats: iterations_from "observed").
-Several images: the pipeline runs them in chunks whose widest call fits max_rows rows, one chunk after the other;
-each candidate is priced as those chunks (a wide window that splits the images pays its sweeps once per chunk).
-The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
-samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
-never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
-candidate cost at least its evaluations, which exceed N: auto = serial there. A CPU is throughput-bound for any
-real model (ONNX Runtime, digits, here: 3 ms at 1 row, 76 ms at 24), but PyTorch eager's per-call overhead makes a
-1.1 M-parameter UNet's curve sublinear on a CPU (14 ms at 1 row, 99 ms at 40): there auto may choose a
-parallel sampler, and measured that is right (digits N=100, one thread: eps-picard(window=20) 1.32 s vs serial
-2.09 s).
-
-Where the curve comes from and what runs (SRDSPipeline._auto_sampler): the export manifest's latency_per_rows, else
-the runtime engine measured at warm-up (srds_trt.autotune.latency), else the reference model; `runnable_choice`
-then keeps the lowest-predicted candidate the pipeline's path can run, and `Choice.fallback` says what it skipped.
+The full design note (what was measured, why these choices): docs/autotune.md, section "Module notes: srds_trt/autotune/pricing.py".
 """
 
 from __future__ import annotations

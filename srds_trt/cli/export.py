@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     # Imported after argument checks: the pipeline pulls in torch, diffusers and onnx.
     try:
-        from ..export import registry
+        from ..export import model_source
         from ..export.artifacts import ArtifactError, TensorRTUnavailableError
         from ..export.parity import ParityError
         from ..export.build import ExportError, export_model
         from ..export.trt_build import BuildError
 
         expected = (ExportError, ArtifactError, ParityError, BuildError, TensorRTUnavailableError,
-                    *registry.registry_errors())
+                    *model_source.registry_errors())
         try:
             result = export_model(config, quiet=args.quiet)
         except expected as exc:

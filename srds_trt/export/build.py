@@ -26,7 +26,7 @@ from typing import Any, Iterator, TextIO
 import numpy as np
 import torch
 
-from . import registry
+from . import model_source
 from .artifacts import ArtifactError, tensorrt_module, verify_artifacts
 from .config import ExportConfig
 from .io_contract import IOContract, io_contract, sample_inputs
@@ -82,9 +82,9 @@ def export_model(config: ExportConfig, *, quiet: bool = False) -> ExportResult:
     """Export a registry model; cheap checks (TensorRT present, name known, out writable) precede weight loading."""
     trt = tensorrt_module()
     check_opset(config.onnx_opset)
-    registry.check_model(config.model)  # cheap: an unknown name fails before any weights are read
+    model_source.check_model(config.model)  # cheap: an unknown name fails before any weights are read
     ensure_writable(config.out)
-    return export_unet(registry.load_model(config), config, quiet=quiet, trt=trt)
+    return export_unet(model_source.load_model(config), config, quiet=quiet, trt=trt)
 
 
 def check_opset(opset: int) -> None:

@@ -3,33 +3,7 @@
 What `tol` means, everywhere in srds_trt: the max-abs distance, in the units of x, between the sample a sampler
 returns and the serial sample (the N-step DDIM result from the same x_T) that the caller accepts.
 
-The rule sees, after each iteration p >= 1, the per-boundary changes
-
-    changes[b - 1] = max over images and elements of |U[p][b] - U[p-1][b]|,   b = 1..B
-
-(entries b < p are exactly 0: those boundaries stopped changing). Both executors compute exactly this vector:
-the reference sampler (sampling.py) on the host, the runtime (runtime/srds_runner.py) as one device reduction
-read back asynchronously. A non-finite change means NaN or Inf reached the state: the rule raises
-NonFiniteError, so no executor can hand such a sample back as an image.
-
-What the rule guarantees, measured (benchmarks/stopping.py, `python -m benchmarks.stopping [--batched|--variants]`,
-results/stopping): over the stress suite (Gaussian mixtures of several dims, widths and seeds, image
-by image; the digits UNet with and without guidance) and batched runs (benchmarks/cases.py's mixtures, 64-256
-images judged as one run, N = 196 and 1024), at tol 1e-2 and 1e-3 and on a denser grid 3e-2 .. 1e-4, no run
-returned a sample farther than tol from the serial one (worst 0.5x tol). Without the interior-within-tol term
-(INTERIOR_WEIGHT) the rule missed 1 of 52 batched runs at those two tols (gmm N=1024, 256 images, tol 1e-3:
-2.3e-3) and 7 on the dense grid (up to 137x tol, a mode flip at 3e-2); the term costs ~5% more sequential calls
-over the suite. The rule stops one or two iterations after the iterate from which the true error stays within
-tol (hard mixture rows: 54% at one, 94% within two, never more than 5).
-It needs two changes to see a contraction, so it accepts iteration 2 at the earliest (1 only when nothing
-changed). tol is what the rule aims at from changes alone, not a proof: a sample is guaranteed exact only at
-p = B, and tol = 0 runs there.
-
-The estimator (error_estimate) looks at the FINAL boundary, where tol is measured, not at the global max change:
-interior boundaries of a diffusion trajectory keep larger errors than the final sample (the flow contracts into
-the data modes), so a global residual stops 1-3 iterations late (the old rule: 156 calls where 94 sufficed).
-Its guards against false stops are the interior residual, which must shrink by INTERIOR_CONTRACTION per iteration,
-and must itself have come within tol (INTERIOR_WEIGHT).
+The full design note (what was measured, why these choices): docs/tol-and-stopping.md, section "Module notes: srds_trt/samplers/stopping.py".
 """
 
 from __future__ import annotations

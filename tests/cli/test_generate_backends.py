@@ -80,7 +80,7 @@ def test_pipeline_runtime_path_equals_reference_path():
 
 
 def test_one_warm_up_per_runner_and_first_call_timing_apart(monkeypatch):
-    """Issue 9 item 4: a cached runner is built (and captured) once; every call runs it exactly once."""
+    """A cached runner is built (and captured) once; every call runs it exactly once."""
     import torch
 
     from srds_trt import SRDSPipeline
@@ -165,7 +165,7 @@ def _tampered_copy(export, tmp_path, **request):
 
 @pytest.mark.slow
 def test_manifest_claiming_100000_rows_runs_in_bounded_memory(digits_export, tmp_path):
-    """Issue 10 item 2: buffers follow the run's rows, not the manifest's claim; peak RSS of the real CLI bounded."""
+    """Buffers follow the run's rows, not the manifest's claim; peak RSS of the real CLI bounded."""
     import resource
     import subprocess
     import sys

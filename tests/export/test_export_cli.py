@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from srds_trt.cli import export as cli
-from srds_trt.export import registry
+from srds_trt.export import model_source as registry
 from export_support import digits_like
 
 

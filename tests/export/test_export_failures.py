@@ -1,4 +1,4 @@
-"""Issue 10, export side: every failure through the CLI's entry point is one `error:` line, the documented exit
+"""Export failures: every failure through the CLI's entry point is one `error:` line, the documented exit
 code, and nothing left behind (no artifact folder, no `.tmp-*`, no created parents)."""
 from __future__ import annotations
 
