@@ -5,7 +5,8 @@ What grows with traffic's variety, and what bounds it here:
 - the runtime's runners (runtime.executor.RuntimeSampler._runners: buffers and CUDA graphs per (steps, images, ...)
   key) on the runtime path: an LRU under the byte budget (bytes counted from the tensors each runner holds; a
   CUDA graph's private pool is not visible to that count, but is freed with its runner);
-- --sampler auto's choices and observed iterations (per steps, images, tol): at most MAX_AUTO_ENTRIES each;
+- --sampler auto's choices, latency curves and observed iterations (per steps, images, tol): at most
+  MAX_AUTO_ENTRIES each (oldest out; an evicted curve is measured again when needed);
 - on the torch reference path (a CPU server) nothing is cached per shape: there the growth is glibc keeping freed
   arena memory (the dynamic mmap threshold grows, large tensors then come from arenas and are not returned);
   malloc_trim(0) after each job returns it.
@@ -44,7 +45,8 @@ class CacheBudget:
         for name in ("cache", "observed"):
             cache = getattr(planner, name, None)
             if isinstance(cache, dict):
-                choices = [k for k in cache if name == "observed" or (isinstance(k, tuple) and k[:1] == ("choice",))]
+                # choices, curves (the reference path keeps one per distinct widest call), observations: oldest out
+                choices = [k for k in cache if not (isinstance(k, tuple) and k[:1] == ("recorded",))]
                 for key in choices[:max(0, len(choices) - MAX_AUTO_ENTRIES)]:  # oldest first (insertion order)
                     del cache[key]
                     self.evictions += 1

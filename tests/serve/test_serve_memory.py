@@ -68,3 +68,18 @@ def test_lru_budget_evicts_least_recently_used_runner():
     shared = torch.zeros(MB // 4)  # two views of one storage count once
     pipe.runtime._runners["d"] = SimpleNamespace(x=shared[:10], y=shared[10:], engine=pipe.runtime.engine)
     assert CacheBudget(pipe, None).after_job() == 3 * MB
+
+
+def test_auto_planner_caches_stay_capped():
+    from types import SimpleNamespace
+
+    from srds_trt.serve.memory import MAX_AUTO_ENTRIES, CacheBudget
+
+    planner = SimpleNamespace(cache={("reference", i): {1: 1.0} for i in range(MAX_AUTO_ENTRIES + 5)},
+                              observed={(i, 0.01, True, "srds"): [3] for i in range(MAX_AUTO_ENTRIES + 2)})
+    planner.cache[("recorded", "x")] = "kept"
+    pipe = SimpleNamespace(runtime=None, auto=planner)
+    CacheBudget(pipe, None).after_job()
+    assert len(planner.cache) == MAX_AUTO_ENTRIES + 1 and ("recorded", "x") in planner.cache
+    assert ("reference", 0) not in planner.cache and ("reference", MAX_AUTO_ENTRIES + 4) in planner.cache
+    assert len(planner.observed) == MAX_AUTO_ENTRIES
