@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "shapes and torch version)")
     p.add_argument("--quiet", action="store_true", help="no staged log")
     p.add_argument("--triton-repo", type=Path, default=None,
-                   help="also write a Triton model repository here (srds_trt.triton_repo: UNet plan + sampler model)")
+                   help="also write a Triton model repository here (srds_trt.serve.triton: UNet plan + sampler model)")
     return p.parse_args(argv)
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the pipeline removed its temporary folder on the way out
         return _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
     if args.triton_repo is not None:
-        from ..triton_repo import TritonRepoError, write_triton_repo
+        from ..serve.triton.repo import TritonRepoError, write_triton_repo
 
         try:
             write_triton_repo(result.folder, args.triton_repo)
