@@ -260,11 +260,12 @@ def test_a_billion_images_stream_in_bounded_memory(tmp_path):
                 continue
             done = int(line.split(": chunk ")[1].split("/")[0])
             rss.append(_rss_mb(child.pid))
-            if done >= 25:
+            if done >= 40:
                 break
-        assert len(rss) >= 25, "the run printed no chunk lines"
-        # after the first chunks (imports, the model, allocator warm-up) memory does not grow with the images written
-        assert max(rss[5:]) - rss[4] < 50, rss
+        assert len(rss) >= 40, "the run printed no chunk lines"
+        # no trend: the second 20 chunks (5,120 more images written) hold no more than the first 20 did, give or take
+        # the allocator's churn (~100 MB here); holding every image would add ~250 MB per second
+        assert max(rss[20:]) < max(rss[:20]) + 100, rss
         assert max(rss) < 2000, rss
     finally:
         child.send_signal(signal.SIGINT)
