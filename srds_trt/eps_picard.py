@@ -95,7 +95,7 @@ from torch import Tensor
 
 from .sampling import Model, SampleResult, check_grid, state_dtype
 from .paradigms import window_result, window_width
-from .solvers import alphas_at, check_solver, ddim_coefficients
+from .samplers.solver import resolve_solver
 from .stopping import DEFAULT_TOL, check_finite, check_tol
 
 
@@ -182,7 +182,7 @@ def eps_picard_sample(
     corrections are w SEQUENTIAL derivative calls, which sequential_calls does not count. It measures what an
     exact Jacobian would buy the sliding window (benchmarks/newton_bound.py: the bound on the digits rows).
     """
-    check_solver("ddim", prediction_type)
+    ode = resolve_solver(alphas_cumprod, prediction_type)
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     steps = len(timesteps) - 1
@@ -198,12 +198,12 @@ def eps_picard_sample(
     extrapolate_span = int(extrapolate_span)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
     c_x, c_out = c_x.tolist(), c_out.tolist()  # python floats: the recurrence is serial_sample's update, op for op
-    # the warm start's extrapolation variable: lambda = log sqrt(alpha / (1 - alpha)) at the evaluated points
-    lam = (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
-    prior = prior_slopes(alphas[:-1], prediction_type).tolist()
+    # the warm start's extrapolation variable at the evaluated points: DDIM lambda = log sqrt(alpha / (1 - alpha)),
+    # flow sigma (samplers/solver.py)
+    lam = ode.extrapolation_coordinate(timesteps[:-1]).tolist()
+    prior = ode.prior_slope(timesteps[:-1]).tolist()
     times = timesteps.to(device)
 
     points = x.to(dtype).unsqueeze(0).repeat(steps + 1, *([1] * x.dim()))  # points[j]: state at t_j

@@ -12,7 +12,9 @@ Stopping (what `tol` means) lives in stopping.py: one StoppingRule for this refe
 reproduced (to float rounding). NaN/Inf anywhere in the state raises stopping.NonFiniteError.
 
 Every sampler returns one result type, SampleResult, and registers in SAMPLERS (name -> function with the contract
-`(model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options) -> SampleResult`).
+`(model, x, timesteps, alphas_cumprod, *, tol, prediction_type, **options) -> SampleResult`). The solver is a
+parameter of every sampler (samplers/solver.py): `alphas_cumprod` is a DDIM table or a Solver object such as
+samplers.flow.FlowMatchEuler() (then `timesteps` is the sigma grid and the model predicts the velocity).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .schedule import Plan, build_tick_plan
-from .solvers import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update, parareal_update
+from .samplers.solver import Solver, resolve_solver
+from .solvers import as_grid, ddim_update, parareal_update
 from .stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_finite, check_tol, window_accept_tol
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -83,14 +86,13 @@ def serial_sample(
     timesteps: Tensor,
     alphas_cumprod: Tensor,
     *,
-    solver: str = "ddim",
+    solver: str | None = None,
     prediction_type: str = "epsilon",
 ) -> Tensor:
-    """The reference: N sequential DDIM steps t_0 -> t_1 -> ... -> t_N."""
-    check_solver(solver, prediction_type)
+    """The reference: N sequential solver steps t_0 -> t_1 -> ... -> t_N (DDIM, or flow Euler on a sigma grid)."""
+    step = resolve_solver(alphas_cumprod, prediction_type, solver)
     timesteps = check_grid(x, timesteps)
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    c_x, c_out = step.coefficients(timesteps[:-1], timesteps[1:])
     state = x.to(state_dtype(x))
     for i in range(len(timesteps) - 1):
         out = model(state, timesteps[i].expand(x.shape[0]).to(x.device))
@@ -105,7 +107,7 @@ def srds_sample(
     timesteps: Tensor,
     alphas_cumprod: Tensor,
     *,
-    solver: str = "ddim",
+    solver: str | None = None,
     prediction_type: str = "epsilon",
     tol: float = DEFAULT_TOL,
     num_blocks: int | None = None,
@@ -121,11 +123,11 @@ def srds_sample(
     iterates, fewer sequential calls; pipelined=False runs iteration by iteration (the textbook schedule).
     progress(iteration, residual) is called after each Parareal iteration.
     """
-    check_solver(solver, prediction_type)
+    step = resolve_solver(alphas_cumprod, prediction_type, solver)
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     plan = build_tick_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
-    return _run_plan(model, x, plan, timesteps, alphas_cumprod, prediction_type, tol, progress)
+    return _run_plan(model, x, plan, timesteps, step, tol, progress)
 
 
 def _run_plan(
@@ -133,17 +135,15 @@ def _run_plan(
     x: Tensor,
     plan: Plan,
     timesteps: Tensor,
-    alphas_cumprod: Tensor,
-    prediction_type: str,
+    ode: Solver,
     tol: float,
     progress: Callable[[int, float], None] | None,
 ) -> SampleResult:
     """Walk the plan tick by tick: one model call per tick, then form the boundaries that became ready."""
     batch, bounds, blocks = x.shape[0], plan.bounds, plan.num_blocks
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    fine_cx, fine_cout = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    fine_cx, fine_cout = ode.coefficients(timesteps[:-1], timesteps[1:])
     starts, ends = list(bounds[:-1]), list(bounds[1:])
-    coarse_cx, coarse_cout = ddim_coefficients(alphas[starts], alphas[ends], prediction_type)
+    coarse_cx, coarse_cout = ode.coefficients(timesteps[starts], timesteps[ends])
 
     x0 = x.to(state_dtype(x))
     U: dict[tuple[int, int], Tensor] = {}  # boundary states U[p][b] (b >= 1)
@@ -225,7 +225,7 @@ def serial_result(
     *,
     tol: float = 0.0,
     prediction_type: str = "epsilon",
-    solver: str = "ddim",
+    solver: str | None = None,
 ) -> SampleResult:
     """serial_sample in the SAMPLERS contract (tol is accepted and meaningless: the serial sample is exact)."""
     check_tol(tol)

@@ -119,6 +119,17 @@ class FlowMatchEuler:
         s = torch.as_tensor(grid, dtype=torch.float64)
         return (2 * s - 1) / ((1 - s) ** 2 + s**2)
 
+    def noise_variance(self, grid: Tensor) -> Tensor:
+        """ParaDiGMS's per-point threshold variance on a flow grid: the DDPM step variance of the equivalent
+        variance-preserving process (x / r with r^2 = (1 - s)^2 + s^2, alpha = (1 - s)^2 / r^2), in the flow
+        state's units at the point it is compared at (r_{j+1}^2); 0 at the last point, as for DDIM."""
+        s = torch.as_tensor(grid, dtype=torch.float64)
+        r2 = (1 - s) ** 2 + s**2
+        a = (1 - s) ** 2 / r2
+        a_from, a_to = a[:-1], a[1:]
+        var = (1 - a_to) / (1 - a_from) * (1 - a_from / a_to) * r2[1:]
+        return torch.cat([var, var.new_zeros(1)])
+
 
 @dataclass(frozen=True)
 class FlowGaussianMixture:
