@@ -42,7 +42,8 @@ from torch import Tensor
 
 from ..sampling import SampleResult
 from ..schedule import Plan, build_tick_plan
-from ..solvers import as_grid, check_solver
+from ..samplers.solver import resolve_solver
+from ..solvers import as_grid
 from ..stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
 from .cuda_graphs import capture_graph
 from .engine_call import load_conditioning
@@ -105,7 +106,7 @@ class SRDSRunner:
         noise_floor: float = 0.0,
         lookahead: int = 2,
     ):
-        check_solver("ddim", prediction_type)
+        resolve_solver(alphas_cumprod, prediction_type)  # validated before any buffer is allocated
         on_cuda = engine.device.type == "cuda"
         self.coarse = _check_coarse(coarse, engine, on_cuda)
         if batch < 1:
