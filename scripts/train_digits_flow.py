@@ -51,7 +51,9 @@ def sampling_scheduler_config(shift: float) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
-    return dict(scheduler.config)
+    # the class name tells srds_trt.models.registry (and diffusers' from_pretrained) this is a flow model
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler",
+            **{k: v for k, v in scheduler.config.items() if not k.startswith("_")}}
 
 
 def main(argv: list[str] | None = None) -> None:

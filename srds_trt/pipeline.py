@@ -194,9 +194,7 @@ class SRDSPipeline:
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
         x_all = latents.cpu() if latents is not None else torch.randn(expected, generator=generator, device=generator.device)
-        timesteps, alphas_cumprod = ddim_grid(self.loaded.scheduler_config, num_inference_steps)
-        alphas_cumprod = alphas_cumprod.to(self.device)
-        prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)
+        timesteps, alphas_cumprod, prediction_type = solver_grid(self.loaded, num_inference_steps, self.device)
 
         stats: dict[str, Any] = {
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
@@ -696,3 +694,16 @@ def _vae_decoder(vae, scaling_factor: float) -> Callable[[Tensor], Tensor]:
         return vae.decode(latents.to(vae.dtype) / scaling_factor).sample.clamp(-1, 1)
 
     return decode
+
+
+def solver_grid(loaded: LoadedUNet, steps: int, device) -> tuple[Tensor, Any, str]:
+    """(grid, schedule, prediction_type) the samplers run: DDIM timesteps + alphas_cumprod, or for a flow model the
+    scheduler's sigma grid + the flow Euler solver (samplers/flow.py)."""
+    if loaded.spec.prediction_type == "flow":
+        from .samplers.flow import FLOW_PREDICTION, FlowMatchEuler, flow_sigmas
+
+        seq = (loaded.sample_shape[1] // 2) * (loaded.sample_shape[2] // 2)  # the pipelines' image_seq_len
+        return flow_sigmas(loaded.scheduler_config, steps, image_seq_len=seq), FlowMatchEuler(), FLOW_PREDICTION
+    timesteps, alphas_cumprod = ddim_grid(loaded.scheduler_config, steps)
+    prediction_type = loaded.scheduler_config.get("prediction_type", loaded.spec.prediction_type)
+    return timesteps, alphas_cumprod.to(device), prediction_type
