@@ -1,6 +1,6 @@
 """What the samplers are benchmarked on: a model contract, starting noise, a DDIM grid per N, and a scorer.
 
-- gmm: the analytic Gaussian mixture (srds_trt.analytic.hard_mixture): its model is exact, so serial DDIM is
+- gmm: the analytic Gaussian mixture (srds_trt.models.analytic.hard_mixture): its model is exact, so serial DDIM is
   the exact solution of the sampler's ODE and every difference is the parallel sampler's own error. Its schedule is
   a cosine one (squaredcos_cap_v2) over 1024 training steps, so N = 1024 is a valid grid, with
   "linspace" spacing (t_0 = 1023 down to 0, then the clean end): diffusers' "trailing" spacing returns N + 1
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.timesteps import ddim_grid
 
 CASES = ("gmm", "digits", "digits-random")
 
@@ -32,7 +32,7 @@ CASES = ("gmm", "digits", "digits-random")
 # narrow modes in 2-D, "hard2"), wider and higher-dimensional mixtures with uneven weights, so that a sampler is
 # not tuned to one geometry. name -> (dim, modes, std, seed of means/weights, spread of the means, uneven weights).
 MIXTURES = {
-    "hard2": None,  # srds_trt.analytic.hard_mixture (dim 2, 8 modes, std 0.05)
+    "hard2": None,  # srds_trt.models.analytic.hard_mixture (dim 2, 8 modes, std 0.05)
     "wide2": dict(dim=2, modes=3, std=0.3, seed=3, spread=2.0, uneven=True),
     "mix16": dict(dim=16, modes=6, std=0.1, seed=1, spread=2.0, uneven=True),
     "mix64": dict(dim=64, modes=10, std=0.2, seed=2, spread=1.0, uneven=True),
@@ -82,7 +82,7 @@ def build_case(name: str, *, images: int, device: torch.device, seed: int = 0) -
 def mixture(alphas_cumprod: Tensor, *, dim: int, modes: int, std: float, seed: int, spread: float = 2.0,
             uneven: bool = False):
     """A seeded analytic mixture: means N(0, spread^2 I), one std, weights uniform or uniform(0.2, 1.2) normalised."""
-    from srds_trt.analytic import GaussianMixture
+    from srds_trt.models.analytic import GaussianMixture
 
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(modes, dim, generator=gen, dtype=torch.float64) * spread
@@ -93,7 +93,7 @@ def mixture(alphas_cumprod: Tensor, *, dim: int, modes: int, std: float, seed: i
 
 def mixture_case(name: str, *, images: int, device: torch.device, seed: int = 0) -> Case:
     """One of MIXTURES on the GMM_SCHEDULER grid, float64, `images` samples."""
-    from srds_trt.analytic import hard_mixture
+    from srds_trt.models.analytic import hard_mixture
 
     _, alphas = ddim_grid(GMM_SCHEDULER, 1)
     spec = MIXTURES[name]
@@ -107,7 +107,7 @@ def mixture_case(name: str, *, images: int, device: torch.device, seed: int = 0)
 
 
 def _gmm_case(images: int, device: torch.device, seed: int) -> Case:
-    from srds_trt.analytic import hard_mixture
+    from srds_trt.models.analytic import hard_mixture
 
     _, alphas = ddim_grid(GMM_SCHEDULER, 1)
     gmm = hard_mixture(alphas)
@@ -117,7 +117,7 @@ def _gmm_case(images: int, device: torch.device, seed: int) -> Case:
 
 
 def _digits_case(images: int, device: torch.device, seed: int, random_weights: bool) -> Case:
-    from srds_trt.guidance import classifier_free_guidance
+    from srds_trt.samplers.guidance import classifier_free_guidance
     from srds_trt.models import load_unet, unet_model_fn
     from srds_trt.models.registry import KNOWN_MODELS
 

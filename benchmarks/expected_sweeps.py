@@ -2,7 +2,7 @@
 
     python -m benchmarks.expected_sweeps [--tol T] [--out FILE] [--quick]
 
-srds_trt.autotune predicts a sliding-window sampler's sequential calls as a * N / w + b sweeps at the tol asked
+srds_trt.autotune.pricing predicts a sliding-window sampler's sequential calls as a * N / w + b sweeps at the tol asked
 (autotune.WINDOW_SWEEPS: fits at tol 1e-2, 1e-3, 1e-4, i.e. `--tol 1e-2`, the default and `--tol 1e-4`; committed
 as benchmarks/results/expected-sweeps-2026-11-27c{-tol1e-2,,-tol1e-4}.json). This runs the registry's samplers
 (sampling.SAMPLERS: `tol` = max-abs distance to serial, run at the calibrated per-point threshold
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from srds_trt.autotune import window_widths
-from srds_trt.paradigms import WINDOW_SAMPLERS
-from srds_trt.sampling import SAMPLERS, serial_sample
-from srds_trt.stopping import DEFAULT_TOL
+from srds_trt.autotune.pricing import window_widths
+from srds_trt.samplers.paradigms import WINDOW_SAMPLERS
+from srds_trt.samplers import SAMPLERS, serial_sample
+from srds_trt.samplers.stopping import DEFAULT_TOL
 
 from .cases import MIXTURES, build_case, mixture_case
 

@@ -23,7 +23,7 @@ import torch
 
 from srds_trt.runtime import SerialRunner, SRDSRunner
 from srds_trt.runtime.engines.factory import torch_engine
-from srds_trt.noise_schedule import ddim_grid
+from srds_trt.samplers.timesteps import ddim_grid
 
 
 def sync(device):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from srds_trt.autotune import interpolate_ms
+from srds_trt.autotune.pricing import interpolate_ms
 
 ROWS_PER_POINT = 2  # one image, CFG doubles the rows of every call
 

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from srds_trt.eps_picard import eps_picard_sample
-from srds_trt.paradigms import paradigms_sample
-from srds_trt.sampling import serial_sample
+from srds_trt.samplers.eps_picard import eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.paradigms import paradigms_sample
+from srds_trt.samplers import serial_sample
 
 from .cases import MIXTURES, CaseUnavailable, build_case, mixture_case
 from .run import RESULTS_DIR, machine_info
@@ -182,7 +182,7 @@ def bench(case, steps_list, ablations, *, coarse_from: int | None, bar, log, lar
         for window in (width, 2 * width):
             runs += _sweep(lambda tol: one("paradigms", paradigms_sample, window, tol), pd_tols, log_run)
         for name in ablations:
-            runs += _sweep(lambda tol: one(name, eps_picard_sample, min(2 * width, steps), tol, **ABLATIONS[name]),
+            runs += _sweep(lambda tol: one(name, eps_picard_experiment, min(2 * width, steps), tol, **ABLATIONS[name]),
                            ep_tols, log_run)
     return runs
 

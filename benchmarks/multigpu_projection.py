@@ -1,6 +1,6 @@
-"""PROJECTED (not measured) wall clock of SD2-base sampling on 1/2/4/8 GPUs with srds_trt.distributed's layout.
+"""PROJECTED (not measured) wall clock of SD2-base sampling on 1/2/4/8 GPUs with srds_trt.runtime.distributed's layout.
 
-Every number here is `--sampler auto`'s own prediction (srds_trt.autotune.choose, every candidate it prices): a
+Every number here is `--sampler auto`'s own prediction (srds_trt.autotune.pricing.choose, every candidate it prices): a
 tick of R engine rows on K GPUs costs latency(ceil(R / K)) + allgather_ms (K > 1), latency from the H200
 CUDA-graph curve of SD2-base (fp16, 64x64 latents, /work/shared/DESIGN.md), one image, classifier-free guidance
 (2 engine rows per state row); sequential calls from auto's expectations at --tol (SRDS: the Parareal iterations
@@ -21,8 +21,8 @@ import datetime
 import json
 from pathlib import Path
 
-from srds_trt.autotune import GPU_SWEEP_OVERHEAD_MS, SRDS_ITERATIONS, WINDOW_SWEEPS, choose
-from srds_trt.stopping import DEFAULT_TOL
+from srds_trt.autotune.pricing import GPU_SWEEP_OVERHEAD_MS, SRDS_ITERATIONS, WINDOW_SWEEPS, choose
+from srds_trt.samplers.stopping import DEFAULT_TOL
 
 # H200, torch 2.11, SD2-base UNet, CUDA graph, ms per call (DESIGN.md "This workplace's facts")
 H200_SD2_MS = {1: 9.2, 2: 11.5, 4: 15.8, 8: 25.3, 16: 45.0, 32: 86.3}
@@ -56,12 +56,12 @@ def project(allgather_ms: float, tol: float = DEFAULT_TOL) -> dict:
     return {"kind": "PROJECTED", "date": datetime.date.today().isoformat(), "latency_curve_ms": H200_SD2_MS,
             "latency_source": "H200 SD2-base CUDA graph, fp16, /work/shared/DESIGN.md", "allgather_ms": allgather_ms,
             "tol": tol,
-            "assumptions": {"model": "srds_trt.autotune.choose (what --sampler auto predicts)",
+            "assumptions": {"model": "srds_trt.autotune.pricing.choose (what --sampler auto predicts)",
                             "srds_iterations_by_tol": {str(k): v for k, v in SRDS_ITERATIONS.items()},
                             "window_sweeps_by_tol": {n: {str(k): v for k, v in t.items()} for n, t in WINDOW_SWEEPS.items()},
                             "sweep_overhead_ms": GPU_SWEEP_OVERHEAD_MS, "images": 1,
                             "guidance": "2 engine rows per state",
-                            "layout": "rows sharded over ranks, one all-gather per tick (srds_trt.distributed); "
+                            "layout": "rows sharded over ranks, one all-gather per tick (srds_trt.runtime.distributed); "
                                       "serial splits only its two guidance rows"},
             "published": PUBLISHED, "rows": rows}
 

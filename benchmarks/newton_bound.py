@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srds_trt.eps_picard import default_window, eps_picard_sample
-from srds_trt.sampling import serial_sample
+from srds_trt.samplers.eps_picard import eps_picard_experiment, eps_picard_sample
+from srds_trt.samplers.window import default_window
+from srds_trt.samplers import serial_sample
 
 from .cases import MIXTURES, build_case, mixture_case
 from .matched import EPS_PICARD_TOLS, TARGETS, _sweep, _Width, matched, measure
@@ -76,14 +77,14 @@ def bench(case, steps_list, log) -> tuple[list, dict[tuple[str, int, float], int
         model = _Width(case.model, images)
         with torch.inference_mode():
             reference = serial_sample(model, case.x, timesteps, alphas, prediction_type=case.prediction_type)
-        window = default_window(steps)
+        window = default_window("eps-picard", steps)
 
         def quasi_newton(tol):
             return measure(case, model, timesteps, alphas, reference, "eps-picard", eps_picard_sample, window, tol)
 
         def newton(tol):
             jvp = FiniteDifferenceJVP(case.model)
-            run = measure(case, model, timesteps, alphas, reference, "eps-picard-newton", eps_picard_sample, window,
+            run = measure(case, model, timesteps, alphas, reference, "eps-picard-newton", eps_picard_experiment, window,
                           tol, jvp=jvp)
             jvp_calls[run.case, run.steps, run.tol] = jvp.calls
             return run

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from srds_trt.eps_picard import eps_picard_sample
-from srds_trt.paradigms import paradigms_sample
-from srds_trt.sampling import serial_sample, srds_sample
+from srds_trt.samplers.eps_picard import eps_picard_sample
+from srds_trt.samplers.paradigms import paradigms_sample
+from srds_trt.samplers import serial_sample, srds_sample
 
 from .cases import CASES, Case, CaseUnavailable, build_case
 from .latency import CURVES, projected_ms

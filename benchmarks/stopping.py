@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srds_trt.schedule import block_bounds, build_tick_plan
-from srds_trt.solvers import alphas_at, ddim_coefficients, ddim_update
-from srds_trt.stopping import StoppingRule
+from srds_trt.samplers.plan import block_bounds, build_tick_plan
+from srds_trt.samplers.ddim import alphas_at, ddim_coefficients, ddim_update
+from srds_trt.samplers.stopping import StoppingRule
 
 CACHE = Path("/tmp/srds-stopping-cache")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,8 +115,8 @@ class Case:
 
 
 def _gmm(case: Case):
-    from srds_trt.analytic import GaussianMixture
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.models.analytic import GaussianMixture
+    from srds_trt.samplers.timesteps import ddim_grid
 
     _, dim, modes, std, seed = case.name.split("-")
     dim, modes, std, seed = int(dim[1:]), int(modes[1:]), float(std[1:]), int(seed[4:])
@@ -130,9 +130,9 @@ def _gmm(case: Case):
 
 
 def _digits(case: Case):
-    from srds_trt.guidance import classifier_free_guidance
+    from srds_trt.samplers.guidance import classifier_free_guidance
     from srds_trt.models import load_unet, unet_model_fn
-    from srds_trt.noise_schedule import ddim_grid
+    from srds_trt.samplers.timesteps import ddim_grid
 
     loaded = load_unet("digits")
     cond = torch.arange(case.images) % 10

@@ -1,7 +1,7 @@
 """Low-latency Self-Refining Diffusion Samplers (Parareal SRDS). `import srds_trt` stays cheap: the pipeline
 (torch, diffusers) loads on first use of `srds_trt.SRDSPipeline`."""
 
-__all__ = ["SRDSPipeline", "SRDSPipelineOutput"]
+__all__ = ["Cancelled", "ConvergenceReport", "SRDSPipeline", "SRDSPipelineOutput"]
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from srds_trt import SRDSPipeline
-from srds_trt.schedule import default_num_blocks
+from srds_trt.samplers.plan import default_num_blocks
 from tiny_sd import RESOLUTION, build_tiny_sd
 
 
@@ -94,7 +94,7 @@ def test_two_pipelines_do_not_interfere(digits, tiny_sd32):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt="a"), "digits 0..9"), (dict(prompt=["1", "12"]), "digits 0..9"),
     (dict(num_inference_steps=0), "steps"), (dict(tol=-1.0), "tol"), (dict(num_blocks=9, num_inference_steps=8), "blocks"),
-    (dict(sampler="euler"), "sampler"), (dict(num_images_per_prompt=0), "num-images")])
+    (dict(sampler="euler"), "sampler"), (dict(num_images_per_prompt=0), "num_images")])
 def test_bad_arguments_are_refused(digits, kwargs, match):
     with pytest.raises(ValueError, match=match):
         digits(**{"prompt": "1", **kwargs}, progress_bar=False)

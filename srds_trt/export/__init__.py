@@ -10,7 +10,7 @@ from .config import ExportConfig, ExportConfigError
 def __getattr__(name: str):
     # The pipeline pulls in torch and diffusers; load it only when asked for.
     if name in ("export_model", "export_unet", "ExportError", "ExportResult"):
-        from . import pipeline
+        from . import build as pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(name)

@@ -13,14 +13,14 @@ Layout (one idea per module, in the order data flows):
     window_runner.py WindowRunner: eps-Picard and ParaDiGMS sweeps as one captured program, one host read per sweep
     sampler.py       RuntimeSampler: what the pipeline calls; one engine and cached runners per pipeline
 
-The runtime owns device state (streams, graphs, buffers); samplers (srds_trt.sampling) stay pure functions.
+The runtime owns device state (streams, graphs, buffers); samplers (srds_trt.samplers.srds) stay pure functions.
 """
 
 from .engines import BucketIO, Engine, EngineError, EngineSpec, TorchEngine
 from .serial_runner import SerialRunner
-from ..stopping import NonFiniteError
-from .srds_runner import COARSE_MODES, RunResult, SRDSRunner
-from .window_runner import WINDOW_SAMPLERS, WindowRunner
+from ..samplers.stopping import NonFiniteError
+from .srds.runner import COARSE_MODES, RunResult, SRDSRunner
+from .window.runner import WINDOW_SAMPLERS, WindowRunner
 
 __all__ = [
     "COARSE_MODES", "BucketIO", "Engine", "EngineError", "EngineSpec", "NonFiniteError", "RunResult", "SRDSRunner",

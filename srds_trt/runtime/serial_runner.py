@@ -9,13 +9,13 @@ counter, like the SRDS programs: a step is one graph replay, no host-to-device c
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..samplers.ddim import as_grid, ddim_update
 from ..samplers.solver import resolve_solver
-from ..solvers import as_grid, ddim_update
 from .cuda_graphs import CapturedGraph, capture_graph
 from .engine_call import guided_call, load_conditioning
 from .engines.base import Engine
@@ -68,8 +68,10 @@ class SerialRunner:
         if self.step_program.failure is not None:
             self.capture_failures["step"] = self.step_program.failure
 
-    def run(self, x: Any, cond: Any, uncond: Any = None, *, guidance_scale: float = 1.0, stream: Any = None) -> Tensor:
-        """The serial sample from x (tensor or DLPack); ordered on the host's `stream` like SRDSRunner.run."""
+    def run(self, x: Any, cond: Any, uncond: Any = None, *, guidance_scale: float = 1.0, stream: Any = None,
+            step: Callable[[], None] | None = None) -> Tensor:
+        """The serial sample from x (tensor or DLPack); ordered on the host's `stream` like SRDSRunner.run.
+        step() is called on the host after each step is enqueued (no sync: progress, cancellation)."""
         x, cond = as_tensor(x, "x"), as_tensor(cond, "cond")
         uncond = None if uncond is None else as_tensor(uncond, "uncond")
         host = host_stream(stream, self.device)
@@ -82,4 +84,6 @@ class SerialRunner:
             self._step_index.zero_()
             for _ in range(self.steps):
                 self.step_program.run()
+                if step is not None:
+                    step()
             return self.state.to(x.dtype, copy=True)

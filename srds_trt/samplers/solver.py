@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..solvers import PREDICTION_TYPES, alphas_at, ddim_coefficients
+from .ddim import PREDICTION_TYPES, alphas_at, ddim_coefficients
 from .flow import FLOW_PREDICTION, FlowMatchEuler
 
 SOLVERS = ("ddim", "flow-euler")
@@ -57,7 +57,7 @@ class DDIMSolver:
 
     def prior_slope(self, grid: Tensor) -> Tensor:
         """d out / d x for unit-variance Gaussian data: sqrt(1 - alpha) for epsilon, 0 for v (eps_picard.py)."""
-        from ..eps_picard import prior_slopes  # eps_picard imports the samplers that import this module
+        from .eps_picard import prior_slopes  # eps_picard imports the samplers that import this module
 
         return prior_slopes(self.alphas(grid), self.prediction_type)
 
@@ -68,7 +68,7 @@ class DDIMSolver:
 
     def noise_variance(self, grid: Tensor) -> Tensor:
         """ParaDiGMS's sigma_j^2 for the points j = 0..N (paradigms.step_noise_variance)."""
-        from ..paradigms import step_noise_variance  # paradigms imports the samplers that import this module
+        from .paradigms import step_noise_variance  # paradigms imports the samplers that import this module
 
         return step_noise_variance(self.alphas(grid))
 
@@ -95,3 +95,19 @@ def resolve_solver(schedule, prediction_type: str = "epsilon", name: str | None 
     if name is not None and name != solver.name:
         raise ValueError(f"solver must be one of {SOLVERS} and match the schedule ({solver.name!r}), got {name!r}")
     return solver
+
+
+def solver_grid(scheduler_config: dict, steps: int, prediction_type: str,
+                sample_shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | FlowMatchEuler, str]:
+    """(grid, schedule, prediction_type) a model's samplers run for N = `steps`: DDIM timesteps + alphas_cumprod
+    (timesteps.ddim_grid), or for a flow model the scheduler's sigma grid + the flow Euler solver, its dynamic shift
+    from the latent's token count ((h / 2) (w / 2), as the SD3 / Flux pipelines count it)."""
+    if prediction_type == FLOW_PREDICTION or scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        from .flow import flow_sigmas
+
+        seq = (sample_shape[-2] // 2) * (sample_shape[-1] // 2) if sample_shape is not None else None
+        return flow_sigmas(scheduler_config, steps, image_seq_len=seq), FlowMatchEuler(), FLOW_PREDICTION
+    from .timesteps import ddim_grid
+
+    timesteps, alphas_cumprod = ddim_grid(scheduler_config, steps)
+    return timesteps, alphas_cumprod, scheduler_config.get("prediction_type", prediction_type)

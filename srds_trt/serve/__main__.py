@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..generate import EXIT_USAGE, UsageError, _Parser
+from ..cli.generate import EXIT_USAGE, UsageError, _Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def _server_class():
 def _config(args):
     from ..models import UnknownModelError, resolve_model
     from ..pipeline import DEFAULT_STEPS, check_run_args
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
     from .app import ServeConfig
     from .batching import BatchConfig
 

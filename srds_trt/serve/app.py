@@ -144,6 +144,6 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _default_tol() -> float:
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
 
     return DEFAULT_TOL

@@ -175,7 +175,7 @@ def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_imag
 
 
 def _default_tol() -> float:
-    from ..sampling import DEFAULT_TOL
+    from ..samplers import DEFAULT_TOL
 
     return DEFAULT_TOL
 

@@ -1,0 +1,217 @@
+"""Every failure of `python -m srds_trt.generate` is one line, a documented exit code, and nothing written.
+
+Refusals that need no model run in-process through generate.main (the real argument parser and checks, no
+import cost per case); numerical failures and interrupts inject a broken model into the real pipeline; a few cases
+run the real command in a subprocess (import, signals, exit status as a shell sees them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from srds_trt.cli import generate
+from srds_trt.cli.generate import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, main
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("srds_trt.generate: error:"), err
+    assert all(w in lines[0] for w in words), (words, err)
+
+
+def leftovers(folder):
+    """Anything a run left beside --out (temporary folders included)."""
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--guidance-scale", "nan"], ["--guidance-scale"]),
+    (["--guidance-scale", "inf"], ["--guidance-scale"]),
+    (["--guidance-scale", "1e30"], ["--guidance-scale"]),
+    (["--guidance-scale", "-5"], ["--guidance-scale"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--seed", str(2**64)], ["--seed"]),
+    (["--device", "tpu9"], ["--device", "tpu9"]),
+    (["--resolution", "32"], ["--resolution", "digits"]),
+    (["--steps", "8193"], ["--steps"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--tol", "nan"], ["--tol"]),
+    (["--blocks", "0"], ["--blocks"]),
+    (["--num-images", "-3"], ["--num-images"]),
+    (["--sampler", "euler"], ["--sampler"]),
+    (["--prompt", "3", "--prompt", "x"], ["--prompt"]),  # a repeated --prompt is read whole, not dropped
+    (["--backend", "tensorrt", "--device", "cpu"], ["--backend tensorrt", "CUDA"]),
+])
+def test_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, words):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("srds_trt.pipeline.SRDSPipeline.from_pretrained", no_load)
+    out = tmp_path / "out"
+    rc, stdout, err = run([*argv, "--out", str(out)], capsys)
+    assert rc == EXIT_USAGE and stdout == ""
+    assert_one_error_line(err, *words)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("srds_trt.pipeline.SRDSPipeline.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    rc, _, err = run(["--device", "cuda", "--out", str(tmp_path / "o")], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, "--device cuda", "--device cpu")
+
+
+def test_non_empty_out_is_refused_and_left_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.png").write_text("stale")
+    rc, _, err = run(["--out", str(out), "--steps", "2"], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, "--out", "--overwrite")
+    assert leftovers(out) == ["old.png"] and leftovers(tmp_path) == ["out"]
+
+
+def test_help_shows_defaults_examples_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: 100)" in text and "(default: srds)" in text and "(default: True)" in text  # --pipelined on
+    assert "examples:" in text and "exit codes:" in text and "130" in text
+
+
+class _Broken:
+    """A cond_model wrapper: NaN from a given call on, or a wrong batch size."""
+
+    def __init__(self, model, mode: str, after: int = 3):
+        self.model, self.mode, self.after, self.calls = model, mode, after, 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        out = self.model(x, t, cond)
+        if self.mode == "nan" and self.calls > self.after:
+            return out * float("nan")
+        if self.mode == "batch":
+            return out[:1]
+        return out
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from srds_trt import SRDSPipeline
+
+    return SRDSPipeline.from_pretrained("digits")
+
+
+def broken_pipeline(monkeypatch, digits, mode):
+    monkeypatch.setattr(digits, "cond_model", _Broken(digits.cond_model, mode))
+    monkeypatch.setattr("srds_trt.pipeline.SRDSPipeline.from_pretrained", classmethod(lambda cls, *a, **k: digits))
+
+
+@pytest.mark.parametrize("sampler", ["srds", "serial", "paradigms"])
+def test_nan_model_exits_3_with_nothing_written(tmp_path, capsys, monkeypatch, digits, sampler):
+    broken_pipeline(monkeypatch, digits, "nan")
+    out = tmp_path / "out"
+    rc, stdout, err = run(["--out", str(out), "--steps", "6", "--prompt", "3", "--sampler", sampler, "--quiet"], capsys)
+    assert rc == EXIT_NONFINITE and stdout == ""
+    assert_one_error_line(err, "NaN")
+    assert leftovers(tmp_path) == []
+
+
+def test_nan_under_compare_serial_is_caught_on_both_paths(tmp_path, capsys, monkeypatch, digits):
+    broken_pipeline(monkeypatch, digits, "nan")
+    rc, _, err = run(["--out", str(tmp_path / "o"), "--steps", "6", "--prompt", "3", "--compare-serial", "--quiet"],
+                     capsys)
+    assert rc == EXIT_NONFINITE and leftovers(tmp_path) == []
+
+
+def test_wrong_batch_size_is_an_error_not_a_broadcast(tmp_path, capsys, monkeypatch, digits):
+    broken_pipeline(monkeypatch, digits, "batch")
+    rc, _, err = run(["--out", str(tmp_path / "o"), "--steps", "4", "--prompt", "3", "7", "--quiet"], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, "shape")
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_exits_130_with_one_line_and_nothing_written(tmp_path, capsys, monkeypatch, digits):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digits, "cond_model", interrupted)
+    monkeypatch.setattr("srds_trt.pipeline.SRDSPipeline.from_pretrained", classmethod(lambda cls, *a, **k: digits))
+    rc, _, err = run(["--out", str(tmp_path / "o"), "--steps", "4", "--quiet"], capsys)
+    assert rc == EXIT_INTERRUPTED
+    assert_one_error_line(err, "interrupted")
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_write_leaves_no_half_folder(tmp_path, capsys, monkeypatch):
+    """A write that fails mid-way (full disk) leaves neither --out nor the temporary folder behind."""
+    from PIL import Image
+
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def save(self, fp, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    rc, _, err = run(["--out", str(tmp_path / "o"), "--steps", "2", "--prompt", "1", "2", "--quiet"], capsys)
+    assert rc == generate.EXIT_RESOURCES
+    assert_one_error_line(err, "No space left")
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_the_whole_folder_and_stats_are_strict_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "009.png").write_text("stale image of an earlier run")
+    rc, _, _ = run(["--out", str(out), "--steps", "3", "--prompt", "4", "--num-images", "2", "--overwrite", "--quiet"],
+                   capsys)
+    assert rc == 0
+    assert leftovers(out) == ["000.png", "001.png", "grid.png", "stats.json"]  # never a mix of two runs
+    assert leftovers(tmp_path) == ["out"]  # no temporary or old folder left beside it
+
+    def no_constants(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    stats = json.loads((out / "stats.json").read_text(), parse_constant=no_constants)
+    assert stats["pipelined"] is True and stats["first_call"] is True and stats["files"][-1] == "grid.png"
+    assert all(isinstance(stats[k], float) and math.isfinite(stats[k]) for k in ("wall_time_s", "setup_s"))
+
+
+@pytest.mark.slow
+def test_real_command_line_refusal_and_sigint(tmp_path):
+    """As a shell sees it: a refusal (one line, exit 2, nothing written) and Ctrl-C during sampling (exit 130)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "srds_trt.generate", "--quiet"]
+    bad = subprocess.run([*command, "--seed", str(2**64), "--out", str(tmp_path / "a")], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == EXIT_USAGE and len(bad.stderr.strip().splitlines()) == 1 and "--seed" in bad.stderr
+    child = subprocess.Popen([*command, "--steps", "4096", "--sampler", "serial", "--out", str(tmp_path / "b")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(6)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == EXIT_INTERRUPTED, err
+    assert_one_error_line(err, "interrupted")
+    assert leftovers(tmp_path) == []
