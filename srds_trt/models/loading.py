@@ -47,6 +47,10 @@ def load_unet(name_or_path: str, *, device="cpu", dtype=torch.float32, random_we
     spec = resolve_model(name_or_path)
     if spec.family == "digits":
         loaded = _load_pixel_unet(spec, random_weights, seed)
+    elif spec.family in ("sd3", "flux"):
+        from .transformers import load_flow_transformer
+
+        loaded = load_flow_transformer(spec, random_weights=random_weights, seed=seed, resolution=resolution)
     else:
         loaded = _load_sd_unet(spec, random_weights, seed, resolution)
     # nn.Module.to, not diffusers' override: that one warns about fp32-pinned modules on every dtype cast.
@@ -61,6 +65,10 @@ def unet_model_fn(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor], Tens
     float32 (sampling.py) while a half-precision UNet computes in fp16.
     """
     unet, dtype = loaded.unet, loaded.unet.dtype
+    if loaded.spec.family in ("sd3", "flux"):  # a flow transformer: its own wrapper (text + pooled in one cond)
+        from .transformers import transformer_model_fn
+
+        return transformer_model_fn(loaded)
     if loaded.spec.prediction_type == "flow":  # the samplers' grid is sigma; the UNet saw sigma * 1000 in training
         from ..samplers.flow import model_timesteps
 

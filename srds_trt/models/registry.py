@@ -17,7 +17,7 @@ from typing import Mapping
 DIGITS_DIR = Path(__file__).resolve().parent / "digits"
 DIGITS_FLOW_DIR = Path(__file__).resolve().parent / "digits-flow"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-FAMILIES = ("digits", "sd")
+FAMILIES = ("digits", "sd", "sd3", "flux")  # sd3 / flux: flow-matching transformers (models/transformers.py)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,10 +37,13 @@ KNOWN_MODELS: Mapping[str, ModelSpec] = MappingProxyType({
     "sd2": ModelSpec("sd2", "stabilityai/stable-diffusion-2-1-base", "sd", 512, "epsilon"),
     "sd2.1": ModelSpec("sd2.1", "stabilityai/stable-diffusion-2-1", "sd", 768, "v_prediction"),
     "sd1.5": ModelSpec("sd1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "epsilon"),
+    "sd3": ModelSpec("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "flow"),
+    "flux": ModelSpec("flux", "black-forest-labs/FLUX.1-dev", "flux", 1024, "flow"),
 })
 
 # Embedded architecture configs for --random-weights (no download): registry name -> file stem in configs/.
-RANDOM_WEIGHT_CONFIGS: Mapping[str, str] = MappingProxyType({"sd2": "sd2", "sd2.1": "sd2.1", "sd1.5": "sd1.5"})
+RANDOM_WEIGHT_CONFIGS: Mapping[str, str] = MappingProxyType({"sd2": "sd2", "sd2.1": "sd2.1", "sd1.5": "sd1.5",
+                                                              "sd3": "sd3", "flux": "flux"})
 
 
 class UnknownModelError(ValueError):

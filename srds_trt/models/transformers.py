@@ -13,12 +13,12 @@ cond_model(x[rows, C, h, w], sigma[rows], cond[rows, L + 1, D]) -> velocity[rows
   call, guidance.classifier_free_guidance).
 
 Configs: srds_trt/models/configs/sd3.json and flux.json (public SD3-medium / FLUX.1-dev configs, random weights
-for timing), and TINY_CONFIGS for tests.
+for timing), and TINY_CONFIGS for tests. A loaded transformer is a models.LoadedUNet whose `unet` is the
+transformer (one loaded-model type for the pipeline, the runtime and export).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,6 +40,10 @@ TINY_CONFIGS = {
         "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
         "text_embedding": {"max_length": 6, "hidden_size": 16, "pooled_size": 8},
         "vae_scale_factor": 8,
+        "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
+                "layers_per_block": 1, "norm_num_groups": 8, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 64, "scaling_factor": 1.5305,
+                "shift_factor": 0.0609},
     },
     "flux": {
         "transformer": {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 8, "axes_dims_rope": [2, 2, 4],
@@ -50,25 +54,12 @@ TINY_CONFIGS = {
                       "use_dynamic_shifting": True},
         "text_embedding": {"max_length": 6, "hidden_size": 16, "pooled_size": 8},
         "vae_scale_factor": 8,
+        "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
+                "layers_per_block": 1, "norm_num_groups": 8, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 64, "scaling_factor": 0.3611,
+                "shift_factor": 0.1159},
     },
 }
-
-
-@dataclass
-class LoadedTransformer:
-    kind: str  # "sd3" | "flux"
-    transformer: torch.nn.Module  # eval(), requires_grad False
-    scheduler_config: dict  # a FlowMatchEulerDiscreteScheduler config
-    sample_shape: tuple[int, int, int]  # latent (C, h, w)
-    cond_shape: tuple[int, int]  # (L + 1, D): text tokens, then the pooled row
-    text_length: int  # L
-    pooled_size: int  # P
-    guidance: str  # "classifier-free" | "distilled"
-
-    @property
-    def image_seq_len(self) -> int:
-        """Image tokens, as the pipelines compute it for dynamic shifting: (h / 2) * (w / 2) for both."""
-        return (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
 
 
 def transformer_config(name: str, tiny: bool = False) -> dict:
@@ -99,22 +90,77 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.n
     return module
 
 
-def load_transformer(name: str, *, tiny: bool = False, seed: int = 0, resolution: int | None = None,
-                     device="cpu", dtype=torch.float32) -> LoadedTransformer:
-    """An SD3- or Flux-shaped transformer with seeded random weights (no weights are reachable here)."""
-    config = transformer_config(name, tiny)
-    transformer = build_transformer(config, seed)
-    if tiny:
-        randomize(transformer, seed)
-    torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    arch = config["transformer"]
+def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, resolution: int | None = None,
+                          config: dict | None = None):
+    """A LoadedUNet whose `unet` is an SD3- or Flux-shaped transformer (spec.family), seeded random weights from
+    the embedded config (or `config`, e.g. TINY_CONFIGS[kind]) or real ones from a local diffusers folder."""
+    from pathlib import Path
+
+    from .loading import LoadedUNet, WeightsUnavailableError, files_sha256, random_weights_id, _weight_files
+
+    kind = spec.family
+    config = config or transformer_config(kind)
+    folder = Path(spec.source)
+    if random_weights:
+        transformer = build_transformer(config, seed)
+        if config is TINY_CONFIGS.get(kind):
+            randomize(transformer, seed)
+        weights_id = random_weights_id(seed, config["transformer"])
+    else:
+        files = _weight_files(folder / "transformer") if (folder / "transformer").is_dir() else []
+        if not files:
+            raise WeightsUnavailableError(spec, f"no transformer weights under {folder}")
+        transformer = build_transformer({"transformer": read_json(folder / "transformer" / "config.json")}, seed)
+        transformer = type(transformer).from_pretrained(folder, subfolder="transformer", local_files_only=True)
+        weights_id = files_sha256(files)
+        config = {**config, "scheduler": read_json(folder / "scheduler" / "scheduler_config.json")}
+    arch = transformer.config
     vae_factor = config.get("vae_scale_factor", 8)
-    size = (resolution or config.get("resolution", 64)) // vae_factor
-    channels = arch["in_channels"] if name == "sd3" else arch["in_channels"] // 4
+    size = (resolution or spec.resolution) // vae_factor
+    channels = arch.in_channels if kind == "sd3" else arch.in_channels // 4
     text = config["text_embedding"]
     width = max(text["hidden_size"], text["pooled_size"] + 1)
-    return LoadedTransformer(name, transformer, dict(config["scheduler"]), (channels, size, size),
-                             (text["max_length"] + 1, width), text["max_length"], text["pooled_size"], GUIDANCE[name])
+    scheduler = {**config["scheduler"], "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    vae_scale = config.get("vae", {}).get("scaling_factor")
+    return LoadedUNet(spec, transformer.eval().requires_grad_(False), scheduler, "text", (channels, size, size),
+                      (text["max_length"] + 1, width), None, vae_scale, weights_id)
+
+
+def load_transformer(kind: str, *, tiny: bool = False, seed: int = 0, resolution: int | None = None, device="cpu",
+                     dtype=torch.float32):
+    """load_flow_transformer for a registry kind ("sd3" | "flux"), random weights; tiny: TINY_CONFIGS (tests)."""
+    from .registry import KNOWN_MODELS
+
+    spec = KNOWN_MODELS[kind]
+    loaded = load_flow_transformer(spec, seed=seed, resolution=resolution or (64 if tiny else None),
+                                   config=TINY_CONFIGS[kind] if tiny else None)
+    torch.nn.Module.to(loaded.unet, device=device, dtype=dtype)
+    return loaded
+
+
+def text_length(loaded) -> int:
+    return loaded.cond_shape[0] - 1
+
+
+def pooled_size(loaded) -> int:
+    return loaded.unet.config.pooled_projection_dim
+
+
+def guidance_kind(loaded) -> str:
+    """"classifier-free" (SD3: one doubled call) or "distilled" (Flux-dev: the scale is an input, one call)."""
+    return GUIDANCE[loaded.spec.family]
+
+
+def with_distilled_guidance(loaded, cond: Tensor, scale: float) -> Tensor:
+    """Flux-dev: the guidance scale written into the pooled row's entry P of every image's cond."""
+    cond = cond.clone()
+    cond[:, text_length(loaded), pooled_size(loaded)] = scale
+    return cond
+
+
+def image_seq_len(loaded) -> int:
+    """Image tokens, as the pipelines compute it for dynamic shifting: (h / 2) * (w / 2) for both."""
+    return (loaded.sample_shape[1] // 2) * (loaded.sample_shape[2] // 2)
 
 
 def pack_cond(text: Tensor, pooled: Tensor, guidance: float | Tensor | None = None) -> Tensor:
@@ -149,12 +195,12 @@ def latent_image_ids(h: int, w: int) -> Tensor:
     return ids.reshape(-1, 3)
 
 
-def transformer_model_fn(loaded: LoadedTransformer) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def transformer_model_fn(loaded) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """cond_model(x, sigma, cond) -> velocity, one transformer call over all rows (module docstring)."""
-    model, L, P = loaded.transformer, loaded.text_length, loaded.pooled_size
+    model, L, P = loaded.unet, text_length(loaded), pooled_size(loaded)
     dtype = next(model.parameters()).dtype
     dim = model.config.joint_attention_dim
-    if loaded.kind == "sd3":
+    if loaded.spec.family == "sd3":
         def cond_model(x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
             t = model_timesteps(sigma).to(x.device)
             out = model(hidden_states=x.to(dtype), encoder_hidden_states=cond[:, :L, :dim].to(dtype),

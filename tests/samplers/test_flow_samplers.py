@@ -12,7 +12,7 @@ import torch
 from helpers_core import single_thread  # noqa: F401  (fixture)
 from srds_trt.samplers import eps_picard_sample
 from srds_trt.samplers.guidance import conditional
-from srds_trt.models.transformers import load_transformer, transformer_model_fn
+from srds_trt.models.transformers import image_seq_len, load_transformer, pooled_size, text_length, transformer_model_fn
 from srds_trt.samplers import paradigms_sample
 from srds_trt.samplers import SAMPLERS, serial_sample, srds_sample
 from srds_trt.samplers.flow import FlowMatchEuler, flow_scheduler, flow_sigmas, hard_flow_mixture, mu_for
@@ -41,10 +41,10 @@ def _transformer_case(kind: str, dtype: torch.dtype, steps: int):
     gen = torch.Generator().manual_seed(1)
     cond = torch.randn(2, *loaded.cond_shape, generator=gen, dtype=dtype)
     if kind == "flux":
-        cond[:, loaded.text_length, loaded.pooled_size] = 3.5  # the distilled guidance scale
+        cond[:, text_length(loaded), pooled_size(loaded)] = 3.5  # the distilled guidance scale
     x = torch.randn(2, *loaded.sample_shape, generator=gen, dtype=dtype)
     scheduler = flow_scheduler(loaded.scheduler_config)
-    seq = loaded.image_seq_len
+    seq = image_seq_len(loaded)
     kwargs = {"mu": mu_for(scheduler.config, seq)} if scheduler.config.use_dynamic_shifting else {}
     scheduler.set_timesteps(steps, **kwargs)
     sigmas = flow_sigmas(loaded.scheduler_config, steps, image_seq_len=seq)
@@ -69,7 +69,7 @@ def test_serial_is_diffusers_scheduler_fp32(kind):
 def test_wrapper_calls_the_transformer_at_the_schedulers_timesteps(kind):
     loaded, model, x, scheduler, sigmas = _transformer_case(kind, torch.float32, 4)
     seen = []
-    hook = loaded.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()),
+    hook = loaded.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()),
                                                         with_kwargs=True)
     try:
         serial_sample(model, x, sigmas, EULER)
