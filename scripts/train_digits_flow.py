@@ -130,9 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     # Write into a temporary sibling folder and rename: never a half-written model folder.
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped folder private
     ema.save_pretrained(tmp, safe_serialization=True)
     (tmp / "scheduler_config.json").write_text(json.dumps(sampling_scheduler_config(args.shift), indent=2) + "\n")
     (tmp / "digits_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for file in tmp.iterdir():
+        file.chmod(0o644)
     if args.out.exists():
         old = args.out.with_name(f".{args.out.name}-old-{os.getpid()}")
         args.out.rename(old)
