@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 CPU lies on this workplace's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev run test export bench clean
+.PHONY: install install-dev run test cpp export bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,19 @@ install-dev: $(BIN)/python
 run: install
 	$(BIN)/python -m srds_trt.generate --out out/digits --overwrite
 
-test: install-dev
-	$(BIN)/python -m pytest -q
+# libsrds_trt (cpp/): the C ABI runtime, its gtest/C tests through ctest, then the Python suite (which drives the
+# library through ctypes against the Python reference; SRDS_TRT_REQUIRE_CPP makes a missing build a failure).
+CPP_BUILD ?= build/cpp
+CPP_APT := libgtest-dev nlohmann-json3-dev libssl-dev
+cpp: install-dev
+	@dpkg -s $(CPP_APT) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(CPP_APT); }
+	$(BIN)/cmake -S cpp -B $(CPP_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+	$(BIN)/cmake --build $(CPP_BUILD)
+
+test: cpp
+	$(BIN)/ctest --test-dir $(CPP_BUILD) --output-on-failure
+	SRDS_TRT_REQUIRE_CPP=1 $(BIN)/python -m pytest -q
 
 export: install-dev
 	POLYGRAPHY_USE_TENSORRT_RTX=1 $(BIN)/python -m srds_trt.export --model digits
@@ -32,4 +43,4 @@ bench: install-dev
 	$(BIN)/python -m benchmarks.run --quick
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache build

@@ -4,7 +4,7 @@
 
 srds_trt.autotune.pricing predicts a sliding-window sampler's sequential calls as a * N / w + b sweeps at the tol asked
 (autotune.WINDOW_SWEEPS: fits at tol 1e-2, 1e-3, 1e-4, i.e. `--tol 1e-2`, the default and `--tol 1e-4`; committed
-as benchmarks/results/expected-sweeps-2026-11-27c{-tol1e-2,,-tol1e-4}.json). This runs the registry's samplers
+as benchmarks/results/expected-sweeps/tol1e-{2,3,4}.json). This runs the registry's samplers
 (sampling.SAMPLERS: `tol` = max-abs distance to serial, run at the calibrated per-point threshold
 stopping.window_accept_tol) at one tol (default: the default tol) on the matched benchmark's cases (the four
 mixtures at N = 196 and 1024, the digits model with guidance at N = 100, 196 (10 images) and 1024 (4)), both windows round(sqrt N) and
@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from srds_trt.autotune.pricing import window_widths
-from srds_trt.samplers.paradigms import WINDOW_SAMPLERS
+from srds_trt.samplers.window import WINDOW_SAMPLERS
 from srds_trt.samplers import SAMPLERS, serial_sample
 from srds_trt.samplers.stopping import DEFAULT_TOL
 

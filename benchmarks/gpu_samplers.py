@@ -1,4 +1,4 @@
-"""GPU check of issue 13 on the path users run (SRDSPipeline, which `python -m srds_trt.generate` calls): every
+"""GPU check of every sampler on the path users run (SRDSPipeline, which `python -m srds_trt.generate` calls): every
 sampler's wall clock, first call (capture) apart from steady state, beside serial, and what --sampler auto picks.
 
     python -m benchmarks.gpu_samplers --out DIR [--smoke] [--sections digits,sd2] [--budget-s 300]
@@ -129,7 +129,7 @@ def write(record, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--out", default="benchmarks/results/gpu-samplers")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sections", default="digits,sd2")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")

@@ -1,4 +1,4 @@
-"""python -m benchmarks.matched [--quick] [--out DIR]: eps-Picard vs ParaDiGMS at matched error (issue 13).
+"""python -m benchmarks.matched [--quick] [--out DIR]: eps-Picard vs ParaDiGMS at matched error.
 
 The issue-13 goal: at most 0.6x ParaDiGMS's sequential model calls at matched max-abs error vs the serial DDIM
 sample (targets 1e-2 and 1e-3), at equal parallel width (<= 2 round(sqrt N) trajectory points per image in any
@@ -20,7 +20,7 @@ frozen output is the secant-corrected one). Mixtures run every ablation, digits 
 Cases: the analytic mixtures of cases.MIXTURES (exact models, float64) at N = 196 and 1024 and the embedded digits
 UNet with classifier-free guidance (cases.py "digits", fp32) at N = 100, 196, 1024 (N = 1024 with few images
 and a coarser grid: minutes per run on 2 CPU cores). Results: results.json + results.md under --out (default
-benchmarks/results/matched-<date>/). On two cores, run parts in two processes and join them:
+benchmarks/results/matched/, the latest run). On two cores, run parts in two processes and join them:
 `python -m benchmarks.matched --digits-steps --out A & python -m benchmarks.matched --mixtures --out B;
 python -m benchmarks.matched --merge A B`.
 """
@@ -28,7 +28,6 @@ python -m benchmarks.matched --merge A B`.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import sys
@@ -348,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.matched", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two mixtures at N=196, digits N=100 with 4 images")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results/matched[-quick]-<date>)")
+                        help="output folder (default benchmarks/results/matched[-quick])")
     parser.add_argument("--mixtures", nargs="*", choices=tuple(MIXTURES), default=None)
     parser.add_argument("--mixture-steps", nargs="*", type=int, default=None)
     parser.add_argument("--digits-steps", nargs="*", type=int, default=None, help="empty: no digits")
@@ -365,8 +364,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, list[Path] 
         if getattr(args, key) is not None:
             kwargs[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
     config = Config(**kwargs)
-    day = _dt.date.today().isoformat()
-    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}-{day}", args.merge
+    return config, args.out or RESULTS_DIR / f"matched{'-quick' if config.quick else ''}", args.merge
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
     result = project(args.allgather_ms, args.tol)
-    out = args.out or Path("benchmarks/results") / f"multigpu-projection-{result['date']}.json"
+    out = args.out or Path("benchmarks/results") / "multigpu-projection" / "multigpu-projection.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)

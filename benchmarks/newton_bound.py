@@ -1,5 +1,5 @@
 """python -m benchmarks.newton_bound [--steps N ...] [--mixture NAME] [--out DIR]: what an EXACT Jacobian would buy
-eps-Picard at matched error (issue 13's digits rows). A bound, not a sampler.
+eps-Picard at matched error (the digits rows). A bound, not a sampler.
 
 eps-Picard moves each stale model output to the state of this sweep along a quasi-Newton model of d out / d x (a
 scalar secant, a rank-1 Broyden term, the neighbour's slope for a point's first correction). Given `jvp=` it uses
@@ -12,15 +12,14 @@ ParaDiGMS, no cheaper correction reaches the goal; where Newton reaches it, the 
 
 The derivative is a central finite difference, (f(x + h d) - f(x - h d)) / 2h with max|h d| = 1e-2 (both sides in
 one batched call; exact for a model linear in x, tested). ParaDiGMS's counts are read from the committed matched
-results (--paradigms, default matched-2026-11-27c: sequential calls are deterministic and hardware-free); the
+results (--paradigms, default matched: sequential calls are deterministic and hardware-free); the
 quasi-Newton eps-Picard is re-run here beside the bound, over the same tolerance grid (matched.EPS_PICARD_TOLS).
-Results: results.json + results.md under --out (default benchmarks/results/newton-bound-<date>/).
+Results: results.json + results.md under --out (default benchmarks/results/newton-bound/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import sys
@@ -39,8 +38,8 @@ from .cases import MIXTURES, build_case, mixture_case
 from .matched import EPS_PICARD_TOLS, TARGETS, _sweep, _Width, matched, measure
 from .run import RESULTS_DIR, machine_info
 
-PARADIGMS_RESULTS = RESULTS_DIR / "matched-2026-11-27c" / "results.json"
-GOAL = 0.6  # issue 13: at most 0.6x ParaDiGMS's sequential calls
+PARADIGMS_RESULTS = RESULTS_DIR / "matched" / "results.json"
+GOAL = 0.6  # the goal: at most 0.6x ParaDiGMS's sequential calls
 
 
 class FiniteDifferenceJVP:
@@ -158,7 +157,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.paradigms.is_file():
         raise SystemExit(f"error: no ParaDiGMS results at {args.paradigms} (run python -m benchmarks.matched)")
-    out = args.out or RESULTS_DIR / f"newton-bound-{_dt.date.today().isoformat()}"
+    out = args.out or RESULTS_DIR / "newton-bound"
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core box (run.py says why)

@@ -246,8 +246,7 @@ def matched(runs: list[Run], targets: tuple[float, ...]) -> list[dict]:
 
 
 def default_out(config: BenchConfig) -> Path:
-    day = _dt.date.today().isoformat()
-    return RESULTS_DIR / f"{config.device}{'-quick' if config.quick else ''}-{day}"
+    return RESULTS_DIR / f"{config.device}{'-quick' if config.quick else ''}"  # the suite's latest run
 
 
 def run(config: BenchConfig, out: Path, log=print) -> dict:
@@ -313,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N in {25, 100}, few samples, one SRDS tolerance (< 2 min on 2 cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>[-quick]-<date>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>[-quick]: the latest run)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=None, help="default: gmm digits (digits skipped if its weights are missing)")
     parser.add_argument("--steps", nargs="+", type=int, default=None, help="N values (default 25 100 196 1024; quick 25 100)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on cpu)")

@@ -20,7 +20,6 @@ Iterates are cached under /tmp/srds-stopping-cache (digits at N=1024 takes minut
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import math
@@ -436,7 +435,7 @@ def markdown(rows: list[Row]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stopping", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Gaussian mixtures at N=25, 100 only (< 60 s, one core)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/stopping-<date>)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/stopping: the latest run)")
     parser.add_argument("--batched", action="store_true", help="the batched mixture cases only (BATCHED: several "
                         "images judged as one run, as the pipeline runs them)")
     parser.add_argument("--variants", action="store_true", help="replay the candidate rules (VARIANTS) on the suite "
@@ -445,7 +444,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    out = args.out or RESULTS / f"stopping-{dt.date.today().isoformat()}"
+    out = args.out or RESULTS / "stopping"
     out.mkdir(parents=True, exist_ok=True)
     if args.variants:
         tols = tuple(float(t) for t in args.tols.split(","))

@@ -136,6 +136,15 @@ MUTANTS = (
            "chunk = images if max_rows is None else max(1, min(images, max_rows // widest))", "chunk = images",
            "--sampler auto prices all images as one chunk where the pipeline runs several, one after the other",
            ("tests/autotune/test_pricing.py",)),
+    Mutant("cancel-not-polled-per-iteration", "srds_trt/execution.py",
+           'check_cancel(cancel, f"{unit} {iteration}")', "None",
+           "a cancelled request keeps its parallel sampler running to the end (a timed-out request blinds the server)",
+           ("tests/test_pipeline.py",)),
+    Mutant("chunk-noise-reseeded", "srds_trt/pipeline.py",
+           "torch.randn((len(part), *self.loaded.sample_shape), generator=generator,",
+           "torch.randn((len(part), *self.loaded.sample_shape), generator=torch.Generator().manual_seed(start),",
+           "each image chunk draws its noise from a fresh seed: the images depend on how many images a chunk holds",
+           ("tests/test_pipeline.py",)),
     Mutant("auto-ignores-observations", "srds_trt/autotune/pricing.py",
            "seen = (observed or {}).get(candidate_key(sampler, options))", "seen = None",
            "--sampler auto prices every candidate at the table's expectation whatever this model's runs took",
@@ -195,8 +204,8 @@ def main(argv=None) -> int:
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "benchmarks", copy / "benchmarks",  # some tests build the benchmark cases
                         ignore=shutil.ignore_patterns("__pycache__", "results"))
-        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping-2026-11-27b",  # auto's SRDS pricing test reads it
-                        copy / "benchmarks" / "results" / "stopping-2026-11-27b")
+        shutil.copytree(ROOT / "benchmarks" / "results" / "stopping",  # auto's SRDS pricing test reads it
+                        copy / "benchmarks" / "results" / "stopping")
         shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
         probe = subprocess.run([sys.executable, "-c", "import srds_trt; print(srds_trt.__file__)"], cwd=copy,
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)

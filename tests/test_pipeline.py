@@ -113,3 +113,63 @@ def test_half_precision_unet_under_float32_sampler_states(tiny_sd_folder):
     pipe = SRDSPipeline.from_pretrained(str(tiny_sd_folder), dtype=torch.bfloat16)
     out = pipe("a cat", num_inference_steps=4, progress_bar=False)
     assert out.stats["dtype"] == "bfloat16" and torch.isfinite(out.samples.float()).all()
+
+
+class _CountingModel:
+    """Wraps a pipeline's conditional model; counts its calls."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        return self.model(x, t, cond)
+
+
+@pytest.mark.parametrize("sampler, unit", [("srds", "iter"), ("eps-picard", "sweep"), ("paradigms", "sweep"),
+                                           ("serial", "serial step")])
+def test_cancel_stops_at_the_next_boundary(digits, monkeypatch, sampler, unit):
+    """cancel() is polled at every iteration / sweep / serial step: the call raises Cancelled at the boundary after
+    the one where it first returned True, and makes no model call after it."""
+    from srds_trt import Cancelled
+
+    counting = _CountingModel(digits.cond_model)
+    monkeypatch.setattr(digits, "cond_model", counting)
+    polls = []
+
+    def cancel():
+        polls.append(counting.calls)
+        return len(polls) >= 2
+
+    with pytest.raises(Cancelled, match=unit):
+        digits("3", num_inference_steps=16, sampler=sampler, tol=0.0, progress_bar=False, cancel=cancel)
+    assert len(polls) == 2 and counting.calls == polls[-1]  # nothing ran after the boundary that cancelled
+
+
+def test_convergence_report_on_every_output(digits):
+    """out.report (and stats["report"]): what ran, how far from serial it is estimated to be, against which tol."""
+    srds = digits("3", num_inference_steps=16, tol=1e-3, progress_bar=False)
+    r = srds.report
+    assert (r.sampler, r.iteration_unit, r.iterations) == ("srds", "iterations", srds.stats["iterations"])
+    assert r.sequential_calls == srds.stats["sequential_calls"] and r.tol == r.tol_used == 1e-3 and r.noise_floor is None
+    assert r.converged and not r.cut and r.estimated_error <= r.tol and r.residual == srds.stats["residuals"][-1]
+    assert srds.stats["report"] == r.as_dict() and srds.stats["warnings"] == []
+    cut = digits("3", num_inference_steps=16, tol=0.0, max_iters=2, progress_bar=False)
+    assert cut.report.cut and not cut.report.converged and cut.report.iterations == 2
+    assert any("iteration limit" in w for w in cut.stats["warnings"])
+    window = digits("3", num_inference_steps=16, sampler="eps-picard", progress_bar=False).report
+    assert window.iteration_unit == "sweeps" and window.iterations >= 1
+    serial = digits("3", num_inference_steps=16, sampler="serial", progress_bar=False).report
+    assert (serial.iterations, serial.iteration_unit, serial.sequential_calls, serial.estimated_error) == (None, None, 16, None)
+
+
+def test_chunks_give_the_images_one_chunk_gives(digits):
+    """Noise drawn chunk by chunk from one generator equals one draw for every image, so max_rows (how many images
+    a chunk holds) changes no pixel; iter_chunks streams the same images __call__ returns."""
+    common = dict(num_inference_steps=8, sampler="serial", num_images_per_prompt=3, progress_bar=False, generator=7)
+    whole = digits(["1", "2"], **common)
+    chunked = digits(["1", "2"], max_rows=4, **common)  # 2 images (x2 guidance rows) per chunk: 3 chunks
+    assert chunked.stats["chunks"] == 3 and whole.stats["chunks"] == 1
+    assert torch.equal(whole.samples, chunked.samples)
+    streamed = list(digits.iter_chunks(["1", "2"], max_rows=4, **common))
+    assert [c.start for c in streamed] == [0, 2, 4] and torch.equal(torch.cat([c.samples for c in streamed]), whole.samples)

@@ -97,8 +97,9 @@ class AutoPlanner:
         (the PyTorch model this pipeline samples with on a CPU). Rows are per rank."""
         pipe = self.pipe
         per_rank = -(-widest // world)
-        if pipe.runtime is None:
-            key = ("reference", per_rank)
+        if pipe.runtime is None:  # a curve measured as wide or wider serves (measured once per width it grows to)
+            wide = [k for k in self.cache if k[0] == "reference" and k[1] >= min(per_rank, 64)]
+            key = min(wide, key=lambda k: k[1]) if wide else ("reference", per_rank)
             if key not in self.cache:
                 self.cache[key] = self.measure_reference_curve(per_rank)
             return self.cache[key], "reference model", None, None

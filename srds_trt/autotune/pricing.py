@@ -2,52 +2,7 @@
 
 A pure function of (N, images, guidance, the engine's latency-per-rows curve, world size): no model, no device.
 
-Expected latency of a candidate = sum over its sequential calls of tick_ms(rows of that call), where
-
-    tick_ms(R) = latency(ceil(R / world_size)) + (allgather_ms if world_size > 1 else 0)
-
-(rows split evenly over the ranks, one all-gather of the new states per tick; distributed.py's layout). The
-curve is the engine's measured ms per call vs rows: measured at warm-up, or the export manifest's optional
-`latency_per_rows` field; between measured row counts it is interpolated linearly, above the largest extended
-with its last slope, below the smallest held flat.
-
-The calls of each candidate:
-- serial: N calls of (images x rows per image) rows, sharded over the ranks like every call of a distributed job
-  (distributed.py shards every engine call, serial's included: with guidance on 2 ranks each runs one row per step,
-  plus the all-gather). It was priced on one device until 2026-11-27, which made it 1.24x too slow on the SD2
-  curve (11.5 ms for 2 rows vs 9.2 + all-gather for 1) and could let a parallel candidate win that serial beats.
-- srds: the pipelined tick plan (schedule.build_tick_plan) run for the expected number of Parareal iterations at
-  the caller's tol (SRDS_ITERATIONS: what the stopping rule ran on the committed stopping benchmark); rows per
-  tick read off the plan itself.
-- paradigms, eps-picard: sweeps of w points each; expected sweeps = a * N / w + b, affine fits (WINDOW_SWEEPS
-  below) to the sweeps the registry's samplers ran at tol 1e-2, 1e-3 (the default) and 1e-4 (each run at
-  stopping.window_accept_tol) on the matched cases (`python -m benchmarks.expected_sweeps --tol T`: 4 mixtures at
-  N = 196 and 1024, digits with guidance at N = 100, 196, 1024, both windows), taken on the slow side: a by least
-  squares, b raised until 3 of 4 runs need no more than predicted; between those tols interpolated in log10(tol),
-  so auto prices the tol the caller asked for. b is the first window's start-up (a window from x_T needs several
-  sweeps before it slides), a the sweeps per window length once it slides. A fixed slide fraction (the first
-  version) predicted digits N=16 at 6 sweeps where 9 ran, and auto chose a sampler slower than serial there.
-  On a GPU each sweep also pays its update program besides the engine call (GPU_SWEEP_OVERHEAD_MS, measured on an
-  H100 with CUDA graphs): ParaDiGMS's cumulative sum ~0.25 ms, eps-Picard's recurrence ~0.55 ms (fused chains).
-  Without it auto predicted eps-Picard at 58 ms for digits N = 1024 where it ran 120 ms (then unfused).
-Learning from its runs: a pipeline keeps, per (N, tol, guidance), the iterations / sweeps its SRDS and window runs
-took (SRDSPipeline._observe, upper quartile of the last OBSERVED_RUNS chunks), and passes them as `observed`:
-that candidate is then priced at what this model needed, not at the benchmark's expectation, so a model harder
-than the benchmark's stops being chosen on its table price after one run (stats: iterations_from "observed").
-Several images: the pipeline runs them in chunks whose widest call fits max_rows rows, one chunk after the other;
-each candidate is priced as those chunks (a wide window that splits the images pays its sweeps once per chunk).
-The iteration counts are expectations from those tables, not guarantees: a hard model needs more, and the
-samplers stop on their own rule whatever was predicted. Serial is a candidate, and ties go to it, so auto is
-never predicted slower than serial. A throughput-bound device (latency linear in rows) makes every parallel
-candidate cost at least its evaluations, which exceed N: auto = serial there. A CPU is throughput-bound for any
-real model (ONNX Runtime, digits, here: 3 ms at 1 row, 76 ms at 24), but PyTorch eager's per-call overhead makes a
-1.1 M-parameter UNet's curve sublinear on a CPU (14 ms at 1 row, 99 ms at 40): there auto may choose a
-parallel sampler, and measured that is right (digits N=100, one thread: eps-picard(window=20) 1.32 s vs serial
-2.09 s).
-
-Where the curve comes from and what runs (SRDSPipeline._auto_sampler): the export manifest's latency_per_rows, else
-the runtime engine measured at warm-up (srds_trt.autotune.latency), else the reference model; `runnable_choice`
-then keeps the lowest-predicted candidate the pipeline's path can run, and `Choice.fallback` says what it skipped.
+The full design note (what was measured, why these choices): docs/autotune.md, section "Module notes: srds_trt/autotune/pricing.py".
 """
 
 from __future__ import annotations
@@ -69,7 +24,7 @@ CANDIDATES = ("serial", "srds", "paradigms", "eps-picard")  # every sampler auto
 OPTIONS = {"serial": (), "srds": ("num_blocks", "pipelined"), "paradigms": ("window",), "eps-picard": ("window",)}
 
 # Expected work per sampler (module doc). Sliding windows: sweeps = a * N / w + b at the tol the registry runs them at,
-# the upper-quartile fits of benchmarks/results/expected-sweeps-2026-11-27c*.json (registry samplers at tol 1e-2,
+# the upper-quartile fits of benchmarks/results/expected-sweeps/tol1e-*.json (registry samplers at tol 1e-2,
 # 1e-3 (the default), 1e-4; e.g. eps-Picard w = 2 round(sqrt N) at 1e-3: digits N = 100, 196, 1024 -> 19, 23, 40
 # sweeps, mixtures at N = 1024 -> 25-30 (with its prior slope and its own acceptance calibration; 19, 24, 43 and
 # 28-32 before, -27*.json); ParaDiGMS w = 2 round(sqrt N): digits 23, 31, 58, mixtures at N = 1024 52-65).
@@ -79,14 +34,14 @@ WINDOW_SWEEPS = {
     "eps-picard": {1e-2: (0.95, 11.3), 1e-3: (1.11, 13.5), 1e-4: (1.39, 14.1)},
 }
 # SRDS: Parareal iterations its stopping rule runs (pipelined), tol -> upper quartile over the 150 pipelined runs of
-# benchmarks/results/stopping-2026-11-27b (full.json + batched.json: mixtures and digits with and without CFG,
+# benchmarks/results/stopping (full.json + batched.json: mixtures and digits with and without CFG,
 # N = 25..1024, 8..54 blocks, 1..256 images; 75 runs per tol): 5 at 1e-2 (median 4, max 9), 6 at 1e-3 (median 5,
 # max 10). They barely depend on N or the block count (N = 1024, 54 blocks: median 3-4), so they are counts, not a
 # fraction of the blocks: the fraction 0.5 used before priced N = 1024 with 54 blocks at 27 iterations where the rule
 # ran 2-9. expected_srds_iterations interpolates in log10(tol), one more per decade tighter than 1e-3 (unmeasured).
 SRDS_ITERATIONS = {1e-2: 5, 1e-3: 6}
 # A sweep's update program besides the engine call on a GPU, ms = fixed + per_point * w: measured on an H100
-# (benchmarks/results/gpu/2026-11-27-h100-samplers-run2 and -run3-fused, digits, CUDA graphs, the one host read
+# (benchmarks/results/gpu-samplers/h100-sd2.json and h100.json, digits, CUDA graphs, the one host read
 # per sweep included): ParaDiGMS 0.21-0.39 ms whatever w; eps-Picard with its chains fused (runtime/fused.py, the
 # default where Triton imports) 0.5-0.6 ms whatever w; with the torch loops 0.83 (w = 20), 0.84 (28), 1.36 ms (64).
 # Applied where the engine runs on a GPU (SRDSPipeline passes it); on a CPU the reference path's own overhead is in

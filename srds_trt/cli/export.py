@@ -50,9 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parity-tol", type=float, default=None, help="max relative ONNX-vs-PyTorch error; None = 3e-2 for fp16, 1e-3 for fp32")
     p.add_argument("--random-weights", action="store_true", help="random weights (architecture only, for timing)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and parity inputs")
+    p.add_argument("--aoti", action="store_true",
+                   help="also write the UNet as an AOTInductor package + sampler.json for the C/C++ runtime "
+                        "(libsrds_trt, cpp/); compiling takes about 1-5 min on a small CPU (cached per weights, "
+                        "shapes and torch version)")
     p.add_argument("--quiet", action="store_true", help="no staged log")
     p.add_argument("--triton-repo", type=Path, default=None,
-                   help="also write a Triton model repository here (srds_trt.triton_repo: UNet plan + sampler model)")
+                   help="also write a Triton model repository here (srds_trt.serve.triton: UNet plan + sampler model)")
     return p.parse_args(argv)
 
 
@@ -70,20 +74,21 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, out=args.out, dtype=args.dtype, min_batch=args.min_batch, opt_batch=args.opt_batch,
             max_batch=args.max_batch, height=args.height, width=args.width, opset=args.opset,
             exporter=args.exporter, profiles=args.profiles, random_weights=args.random_weights, seed=args.seed,
-            parity_tol=args.parity_tol,
+            parity_tol=args.parity_tol, aoti=args.aoti,
         )
     except ExportConfigError as exc:
         return _fail(exc)
     # Imported after argument checks: the pipeline pulls in torch, diffusers and onnx.
     try:
-        from ..export import registry
+        from ..export import model_source
+        from ..export.aoti import AOTIError
         from ..export.artifacts import ArtifactError, TensorRTUnavailableError
         from ..export.parity import ParityError
         from ..export.build import ExportError, export_model
         from ..export.trt_build import BuildError
 
-        expected = (ExportError, ArtifactError, ParityError, BuildError, TensorRTUnavailableError,
-                    *registry.registry_errors())
+        expected = (ExportError, AOTIError, ArtifactError, ParityError, BuildError, TensorRTUnavailableError,
+                    *model_source.registry_errors())
         try:
             result = export_model(config, quiet=args.quiet)
         except expected as exc:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the pipeline removed its temporary folder on the way out
         return _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
     if args.triton_repo is not None:
-        from ..triton_repo import TritonRepoError, write_triton_repo
+        from ..serve.triton.repo import TritonRepoError, write_triton_repo
 
         try:
             write_triton_repo(result.folder, args.triton_repo)

@@ -19,7 +19,7 @@ from .manifest import MANIFEST_NAME, SCHEMA, safe_folder_name, sha256_file, vali
 
 __all__ = ["ArtifactError", "read_manifest", "verify_artifacts", "find_artifacts", "load_engine", "tensorrt_module",
            "TensorRTUnavailableError", "check_external_data", "check_files", "normalise_capability",
-           "cond_input_name", "verify_onnx", "record_latency"]
+           "cond_input_name", "verify_onnx", "record_latency", "check_engine_files", "engine_files"]
 
 # `tensorrt` (TensorRT 11, a GPU machine) is preferred over `tensorrt_rtx` (TensorRT-RTX, which builds plans on a
 # CPU-only machine but runs them only on RTX-class GPUs). Both expose the builder/runtime API the code here uses.
@@ -114,6 +114,36 @@ def check_files(folder: Path, manifest: dict[str, Any], names: list[str]) -> Non
             raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest (modified?); refused")
 
 
+def engine_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file an engine loads: the TensorRT plan, the ONNX model and its external data, the AOTInductor package
+    and the sampler spec the C++ runtime reads."""
+    names = [manifest["tensorrt"]["plan"], manifest["onnx"]["file"]]
+    names += [manifest["onnx"]["external_data"]] if manifest["onnx"].get("external_data") else []
+    aoti = manifest.get("aoti")
+    if isinstance(aoti, dict):
+        names += [aoti.get("package"), aoti.get("sampler")]
+    return names
+
+
+def check_engine_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Each engine file is a plain file name of `folder` and listed (so hashed) in the manifest; checked on the
+    names alone, before any file is read. The C++ runtime (cpp/src/runtime.cpp) applies the same rule."""
+    for name in manifest["files"]:
+        if not _plain_name(name):
+            raise ArtifactError(f"{folder}: manifest lists {name!r}, which is not a file of this folder; refused")
+    for name in engine_files(manifest):
+        if not _plain_name(name):
+            raise ArtifactError(f"{folder}: manifest names {name!r} as an engine file, which is not a file of this "
+                                "folder; refused")
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{folder}: engine file {name} is not listed in the manifest's files, so its sha256 "
+                                "cannot be checked; refused")
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..") and "\\" not in name
+
+
 def verify_artifacts(
     artifact_dir: str | os.PathLike, *, flavour: str, version: str, target: str | None
 ) -> dict[str, Any]:
@@ -135,6 +165,7 @@ def verify_artifacts(
         if capability not in supported:
             raise ArtifactError(f"{folder}: plan built for compute capabilities {supported}, this GPU is {capability}; "
                                 "re-export on (or for) this GPU")
+    check_engine_files(folder, manifest)  # names only: refused before any byte is read
     check_files(folder, manifest, list(manifest["files"]))
     onnx_name = manifest["onnx"]["file"]
     if onnx_name in manifest["files"]:
@@ -218,6 +249,7 @@ def load_engine(artifact_dir: str | os.PathLike, *, target: str | None) -> tuple
     """
     trt, flavour = tensorrt_module()
     manifest = verify_artifacts(artifact_dir, flavour=flavour, version=trt.__version__, target=target)
+    check_engine_files(Path(artifact_dir), manifest)  # verify_artifacts did; kept beside the read it guards
     plan = (Path(artifact_dir) / manifest["tensorrt"]["plan"]).read_bytes()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
     if engine is None:
@@ -237,6 +269,7 @@ def verify_onnx(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     manifest = read_manifest(folder)
     onnx_name = manifest["onnx"]["file"]
     names = [onnx_name] + ([manifest["onnx"]["external_data"]] if manifest["onnx"].get("external_data") else [])
+    check_engine_files(folder, manifest)
     check_files(folder, manifest, names)
     check_external_data(folder / onnx_name, folder, set(manifest["files"]))
     return manifest

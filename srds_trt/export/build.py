@@ -26,7 +26,7 @@ from typing import Any, Iterator, TextIO
 import numpy as np
 import torch
 
-from . import registry
+from . import aoti, model_source
 from .artifacts import ArtifactError, tensorrt_module, verify_artifacts
 from .config import ExportConfig
 from .io_contract import IOContract, io_contract, sample_inputs
@@ -82,9 +82,9 @@ def export_model(config: ExportConfig, *, quiet: bool = False) -> ExportResult:
     """Export a registry model; cheap checks (TensorRT present, name known, out writable) precede weight loading."""
     trt = tensorrt_module()
     check_opset(config.onnx_opset)
-    registry.check_model(config.model)  # cheap: an unknown name fails before any weights are read
+    model_source.check_model(config.model)  # cheap: an unknown name fails before any weights are read
     ensure_writable(config.out)
-    return export_unet(registry.load_model(config), config, quiet=quiet, trt=trt)
+    return export_unet(model_source.load_model(config), config, quiet=quiet, trt=trt)
 
 
 def check_opset(opset: int) -> None:
@@ -150,11 +150,13 @@ def export_unet(
         "opset": config.onnx_opset, "exporter": config.exporter, "random_weights": config.random_weights,
         "weights_id": loaded.weights_id, "flavour": flavour, "version": trt_module.__version__,
     }
+    if config.aoti:  # only then, so keys of exports without the C++ runtime's files stay what they were
+        request["aoti"] = True
     key = artifact_key({**request, "io": [s.as_json() for s in contract.all], "target": target.as_json(),
                         "export_format": EXPORT_FORMAT})
     model_dir = config.out / safe_folder_name(loaded.spec.name)
     final = model_dir / key
-    log = StageLog(total=5, quiet=quiet)
+    log = StageLog(total=5 + config.aoti, quiet=quiet)
 
     reused = _reuse(final, flavour, trt_module.__version__, log)
     if reused is not None:
@@ -285,9 +287,17 @@ def _build(
                            profiles=config.profiles, target=target, timing_cache=cache)
         (tmp / PLAN_NAME).write_bytes(built.plan)
         info.append(f"build {built.seconds:.1f} s, {len(built.plan) / 2**20:.1f} MiB")
+    runtime_files, aoti_section = [], None
+    if config.aoti:
+        with log.stage("AOTInductor package (C/C++ runtime)") as info:
+            runtime_files, aoti_section = aoti.write_runtime_files(
+                module, loaded, config.dtype, tmp, sample_shape=tuple(contract.inputs[0].shape[1:]))
+            info.append(f"{'cached' if aoti_section['from_cache'] else 'compiled'} in {aoti_section['compile_seconds']:.1f} s")
     with log.stage("manifest") as info:
         manifest = _manifest(loaded, config, contract, request, key, target, trt, parity.as_json(), built,
-                             onnx_files + [tmp / PLAN_NAME], log.times)
+                             onnx_files + [tmp / PLAN_NAME] + runtime_files, log.times)
+        if aoti_section is not None:
+            manifest["aoti"] = aoti_section
         write_manifest(tmp, manifest)
     return manifest
 

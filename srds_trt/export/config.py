@@ -34,6 +34,7 @@ class ExportConfig:
     random_weights: bool = False
     seed: int = 0
     parity_tol: float | None = None  # None: DEFAULT_PARITY_TOL[dtype]
+    aoti: bool = False  # also write the AOTInductor package + sampler.json for the C/C++ runtime (export/aoti.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

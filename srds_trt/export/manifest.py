@@ -87,6 +87,8 @@ MANIFEST_FIELDS: dict[str, Any] = {
     "onnx": {"file": _STR, "external_data?": (str, type(None))},
     "tensorrt": {"flavour": _STR, "version": _STR, "plan": _STR, "target": {"compute_capabilities": [str]}},
     "files": dict,  # {name: {"sha256": str, "bytes": int}}, checked below
+    # the C/C++ runtime's files (export --aoti): the AOTInductor package and sampler.json, both listed in files
+    "aoti?": {"package": _STR, "sampler": _STR},
     # rows -> ms of one engine call, measured at warm-up on a GPU (None: never measured). Read by --sampler auto.
     "latency_per_rows?": (dict, type(None)),
 }

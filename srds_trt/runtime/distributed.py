@@ -12,17 +12,7 @@ its slice IS row sharding; exchanging only boundaries would save the all-gather 
 second, rank-dependent control flow (and a broadcast of every coarse sweep). One collective per tick is simpler
 and, at SD shapes (~0.1-0.3 ms per all-gather of 64x64x4 latents over NVLink), small beside a UNet call.
 
-Equal-slice padding means idle ranks are fine: a call with fewer rows than ranks gives the extra ranks padding
-rows (computed, discarded). That is why a world size above the widest call's rows is allowed but pointless;
-`check_world` refuses only what cannot work (mismatched devices or backends across ranks).
-
-Bitwise parity with one process needs batch invariance: a row's output must not depend on the batch it sits in.
-The analytic mixture is row-wise; convolution kernels may pick other algorithms per batch size (the engines'
-noise floor), so a UNet run gives the single-process sample to within that floor, not bit-for-bit.
-
-Failures: collectives carry the process group's timeout; a rank that raises or dies leaves the others blocked in
-an all-gather until it expires, and then every rank raises DistributedError (one line). torchrun also tears the
-job down as soon as one rank exits non-zero.
+The full design note (what was measured, why these choices): docs/multi-gpu.md, section "Module notes: srds_trt/runtime/distributed.py".
 """
 
 from __future__ import annotations

@@ -90,6 +90,7 @@ class RuntimeSampler:
         self.noise_floor_rows = 0
         self._runners: dict[tuple, object] = {}
         self.runner_builds = 0  # runners constructed (and captured) so far: one per key
+        self._capacity: tuple | None = None  # (manifest versions, widest max_batch)
         self.last_window_stats = None  # the last sliding-window run's host reads (window_runner.WindowStats)
 
     def capacity(self) -> int | None:
@@ -100,16 +101,19 @@ class RuntimeSampler:
         from ..export.artifacts import MANIFEST_NAME, ArtifactError, read_manifest
         from .distributed import group_size
 
-        folders = [self.artifacts]
+        folders = [Path(self.artifacts)]
         if not (self.engine_dir / MANIFEST_NAME).is_file():  # the folder above several exports: the widest serves
-            folders += [m.parent for m in (self.engine_dir / self.loaded.spec.name).glob(f"*/{MANIFEST_NAME}")]
-        widest = 0
-        for folder in folders:
-            try:
-                widest = max(widest, int(read_manifest(folder)["request"]["max_batch"]))
-            except ArtifactError:  # an unreadable sibling export: find_artifacts skips it too
-                continue
-        return widest * group_size(self.process_group)
+            folders += [m.parent for m in sorted((self.engine_dir / self.loaded.spec.name).glob(f"*/{MANIFEST_NAME}"))]
+        key = tuple((str(f), (f / MANIFEST_NAME).stat().st_mtime_ns) for f in folders if (f / MANIFEST_NAME).is_file())
+        if self._capacity is None or self._capacity[0] != key:  # parsed once per set of manifest versions
+            widest = 0
+            for folder in folders:
+                try:
+                    widest = max(widest, int(read_manifest(folder)["request"]["max_batch"]))
+                except ArtifactError:  # an unreadable sibling export: find_artifacts skips it too
+                    continue
+            self._capacity = (key, widest)
+        return self._capacity[1] * group_size(self.process_group)
 
     def engine_for(self, rows: int) -> Engine:
         """The engine that serves calls of up to `rows` rows (all ranks together): the one built so far if it holds

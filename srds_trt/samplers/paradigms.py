@@ -3,35 +3,7 @@
 A pure function over the samplers' model contract (base.py): `model(x[rows, ...], t[rows])` with per-row
 timesteps, rows stacked segment-major (row r belongs to image r % batch), so guidance.py's wrappers apply.
 
-The N-step DDIM ODE solution satisfies x_{i+1} = x_s + sum_{s <= j <= i} d_j(x_j) for any earlier point s, where
-d_j(x) = x_to - x = (c_x[j] - 1) x + c_out[j] model(x, t_j) is one DDIM step's update (solvers.ddim_coefficients).
-Picard iteration solves that fixed point over a window of w points t_s .. t_{s+w-1} at once:
-
-    sweep:  eps_j = model(x_j, t_j) for every window point j in ONE batched call (each row its own timestep)
-            x_{j+1} <- x_s + cumsum_j d_j(x_j)               (all points of the window, Jacobi style)
-
-After k sweeps the first k points of the window are exact. The window then slides past the prefix that
-stopped changing, so the next sweep starts from a converged state (diffusers' StableDiffusionParadigmsPipeline
-with DDIMParallelScheduler; re-implemented here over explicit (t_from, t_to) coefficients).
-
-Stopping / sliding rule (what `tol` means, as in the paper and diffusers)
-------------------------------------------------------------------------
-The change of point j in a sweep is measured per image as the mean over elements of (x_new - x_old)^2 and
-compared with tol^2 * sigma_j^2, where sigma_j^2 = (1 - a_{j+1}) / (1 - a_j) * (1 - a_j / a_{j+1}) is the variance
-of the noise a stochastic (DDPM, eta = 1) step from t_j to t_{j+1} would inject: `tol` is a per-step RMS change
-relative to the sampler's own noise scale, NOT a distance to the serial sample in units of x (contrast
-stopping.DEFAULT_TOL). If the first point whose change exceeds its threshold (in any image) is the k-th of the
-window, points 1..k-1 did not move, so the k-th point was computed from converged inputs and is accepted too:
-the window slides by k (by the whole window when nothing exceeds), at least one point per sweep. The final
-point x_N has sigma_N = 0 (only an unchanged state passes there), which never limits the slide: it is always
-the last point of its window. With set_alpha_to_one the last step lands on a_N = 1, so sigma_{N-1} = 0 too
-(diffusers alike): the final window cannot slide past x_{N-1} unless it is unchanged, which costs at most one
-extra one-point sweep at the end. New window points start at the last computed state (diffusers' initialisation).
-Differences from diffusers: sigma_j is taken between the actual grid neighbours (diffusers assumes the
-evenly spaced neighbour t_j - T/N), and the sweep's host read (how far to slide) is one small [w] bool tensor.
-
-tol = 0 slides only past points that are bit-for-bit unchanged (and always by at least one): the result is
-the serial sample up to the rounding of the cumulative sum, whatever the window.
+The full design note (what was measured, why these choices): docs/samplers.md, section "Module notes: srds_trt/samplers/paradigms.py".
 """
 
 from __future__ import annotations

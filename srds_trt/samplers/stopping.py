@@ -3,33 +3,7 @@
 What `tol` means, everywhere in srds_trt: the max-abs distance, in the units of x, between the sample a sampler
 returns and the serial sample (the N-step DDIM result from the same x_T) that the caller accepts.
 
-The rule sees, after each iteration p >= 1, the per-boundary changes
-
-    changes[b - 1] = max over images and elements of |U[p][b] - U[p-1][b]|,   b = 1..B
-
-(entries b < p are exactly 0: those boundaries stopped changing). Both executors compute exactly this vector:
-the reference sampler (sampling.py) on the host, the runtime (runtime/srds_runner.py) as one device reduction
-read back asynchronously. A non-finite change means NaN or Inf reached the state: the rule raises
-NonFiniteError, so no executor can hand such a sample back as an image.
-
-What the rule guarantees, measured (benchmarks/stopping.py, `python -m benchmarks.stopping [--batched|--variants]`,
-results/stopping-2026-11-27b): over the stress suite (Gaussian mixtures of several dims, widths and seeds, image
-by image; the digits UNet with and without guidance) and batched runs (benchmarks/cases.py's mixtures, 64-256
-images judged as one run, N = 196 and 1024), at tol 1e-2 and 1e-3 and on a denser grid 3e-2 .. 1e-4, no run
-returned a sample farther than tol from the serial one (worst 0.5x tol). Without the interior-within-tol term
-(INTERIOR_WEIGHT) the rule missed 1 of 52 batched runs at those two tols (gmm N=1024, 256 images, tol 1e-3:
-2.3e-3) and 7 on the dense grid (up to 137x tol, a mode flip at 3e-2); the term costs ~5% more sequential calls
-over the suite. The rule stops one or two iterations after the iterate from which the true error stays within
-tol (hard mixture rows: 54% at one, 94% within two, never more than 5).
-It needs two changes to see a contraction, so it accepts iteration 2 at the earliest (1 only when nothing
-changed). tol is what the rule aims at from changes alone, not a proof: a sample is guaranteed exact only at
-p = B, and tol = 0 runs there.
-
-The estimator (error_estimate) looks at the FINAL boundary, where tol is measured, not at the global max change:
-interior boundaries of a diffusion trajectory keep larger errors than the final sample (the flow contracts into
-the data modes), so a global residual stops 1-3 iterations late (the old rule: 156 calls where 94 sufficed).
-Its guards against false stops are the interior residual, which must shrink by INTERIOR_CONTRACTION per iteration,
-and must itself have come within tol (INTERIOR_WEIGHT).
+The full design note (what was measured, why these choices): docs/tol-and-stopping.md, section "Module notes: srds_trt/samplers/stopping.py".
 """
 
 from __future__ import annotations
@@ -47,11 +21,11 @@ DEFAULT_TOL = 1e-3
 # at most a threshold in one sweep (eps-Picard: max-abs change in units of x; ParaDiGMS: its own per-step RMS knob
 # relative to the step's noise std). An accepted point's remaining error is carried, and near a mode decision
 # amplified, by the flow to x_N: at threshold = tol the measured error exceeded tol in 182 of 443 runs of the
-# matched set (benchmarks/results/matched-2026-11-27: up to 1369x, a flipped mixture mode at 3e-3 on mix16
+# matched set (benchmarks/results/matched (an earlier run, git b6c7018): up to 1369x, a flipped mixture mode at 3e-3 on mix16
 # N=1024; 1.1-7x elsewhere; the digits model up to 1.9x). Accepting at WINDOW_ACCEPT_FRACTION x tol, never above
 # WINDOW_ACCEPT_CAP, kept every measured run of both samplers within tol (worst 0.4x tol; without the cap
 # eps-Picard flipped the mix16 mode at tol 3e-2). Calibrated, not proven, like the SRDS rule above.
-# eps-Picard since its prior slope (eps_picard.py, benchmarks/results/matched-2026-11-27c): the flips are gone below
+# eps-Picard since its prior slope (eps_picard.py, benchmarks/results/matched): the flips are gone below
 # threshold 3e-2; over the 83 runs of that set at thresholds <= 2e-2 the error was at most 2.2x the threshold (digits
 # N=100 at 5e-3; <= 1.1x at the 39 thresholds <= 3e-3), against 1369x without the prior. Its fraction 0.2 and cap 3e-3 keep
 # every run of that set within tol with the same margin as before (worst 0.44x tol).
@@ -101,7 +75,7 @@ FAST_CONTRACTION = 0.0
 # damped by an observed 0.01-0.8 (benchmarks/stopping.py --variants): the contraction guard alone let a batch
 # stop with its final sample stalled for one iteration while the interior still moved 20x tol (gmm N=1024, 256
 # images, tol 1e-3: returned 2.3e-3) and, at tol 3e-2, with a mode still flipping (mix16 N=1024: 4.1).
-# 2 (interior <= 2 tol) still missed once over the dense tol grid; 1 missed none (results/stopping-2026-11-27b).
+# 2 (interior <= 2 tol) still missed once over the dense tol grid; 1 missed none (results/stopping).
 INTERIOR_WEIGHT = 1.0
 
 

@@ -1,68 +1,70 @@
-"""The Open Inference Protocol (KServe v2) over HTTP/REST as a Starlette app; uvicorn serves it.
+"""The server as one Starlette app: the Open Inference Protocol (KServe v2) over REST, the OpenAI images API
+(openai_api.py) and, on its own port, KServe v2 over gRPC (grpc_server.py), all in front of one batching queue.
 
-Starlette + uvicorn rather than kserve's ModelServer: kserve pulls a large dependency tree (fastapi, grpcio, ray
-extras, its own process model) and batches per process, not into the per-settings sampling jobs SRDS needs; a
-small ASGI app keeps the batching in one visible place (batching.py) and speaks the same endpoints and wire
-format (JSON tensors and the binary tensor extension), so tritonclient and curl work unchanged.
+Starlette + uvicorn + grpc.aio rather than kserve's ModelServer or PyTriton: see the README's serving section
+(neither lets a request's cancellation reach the sampler between iterations, nor routes an OpenAI request into
+the same per-settings sampling jobs; both own the batching).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batching import Batcher, BatchConfig, QueueFull, ShuttingDown
+from .batching import BatchConfig
 from .metrics import Metrics
-from .protocol import HEADER_LENGTH, INPUTS, InferRequest, Settings, encode_response, parse_infer, split_body
+from .protocol import HEADER_LENGTH, INPUTS, InferRequest, Settings, encode_response
+from .service import SERVER_NAME, SERVER_VERSION, RequestError, ServeConfig, Service
 
-SERVER_NAME = "srds_trt"
-SERVER_VERSION = "0.1.0"
+log = logging.getLogger("srds_trt.serve")
 
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: str = "digits"
-    batch: BatchConfig = BatchConfig()
-    default_steps: int = 100
-    warmup_steps: int | None = None  # steps of the warm-up request (default: default_steps)
+__all__ = ["BatchConfig", "ServeConfig", "build_app", "read_body", "error_response", "until_disconnected"]
 
 
 def build_app(pipe, config: ServeConfig, *, metrics: Metrics | None = None) -> Starlette:
     """The server for one loaded SRDSPipeline. Ready once the worker ran its warm-up request."""
-    metrics = metrics or Metrics()
-    batcher = Batcher(pipe, config.batch, metrics, config.model)
-    state = {"ready": False}
-    name = config.model
+    service = Service(pipe, config, metrics)
+    batcher = service.batcher
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        grpc_server = None
+        if config.grpc_port is not None:
+            from .grpc_server import start_grpc
+
+            grpc_server = await start_grpc(service, config.grpc_host, config.grpc_port)
+        steps = config.warmup_steps or config.default_steps
         warm = InferRequest(id=None, prompts=(pipe.check_prompts(None)[0],), seed=0, binary_output=False,
-                            outputs=("image",), settings=Settings(config.warmup_steps or config.default_steps, None,
-                                                                  "srds", _default_tol()))
+                            outputs=("image",), settings=Settings(steps, None, "srds", _default_tol()))
+        log.info("warming up: one %d-step SRDS request (engine build, first call)", steps)
+        started = time.perf_counter()
         ready = asyncio.wrap_future(batcher.start(warm))
-        ready.add_done_callback(lambda f: state.update(ready=not f.cancelled() and f.exception() is None))
+
+        def on_ready(f):
+            service.ready = not f.cancelled() and f.exception() is None
+            if service.ready:
+                log.info("ready: model %s warmed up in %.1f s", config.model, time.perf_counter() - started)
+            elif not f.cancelled():
+                log.error("warm-up failed: %s", f.exception())
+
+        ready.add_done_callback(on_ready)
         app.state.warmup = ready
         try:
             yield
         finally:  # uvicorn has stopped accepting and waited for open requests: finish the queue, stop the worker
-            await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+            await asyncio.get_running_loop().run_in_executor(None, batcher.close, config.batch.timeout_s)
 
     def model_or_404(request: Request):
-        m = request.path_params["model"]
-        if m != name:
-            return _error(404, f"unknown model {m!r}; this server serves {name!r}")
-        version = request.path_params.get("version")
-        if version not in (None, "1"):
-            return _error(404, f"unknown version {version!r} of model {name!r}; the version is 1")
-        return None
+        service.check_model(request.path_params["model"], request.path_params.get("version"))
 
     async def server_metadata(request):
         return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
@@ -71,59 +73,47 @@ def build_app(pipe, config: ServeConfig, *, metrics: Metrics | None = None) -> S
         return Response(status_code=200)
 
     async def ready(request):
-        return Response(status_code=200 if state["ready"] else 503)
+        return Response(status_code=200 if service.ready else 503)
 
     async def model_metadata(request):
-        if (missing := model_or_404(request)) is not None:
-            return missing
-        channels = 3 if pipe.text is not None else int(pipe.loaded.sample_shape[0])  # SD decodes to RGB
-        return JSONResponse({
-            "name": name, "versions": ["1"], "platform": "srds_trt",
-            "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
-            "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, channels]},
-                        {"name": "stats", "datatype": "BYTES", "shape": [1]}],
-        })
+        try:
+            model_or_404(request)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        return JSONResponse(v2_metadata(service))
 
     async def model_ready(request):
-        if (missing := model_or_404(request)) is not None:
-            return missing
-        return Response(status_code=200 if state["ready"] else 503)
+        try:
+            model_or_404(request)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        return Response(status_code=200 if service.ready else 503)
 
     async def infer(request: Request):
-        start = time.perf_counter()
-        response = await _infer(request)
-        code = str(response.status_code)
-        metrics.latency.labels(name, code).observe(time.perf_counter() - start)
-        metrics.requests.labels(name, code).inc()
-        return response
-
-    async def _infer(request: Request):
-        if (missing := model_or_404(request)) is not None:
-            return missing
-        if not state["ready"]:
-            return _error(503, f"model {name!r} is not ready (warming up)")
+        start, parsed, stats = time.perf_counter(), None, None
         try:
-            header, tail = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-            parsed = parse_infer(header, tail, default_steps=config.default_steps,
-                                 max_images=config.batch.max_batch_images)
-            pipe.check_prompts(list(parsed.prompts))
-        except ValueError as exc:  # ProtocolError, and the pipeline's own prompt check
-            return _error(400, str(exc))
-        try:
-            image, stats = await batcher.infer(parsed)
-        except (QueueFull, ShuttingDown) as exc:
-            return _error(503, str(exc))
-        except asyncio.TimeoutError:
-            return _error(504, f"the request took longer than {config.batch.timeout_s:g} s (--request-timeout)")
-        except ValueError as exc:  # the pipeline refused the settings (e.g. a sampler this backend cannot run)
-            return _error(400, str(exc))
-        except Exception as exc:  # noqa: BLE001 - NonFiniteError and engine failures: this request fails, we serve on
-            return _error(500, f"{type(exc).__name__}: {exc}")
-        body, headers = encode_response(name, parsed, image, stats)
-        return Response(body, headers=headers, media_type="application/octet-stream" if headers else "application/json")
+            model_or_404(request)
+            service.check_ready()
+            body = await read_body(request, config.max_body_bytes)
+            parsed = await service.parse_v2(body, request.headers.get(HEADER_LENGTH))
+            image, stats = await until_disconnected(request, service.infer(parsed))
+            body, headers = encode_response(service.name, parsed, image, stats)
+            response = Response(body, headers=headers,
+                                media_type="application/octet-stream" if headers else "application/json")
+            service.record("v2-rest", 200, start, parsed, stats)
+            return response
+        except RequestError as exc:
+            service.record("v2-rest", exc.status, start, parsed, message=exc.message)
+            return error_response(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one JSON error, counted and logged
+            log.exception("v2-rest: unexpected error")
+            service.record("v2-rest", 500, start, parsed, message=str(exc))
+            return error_response(500, f"internal error ({type(exc).__name__})")
 
     async def prometheus(request):
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
@@ -134,12 +124,72 @@ def build_app(pipe, config: ServeConfig, *, metrics: Metrics | None = None) -> S
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
     ]
+    from .openai_api import openai_routes
+
+    routes += openai_routes(service)
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.service = service
     return app
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def v2_metadata(service: Service) -> dict:
+    return {
+        "name": service.name, "versions": ["1"], "platform": "srds_trt",
+        "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
+        "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, service.channels()]},
+                    {"name": "stats", "datatype": "BYTES", "shape": [1]}],
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 before reading when Content-Length says it is over `limit`, and while
+    streaming when a chunked body grows past it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, f"Content-Length must be an integer, got {declared[:40]!r}") from None
+        if size > limit:
+            raise RequestError(413, f"the request body is {size} bytes; this server takes at most {limit} "
+                                    "(--max-body-mb)")
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise RequestError(413, f"the request body exceeds {limit} bytes (--max-body-mb)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(499, "the client went away while sending the body") from None
+    return b"".join(chunks)
+
+
+async def until_disconnected(request: Request, work):
+    """Await `work`; when the client disconnects first, cancel it (the batcher then abandons the request)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise RequestError(499, "the client went away; its request was abandoned")
+    return task.result()
+
+
+def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 

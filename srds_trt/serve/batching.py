@@ -2,9 +2,19 @@
 `window_s` of the first one run as one sampling job (the images dimension), each with its own noise.
 
 The pipeline is not thread-safe, so exactly one thread calls it; the event loop only enqueues and awaits futures.
+A request that times out or whose client goes away is abandoned: a queued one never runs, and a running job whose
+requests are all abandoned stops at the next iteration / sweep / step boundary (the pipeline's cancel hook). A job
+with some live requests runs on (its rows are not dropped) and the abandoned requests' results are discarded.
 Each request's noise is drawn from its own seed exactly as `generate --seed` draws it (pipeline.noise, CPU
 generator) and the job's noise is their concatenation: the samplers are row-independent, so a request's images
 equal its solo run up to float rounding across batch sizes (equal pixels after uint8 quantisation; tested).
+
+Sampler "auto" is load-adaptive: it is resolved per job, priced on the engine's latency-per-rows curve at the
+job's actual image count (the pipeline's autotune). Under load the batcher pulls every compatible waiting request
+into the job, so the job grows and batched serial wins where the parallel samplers' rows would saturate the engine;
+idle, a one-image job gets the parallel sampler. With one engine running jobs one after another, the expected
+completion time summed over the job's requests and every request waiting behind it is (their count) x (the job's
+time), so the job's own predicted time is the objective that also serves the waiting requests.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import numpy as np
 import torch
 
 from .protocol import InferRequest, Settings
+from .memory import CacheBudget, resident_bytes
+from .report import convergence_report
 
 
 class QueueFull(RuntimeError):
@@ -48,16 +60,29 @@ class _Pending:
     request: InferRequest
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
+    abandoned: str | None = None  # why nobody waits for the result any more ("timeout", "disconnect")
+
+    def abandon(self, reason: str) -> None:
+        self.abandoned = reason  # read by the worker thread (one attribute store: atomic under the GIL)
+        self.future.cancel()  # still queued: the worker skips it; already running: the cancel hook sees .abandoned
 
 
 class Batcher:
-    def __init__(self, pipe, config: BatchConfig, metrics, model_name: str):
+    def __init__(self, pipe, config: BatchConfig, metrics, model_name: str, *, cache_bytes: int | None = None):
         self.pipe, self.config, self.metrics, self.model = pipe, config, metrics, model_name
+        self.cache_bytes = cache_bytes
+        self.budget = CacheBudget(pipe, cache_bytes)
+        if cache_bytes is not None:
+            metrics.cache_budget.labels(model_name).set(cache_bytes)
         # a pipeline without a `latents` argument cannot take per-request noise: run one request per job then
-        self.takes_latents = "latents" in inspect.signature(pipe.__call__).parameters
+        # SRDSPipeline.__call__(prompt, **kwargs) takes iter_chunks' keywords; a stand-in may list them itself
+        parameters = inspect.signature(getattr(pipe, "iter_chunks", pipe.__call__)).parameters
+        self.takes_latents = "latents" in parameters
+        self.takes_cancel = "cancel" in parameters
         self._queue: deque[_Pending] = deque()
         self._cv = threading.Condition()
         self._closing = False
+        self._abort = False  # close() ran past its grace: every running job stops at its next boundary
         self._thread = threading.Thread(target=self._loop, name="srds-sampler", daemon=True)
 
     def start(self, warmup: InferRequest | None = None) -> Future:
@@ -68,6 +93,9 @@ class Batcher:
         return ready
 
     async def infer(self, request: InferRequest) -> tuple[np.ndarray, dict]:
+        """(uint8 images [n, H, W, C], stats with "report") for one request. Raises QueueFull / ShuttingDown at
+        once, asyncio.TimeoutError after config.timeout_s, and the pipeline's errors. Cancelling the awaiting task
+        (the client went away) abandons the request."""
         pending = _Pending(request)
         with self._cv:
             if self._closing:
@@ -80,15 +108,29 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(pending.future), self.config.timeout_s)
         except asyncio.TimeoutError:
-            pending.future.cancel()  # still queued: the worker skips it; already running: its result is dropped
+            pending.abandon("timeout")
+            self.metrics.abandoned.labels(self.model, "timeout").inc()
+            raise
+        except asyncio.CancelledError:
+            pending.abandon("disconnect")
+            self.metrics.abandoned.labels(self.model, "disconnect").inc()
             raise
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish what is queued and running, then stop the worker."""
+    def close(self, grace: float | None = None) -> None:
+        """Finish what is queued and running, then stop the worker. After `grace` seconds every job still running
+        stops at its next iteration boundary (its requests fail) and queued requests are dropped."""
         with self._cv:
             self._closing = True
             self._cv.notify()
-        self._thread.join(timeout)
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            self._abort = True
+            with self._cv:
+                for item in self._queue:
+                    item.abandon("shutdown")
+                self._queue.clear()
+                self._cv.notify()
+            self._thread.join()
 
     # --- the worker thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -105,7 +147,19 @@ class Batcher:
             job = self._next_job()
             if job is None:
                 return
-            self._run(job)
+            try:
+                self._run(job)
+            finally:
+                self._after_job()
+
+    def _after_job(self) -> None:
+        evicted = self.budget.evictions
+        held = self.budget.after_job()
+        self.metrics.cache_bytes.labels(self.model).set(held)
+        self.metrics.cache_evictions.labels(self.model).inc(self.budget.evictions - evicted)
+        rss = resident_bytes()
+        if rss is not None:
+            self.metrics.rss.labels(self.model).set(rss)
 
     def _next_job(self) -> list[_Pending] | None:
         with self._cv:
@@ -144,8 +198,11 @@ class Batcher:
             return
         settings: Settings = job[0].request.settings
         prompts = [p for item in job for p in item.request.prompts]
+        waiting = len(self._queue)  # requests behind this job (stats: what the adaptive choice saw)
         kwargs = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                       sampler=settings.sampler, tol=settings.tol, progress_bar=False)
+        if self.takes_cancel:
+            kwargs["cancel"] = lambda: self._abort or all(item.abandoned for item in job)
         try:
             with torch.inference_mode():
                 if self.takes_latents:
@@ -155,6 +212,8 @@ class Batcher:
                     output = self.pipe(prompts, generator=job[0].request.seed, **kwargs)
             images = pil_to_array(output.images)
         except BaseException as exc:  # noqa: BLE001 - every request of the job gets the error; the worker lives on
+            if type(exc).__name__ == "Cancelled":
+                self.metrics.cancelled_jobs.labels(self.model).inc()
             for item in job:
                 if not item.future.done():
                     item.future.set_exception(exc)
@@ -163,11 +222,14 @@ class Batcher:
         self.metrics.batch_images.labels(self.model).observe(len(prompts))
         if output.stats.get("iterations") is not None:
             self.metrics.iterations.labels(self.model).observe(output.stats["iterations"])
+        report = convergence_report(output, settings.tol)
+        self.metrics.sampler_choice.labels(self.model, str(output.stats.get("sampler"))).inc()
         start = 0
         for item in job:
             n = len(item.request.prompts)
             stats = {**output.stats, "prompts": list(item.request.prompts), "images": n, "seed": item.request.seed,
-                     "batch_requests": len(job), "batch_images": len(prompts)}
+                     "batch_requests": len(job), "batch_images": len(prompts), "queue_waiting": waiting,
+                     "report": report}
             if not item.future.done():
                 item.future.set_result((images[start:start + n], stats))
             start += n

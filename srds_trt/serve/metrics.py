@@ -25,3 +25,17 @@ class Metrics:
         self.iterations = Histogram("srds_sampler_iterations", "SRDS iterations per sampling job", ["model"],
                                     buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), registry=r)
         self.requests = Counter("srds_requests", "infer requests by HTTP status", ["model", "code"], registry=r)
+        self.protocol_requests = Counter("srds_protocol_requests", "infer requests by protocol and status",
+                                         ["model", "protocol", "code"], registry=r)
+        self.abandoned = Counter("srds_abandoned_requests", "requests nobody waits for any more",
+                                 ["model", "reason"], registry=r)
+        self.cancelled_jobs = Counter("srds_cancelled_jobs", "sampling jobs stopped early: all their requests gone",
+                                      ["model"], registry=r)
+        self.cache_bytes = Gauge("srds_cache_bytes", "bytes held by the pipeline's caches (runners, curves)",
+                                 ["model"], registry=r)
+        self.cache_budget = Gauge("srds_cache_budget_bytes", "--cache-mb", ["model"], registry=r)
+        self.cache_evictions = Counter("srds_cache_evictions", "cache entries evicted to stay under --cache-mb",
+                                       ["model"], registry=r)
+        self.rss = Gauge("srds_process_resident_bytes", "resident set size after the last job", ["model"], registry=r)
+        self.sampler_choice = Counter("srds_sampler_jobs", "sampling jobs by the sampler that ran",
+                                      ["model", "sampler"], registry=r)

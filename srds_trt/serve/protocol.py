@@ -9,6 +9,7 @@ BYTES) is what tritonclient sends by default; tritonclient.utils encodes and dec
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,24 +53,47 @@ class InferRequest:
     outputs: tuple[str, ...]
 
 
+# integer datatypes' ranges: a JSON number outside them is the client's error (numpy would raise OverflowError)
+INT_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1)}
+
+
+def load_json(raw: bytes | str):
+    """json.loads for client bytes: malformed text and nesting deeper than the interpreter's recursion limit
+    (the C decoder raises RecursionError, ~1000 levels) are ProtocolErrors. Run it off the event loop."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ProtocolError("the request body's JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(JSON header, binary tail) of a request body."""
+    if header_length is None:
+        return load_json(body), b""
     try:
-        if header_length is None:
-            return json.loads(body), b""
         n = int(header_length)
-        if not 0 <= n <= len(body):
-            raise ProtocolError(f"{HEADER_LENGTH} {n} exceeds the body ({len(body)} bytes)")
-        return json.loads(body[:n]), body[n:]
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, ProtocolError):
-            raise
-        raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
+    except ValueError:
+        raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}") from None
+    if not 0 <= n <= len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} {n} exceeds the body ({len(body)} bytes)")
+    return load_json(body[:n]), body[n:]
+
+
+def _dict_or_empty(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def decode_inputs(header: dict, tail: bytes) -> dict[str, np.ndarray]:
     """The request's input tensors as numpy arrays (BYTES as an object array of bytes)."""
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+    if not isinstance(header, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(header).__name__}")
+    if not isinstance(header.get("inputs"), list):
         raise ProtocolError("the request needs an 'inputs' list")
     tensors, offset = {}, 0
     for spec in header["inputs"]:
@@ -83,12 +107,12 @@ def decode_inputs(header: dict, tail: bytes) -> dict[str, np.ndarray]:
         want_type, want_shape = INPUTS[name]
         if datatype != want_type:
             raise ProtocolError(f"input {name!r} must be {want_type}, got {datatype!r}")
-        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 1
-                and want_shape[0] in (-1, shape[0])):
+        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int)
+                and not isinstance(shape[0], bool) and shape[0] >= 1 and want_shape[0] in (-1, shape[0])):
             raise ProtocolError(f"input {name!r} must have shape {want_shape} (rows >= 1), got {shape!r}")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = _dict_or_empty(spec.get("parameters"), f"input {name!r}: 'parameters'").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise ProtocolError(f"input {name!r}: binary_data_size {size!r} exceeds the binary data")
             raw, offset = tail[offset:offset + size], offset + size
             try:
@@ -115,32 +139,47 @@ def _json_data(name: str, datatype: str, data) -> np.ndarray:
             raise ProtocolError(f"input {name!r}: BYTES data must be strings")
         return np.array([v.encode() for v in flat], dtype=object)
     kind = int if datatype.startswith("INT") else float
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or _integral(v))
                for v in flat):
         raise ProtocolError(f"input {name!r}: {datatype} data must be {'integers' if kind is int else 'numbers'}")
-    return np.array(flat.tolist(), dtype=triton_to_np_dtype(datatype))
+    if kind is int:
+        low, high = INT_RANGES[datatype]
+        if not all(low <= int(v) <= high for v in flat):
+            raise ProtocolError(f"input {name!r}: {datatype} data must be integers in [{low}, {high}]")
+        return np.array([int(v) for v in flat], dtype=triton_to_np_dtype(datatype))
+    with np.errstate(over="ignore"):  # 1e300 as FP32 is inf: the setting's own check refuses it by name
+        return np.array(flat.tolist(), dtype=triton_to_np_dtype(datatype))
 
 
-def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: int) -> InferRequest:
+def _integral(v) -> bool:
+    return isinstance(v, int) or (math.isfinite(v) and float(v).is_integer())
+
+
+def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: int,
+                default_sampler: str = "srds") -> InferRequest:
     """Inputs -> InferRequest; prompts and settings are checked by the pipeline's own validators (same messages
     as `generate`, so a bad value is a 400 before the request reaches the queue)."""
     prompts, seed, settings = read_tensors(decode_inputs(header, tail), default_steps=default_steps,
-                                           max_images=max_images)
-    params = header.get("parameters") or {}
-    requested = header.get("outputs") or []
-    names = tuple(o.get("name") for o in requested if isinstance(o, dict)) or ("image", "stats")
+                                           max_images=max_images, default_sampler=default_sampler)
+    params = _dict_or_empty(header.get("parameters"), "'parameters'")
+    requested = header.get("outputs")
+    if requested is None:
+        requested = []
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise ProtocolError("'outputs' must be a list of objects ({\"name\": \"image\"})")
+    names = tuple(o.get("name") for o in requested) or ("image", "stats")
     unknown = [n for n in names if n not in ("image", "stats")]
     if unknown:
         raise ProtocolError(f"unknown output {unknown[0]!r}; the outputs are image, stats")
-    binary = bool(params.get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in requested if isinstance(o, dict))
+    out_params = [_dict_or_empty(o.get("parameters"), f"output {o.get('name')!r}: 'parameters'") for o in requested]
+    binary = params.get("binary_data_output") is True or any(p.get("binary_data") is True for p in out_params)
     request_id = header.get("id")
     return InferRequest(id=str(request_id) if request_id is not None else None, prompts=prompts, seed=seed,
                         settings=settings, binary_output=binary, outputs=names)
 
 
-def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_images: int
-                 ) -> tuple[tuple[str, ...], int, Settings]:
+def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_images: int,
+                 default_sampler: str = "srds") -> tuple[tuple[str, ...], int, Settings]:
     """(prompts, seed, settings) from the input tensors; shared by the server and the Triton sampler model."""
     from ..pipeline import check_guidance_scale, check_run_args, check_seed
 
@@ -160,7 +199,7 @@ def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_imag
         value = tensors[name].reshape(-1)[0]
         return value.item() if isinstance(value, np.generic) else value  # BYTES elements are plain bytes
 
-    sampler = scalar("sampler", b"srds")
+    sampler = scalar("sampler", default_sampler.encode())
     sampler = sampler.decode(errors="replace") if isinstance(sampler, bytes) else str(sampler)
     steps, tol, seed = int(scalar("steps", default_steps)), float(scalar("tol", _default_tol())), int(scalar("seed", 0))
     scale = scalar("guidance_scale", None)
@@ -170,7 +209,7 @@ def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_imag
         if scale is not None:
             scale = check_guidance_scale(scale)
     except ValueError as exc:
-        raise ProtocolError(_input_names(str(exc))) from None
+        raise ProtocolError(_input_names(exc)) from None
     return prompts, seed, Settings(steps=steps, guidance_scale=scale, sampler=sampler, tol=tol)
 
 
@@ -180,11 +219,19 @@ def _default_tol() -> float:
     return DEFAULT_TOL
 
 
-def _input_names(message: str) -> str:
-    """The pipeline's messages name CLI flags; here the same checks name the protocol's inputs."""
+def _input_names(exc: ValueError) -> str:
+    """The validators' messages start with the setting's name (settings.SettingError.setting); here the same
+    checks name the protocol's input: "input 'steps' must be ..."."""
+    return setting_message(exc, "input '{}'")
+
+
+def setting_message(exc: ValueError, template: str) -> str:
+    message, setting = str(exc), getattr(exc, "setting", None)
+    if setting and message.startswith(setting):
+        return template.format(setting) + message[len(setting):]
     for flag, name in (("--steps", "steps"), ("--tol", "tol"), ("--seed", "seed"), ("--sampler", "sampler"),
-                       ("--guidance-scale", "guidance_scale")):
-        message = message.replace(flag, f"input '{name}'")
+                       ("--guidance-scale", "guidance_scale")):  # older validators named the CLI flags
+        message = message.replace(flag, template.format(name))
     return message
 
 
@@ -203,6 +250,9 @@ def encode_response(model: str, request: InferRequest, image: np.ndarray, stats:
             out["data"] = [v.decode() for v in array.reshape(-1)] if datatype == "BYTES" else array.reshape(-1).tolist()
         outputs.append(out)
     body = {"model_name": model, "outputs": outputs}
+    report = stats.get("report")
+    if report:  # the convergence report as response parameters (KServe v2 allows string, number, bool values)
+        body["parameters"] = {k: v for k, v in report.items() if v is not None}
     if request.id is not None:
         body["id"] = request.id
     header = json.dumps(body).encode()

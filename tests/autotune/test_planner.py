@@ -67,6 +67,9 @@ def test_measured_reference_curve_is_used_and_cached(digits):
     digits.auto.measure_reference_curve = lambda widest: pytest.fail("measured twice: the curve is cached per pipeline")
     again = digits("7", num_inference_steps=12, sampler="auto", progress_bar=False)
     assert again.stats["auto"]["latency_per_rows_ms"] == auto["latency_per_rows_ms"]
+    # a narrower call (fewer steps) is priced from the wider curve already measured: no new measurement per width
+    narrower = digits("7", num_inference_steps=6, sampler="auto", progress_bar=False)
+    assert narrower.stats["auto"]["latency_per_rows_ms"] == auto["latency_per_rows_ms"]
 
 
 def test_flat_curve_picks_a_parallel_sampler_and_the_run_uses_its_window(digits, monkeypatch):

@@ -191,7 +191,7 @@ def test_srds_priced_at_the_iterations_its_rule_runs():
 
     from srds_trt.samplers.plan import pipelined_calls
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "stopping-2026-11-27b"
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "stopping"
     runs = [r for name in ("full.json", "batched.json") for r in json.loads((root / name).read_text()) if r["pipelined"]]
     for tol, expected in autotune.SRDS_ITERATIONS.items():
         iters = sorted(r["rule_iters"] for r in runs if r["tol"] == tol)

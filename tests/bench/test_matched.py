@@ -1,4 +1,4 @@
-"""benchmarks/matched.py (issue 13's matched comparison): runs end to end, writes its files, matches honestly."""
+"""benchmarks/matched.py (eps-Picard vs ParaDiGMS at matched error): runs end to end, writes its files, matches honestly."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +50,9 @@ def test_onnxruntime_backend_runs_the_sliding_window_samplers(digits_export, tmp
 @pytest.mark.parametrize("args, message", [
     (["--backend", "onnxruntime", "--engine-dir", "{missing}"], "no export of 'digits'"),
     (["--backend", "tensorrt", "--engine-dir", "{export}", "--device", "cpu"], "needs a CUDA GPU"),
-    (["--backend", "onnxruntime", "--engine-dir", "{export}", "--steps", "100"], "re-export with --max-batch"),
+    # one image of N = 100 needs 40 rows (pipelined SRDS, guidance): more than the export's 24
+    (["--backend", "onnxruntime", "--engine-dir", "{export}", "--steps", "100"],
+     "re-export with `python -m srds_trt.export --model digits --max-batch 40`"),
 ])
 def test_backend_refusals_are_one_line_and_exit_2(digits_export, tmp_path, capsys, args, message):
     args = [a.format(missing=tmp_path / "none", export=digits_export) for a in args]
@@ -58,6 +61,19 @@ def test_backend_refusals_are_one_line_and_exit_2(digits_export, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_run_wider_than_the_export_runs_in_chunks_that_fit(digits_export, tmp_path, capsys):
+    """Ten digits at N = 9 need more rows than the export's 24 in one call: the images are sampled in chunks that
+    fit the export (the default export serves generate's default run this way), not refused."""
+    out = tmp_path / "gen"
+    rc = main(["--backend", "onnxruntime", "--engine-dir", str(digits_export), "--steps", "9", "--out", str(out),
+               "--quiet", "--no-compare-serial"])
+    assert rc == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["images"] == 10 and stats["chunks"] > 1 and stats["export_dir"] == str(digits_export / "digits" /
+                                                                                       Path(stats["export_dir"]).name)
+    assert len(list(out.glob("0*.png"))) == 10 and stats["export_id"]
 
 
 def test_pipeline_runtime_path_equals_reference_path():
@@ -80,7 +96,7 @@ def test_pipeline_runtime_path_equals_reference_path():
 
 
 def test_one_warm_up_per_runner_and_first_call_timing_apart(monkeypatch):
-    """Issue 9 item 4: a cached runner is built (and captured) once; every call runs it exactly once."""
+    """A cached runner is built (and captured) once; every call runs it exactly once."""
     import torch
 
     from srds_trt import SRDSPipeline
@@ -165,7 +181,7 @@ def _tampered_copy(export, tmp_path, **request):
 
 @pytest.mark.slow
 def test_manifest_claiming_100000_rows_runs_in_bounded_memory(digits_export, tmp_path):
-    """Issue 10 item 2: buffers follow the run's rows, not the manifest's claim; peak RSS of the real CLI bounded."""
+    """Buffers follow the run's rows, not the manifest's claim; peak RSS of the real CLI bounded."""
     import resource
     import subprocess
     import sys

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from srds_trt.cli import export as cli
-from srds_trt.export import registry
+from srds_trt.export import model_source as registry
 from export_support import digits_like
 
 
@@ -93,7 +93,7 @@ def test_parity_failure_builds_nothing(stub_registry, tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--opt-batch", "64"], "--opt-batch"),
+    (["--opt-batch", "1024"], "--opt-batch"),  # above the digits default --max-batch 512
     (["--height", "64"], "--height"),
     (["--profiles", "0"], "--profiles"),
     (["--height", "60", "--width", "60"], "multiple of 8"),

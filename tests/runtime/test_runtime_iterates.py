@@ -130,7 +130,7 @@ def test_runs_stopped_short_of_convergence_equal_the_reference_sampler(coarse, p
 
 @pytest.mark.parametrize("coarse", ["merged", "separate"])
 def test_early_exit_waits_for_the_accepting_tick_not_the_speculative_ones(coarse):
-    """Issue 9 item 5: the host waits on the event after the tick that completed the accepted iteration."""
+    """The host waits on the event after the tick that completed the accepted iteration."""
     ts, ac = grid(36)
     runner = make_runner(coarse=coarse, pipelined=True, guided=True, lookahead=2, steps=36, blocks=6)
     tol = 1e-2

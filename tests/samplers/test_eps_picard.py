@@ -192,7 +192,7 @@ def test_rejects_bad_options():
 
 @pytest.mark.slow
 def test_fewer_sequential_calls_than_paradigms_at_matched_error():
-    """Issue 13's claim on one small case: at max-abs error <= 1e-3 vs serial, eps-Picard at width 2 round(sqrt N)
+    """The matched-error claim on one small case: at max-abs error <= 1e-3 vs serial, eps-Picard at width 2 round(sqrt N)
     needs <= 0.6x the sequential calls of ParaDiGMS at its better window (round(sqrt N) or 2 round(sqrt N)),
     ParaDiGMS's tol chosen knowing the serial result (the cheapest of its grid that reaches the target)."""
     timesteps, alphas = ddim_grid(GMM_CONFIG, 196)
@@ -362,7 +362,7 @@ def test_sliding_iterates_match_a_textbook_loop(tol, steps, w, sweeps):
 
 
 # ---- experimental options (reference only; the runtime runner refuses them): wide-baseline extrapolation.
-# benchmarks/results/eps-picard-experiments-2026-11-27 says what it buys.
+# benchmarks/results/eps-picard-experiments says what it buys.
 
 EXPERIMENTS = ({"extrapolate_span": 3}, {"extrapolate_span": 8}, {"extrapolate_span": 3, "extrapolate": 2},
                {"extrapolate_span": 4, "extrapolate_fit": "lsq"})

@@ -21,7 +21,7 @@ RAW = {"eps-picard": eps_picard_sample, "paradigms": paradigms_sample}
 # (case, N, window, tol) where the raw threshold = tol misses by far: eps-Picard mix64 N=196 at 5e-2, a flipped
 # mode, error 3.49 = 70x tol (measured 2026-11-27 with the prior slope; before it, hard2 N=196 missed at 1e-2 with
 # 2.95 and no longer does); ParaDiGMS mix64 N=196 w=14 at 1e-2: 1.9e-2 = 1.9x tol
-# (benchmarks/results/matched-2026-11-27)
+# (an earlier matched run, git b6c7018)
 MISSES = {"eps-picard": ("mix64", 196, 28, 5e-2), "paradigms": ("mix64", 196, 14, 1e-2)}
 
 

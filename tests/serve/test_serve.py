@@ -231,11 +231,25 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
 
 
 def test_cli_refuses_bad_flags_with_exit_2(capsys):
-    from srds_trt.serve.__main__ import main
+    from srds_trt.cli.serve import main
 
     assert main(["--max-queue", "0"]) == 2
     assert main(["--model", "nosuchmodel"]) == 2
     assert main(["--default-steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert len(err) == 3 and all(line.startswith("srds_trt.serve: error: ") for line in err), err
     assert "--max-queue" in err[0] and "--default-steps" in err[2]
+
+
+def test_cli_without_the_serve_extra_is_one_line_and_help_shows_defaults(monkeypatch, capsys):
+    import importlib.util
+
+    from srds_trt.cli.serve import build_parser, main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prometheus_client" else real(name, *a))
+    assert main(["--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'srds_trt[serve]'" in err[0] and "prometheus_client" in err[0], err
+    text = build_parser().format_help()
+    assert "(default: 8000)" in text and "(default: None)" not in text and "--grpc-port" in text

@@ -1,7 +1,7 @@
 """The Triton model repository written from an export: every config.pbtxt parses into Triton's ModelConfig
 protobuf (tritonclient's model_config_pb2) and agrees with the export manifest and the server's protocol; the
 sampler model's code runs against a stand-in for Triton's Python backend whose BLS calls reach the torch digits
-UNet (no Triton server and no TensorRT execution here: see the module docstring of srds_trt.triton_repo)."""
+UNet (no Triton server and no TensorRT execution here: see the module docstring of srds_trt.serve.triton.repo)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from srds_trt.export.config import ExportConfig  # noqa: E402
 from srds_trt.export.build import export_unet  # noqa: E402
 from srds_trt.serve.protocol import INPUTS  # noqa: E402
-from srds_trt.triton_repo import row_buckets, write_triton_repo  # noqa: E402
+from srds_trt.serve.triton.repo import row_buckets, write_triton_repo  # noqa: E402
 from export_support import digits_like  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture runs a real digits-shaped export (ONNX, parity, TensorRT-RTX plan)
@@ -83,7 +83,7 @@ def test_sampler_config_speaks_the_servers_protocol(repo):
         {"image": ("TYPE_UINT8", [-1, -1, -1, 1]), "stats": ("TYPE_STRING", [1])}
     assert config.parameters["unet_model"].string_value == "digits_unet"
     assert config.parameters["max_rows"].string_value == str(manifest["request"]["max_batch"])
-    assert "srds_trt.triton_sampler" in (repo / "digits" / "1" / "model.py").read_text()
+    assert "srds_trt.serve.triton.sampler" in (repo / "digits" / "1" / "model.py").read_text()
 
 
 def _fake_pb_utils(unet):
@@ -141,7 +141,7 @@ def _fake_pb_utils(unet):
 
 def test_sampler_model_gives_generates_pixels_through_bls(repo, monkeypatch):
     from srds_trt import SRDSPipeline
-    from srds_trt.triton_sampler import TritonPythonModel
+    from srds_trt.serve.triton.sampler import TritonPythonModel
 
     torch.set_num_threads(1)
     repo, _, _ = repo

@@ -5,23 +5,7 @@ CUDA itself (streams and device memory arrive as integer handles), so tests driv
 TensorRT that checks the order (tests/test_tensorrt_driver.py). `TensorRTEngine` is the thin CUDA part: it
 verifies and deserialises the plan, allocates buffers with torch, and hands their addresses to the driver.
 
-Contexts and CUDA graphs. The runner captures its own graph per (lane, bucket) around `enqueue(replay=False)`
-(the model call plus the solver update of the tick), so this engine keeps no graphs of its own. A graph bakes in
-the context it captured, and a context's shapes and addresses are state TensorRT may read at launch: replaying
-graph A after the same context was re-shaped for B is not documented as safe, so we do not rely on it. Instead
-each captured shape gets its own context, shaped and bound once at setup — one context per (lane, bucket) — and
-the enqueue inside a capture is `execute_async_v3` alone. A live context needs an optimization profile no other
-live context uses, so that takes lanes × buckets profiles (`--profiles`). An export with fewer profiles gets one
-context per lane, re-shaped per call, and runs uncaptured; `capture_failures` says why for each (lane, bucket),
-as it does for a context whose `is_stream_capturable` is False (TensorRT-RTX; its plans are built with
-REQUIRE_USER_ALLOCATION, which stream capture needs there). Inside a capture, an uncapturable (lane, bucket)
-raises EngineError, which the runner's capture helper turns into a plain enqueue with the reason in its stats.
-
-The contexts of one lane never run at once (one stream), so they share one device-memory block of
-`device_memory_size_v2` bytes (USER_MANAGED allocation) instead of one block each.
-
-Status in this workplace: the driver is unit-tested against a fake TensorRT; the engine has never executed, because
-TensorRT 11 is not installable here and TensorRT-RTX refuses compute capability 9.0 (H100/H200).
+The full design note (what was measured, why these choices): docs/export.md, section "Module notes: srds_trt/runtime/engines/tensorrt_engine.py".
 """
 
 from __future__ import annotations

@@ -6,28 +6,7 @@ guidance -> DDIM update -> scatter -> form the boundaries that became ready (U =
 of every tick are built once (tables.py) and stacked on the device; programs walk them with device-side
 counters, so a tick is one graph replay per program and no host-to-device copy.
 
-coarse = "merged":   coarse rows ride in the same call as the fine rows (one call per tick).
-coarse = "separate": coarse rows get their own call, on the same stream (the baseline for "overlap").
-coarse = "overlap":  coarse rows get their own call on a second stream and engine lane, ordered with events,
-                     beside the fine call of the same tick. On CPU it runs as "separate" (nothing to overlap).
-
-Streams and events (GPU), per run:
-    entry:      main waits on the host stream; x_T is written on main; the coarse and residual streams wait on it
-    tick i:     [coarse stream: wait tick_done, coarse call, record coarse_done]  main: fine call,
-                wait coarse_done, formation, record tick_done; after the tick completing iteration p,
-                record iteration_done[p]
-    residual p: residual stream waits iteration_done[p], reduces |U[p] - U[p-1]| per boundary, copies to pinned
-                memory, records residual_landed[p]: the reduction is off the critical stream, and the host
-                polls the event without blocking the GPU
-    exit:       the host stream waits on iteration_done[stop], the tick that completed the accepted iteration,
-                not on the speculative ticks behind it; the sample is copied out on the host stream.
-Iteration 0 has no residual of its own: iteration 1's changes |U[1][b] - U[0][b]| cover every U[0][b], so a
-NaN/Inf in the coarse sweep surfaces there (only max_iters = 0 checks U[0] directly).
-
-Convergence is read without a host sync on the critical path: the host keeps launching (speculative) ticks
-while a residual is in flight, and waits for it once it is `lookahead` ticks ahead. Slots are never reused, so
-speculation cannot overwrite a result. On CPU the same programs run eagerly, and residuals "land" exactly
-`lookahead` ticks after their launch, so CPU runs exercise the same speculation and exit logic as a GPU.
+The full design note (what was measured, why these choices): docs/design.md, section "Module notes: srds_trt/runtime/srds/runner.py".
 """
 
 from __future__ import annotations
