@@ -151,6 +151,7 @@ def export_unet(
         "weights_id": loaded.weights_id, "flavour": flavour, "version": trt_module.__version__,
     }
     if config.aoti:  # only then, so keys of exports without the C++ runtime's files stay what they were
+        aoti.check_runtime_supports(loaded)  # before any export work
         request["aoti"] = True
     key = artifact_key({**request, "io": [s.as_json() for s in contract.all], "target": target.as_json(),
                         "export_format": EXPORT_FORMAT})

@@ -46,3 +46,12 @@ def test_exported_onnx_samples_the_serial_flow_trajectory(flow_export):
     got = engine("a cat", tol=0.0, **kwargs)
     serial = reference("a cat", sampler="serial", **kwargs)
     assert float((got.samples.double() - serial.samples.double()).abs().max()) <= 1e-4
+
+
+def test_aoti_refuses_flow_models_before_any_work(tmp_path):
+    from srds_trt.export.aoti import AOTIError
+
+    config = ExportConfig(model="sd3", out=tmp_path, dtype="fp32", max_batch=4, random_weights=True, aoti=True)
+    with pytest.raises(AOTIError, match="flow-matching"):
+        export_unet(load_transformer("sd3", tiny=True), config, quiet=True)
+    assert not any(tmp_path.rglob("*.onnx"))
