@@ -30,14 +30,14 @@ from .models.text import TextStack, random_text_stack, text_stack
 from .report import ConvergenceReport, convergence_report, merge_chunks, warnings_for
 from .samplers import Cancelled  # noqa: F401  (srds_trt.Cancelled)
 from .samplers.guidance import classifier_free_guidance
-from .samplers.timesteps import ddim_grid
+from .samplers.solver import solver_grid
 from .samplers.window import WINDOW_SAMPLERS
 from .settings import (DEFAULT_STEPS, MAX_STEPS, SAMPLERS, GenerationSettings, check_guidance_scale,  # noqa: F401
                        check_run_args, check_seed)  # (re-exported for callers of srds_trt.pipeline)
 from .samplers.stopping import DEFAULT_TOL
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
-DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5}
+DEFAULT_GUIDANCE = {"digits": 4.0, "sd": 7.5, "sd3": 7.0, "flux": 3.5}  # sd3 / flux: their pipelines' defaults
 # Widest model call (rows) one chunk of images may make: bounds memory for any image count (digits: ~26 images
 # of an N=100 guided pipelined SRDS run per chunk; a 16x16 UNet's activations at 512 rows are ~0.3 GB).
 MAX_ROWS = 512
@@ -99,6 +99,9 @@ class SRDSPipeline:
             meta_file = Path(loaded.spec.source) / "digits_meta.json"
             scale = read_json(meta_file).get("default_guidance_scale") if meta_file.is_file() else None
             return cls(loaded, default_guidance_scale=scale, **options)
+        if loaded.spec.family in ("sd3", "flux") and not random_weights:
+            raise ValueError(f"{loaded.spec.name}: real weights need the model's CLIP + T5 text encoders, which this "
+                             "pipeline does not run yet; use --random-weights (the real architecture, for timing)")
         return cls(loaded, text=random_text_stack(loaded, seed) if random_weights else text_stack(loaded), **options)
 
     @property
@@ -188,7 +191,9 @@ class SRDSPipeline:
             raise ValueError("negative_prompt has no meaning for the digits model (its unconditional row is the null class)")
         if not isinstance(generator, torch.Generator):
             generator = torch.Generator().manual_seed(0 if generator is None else check_seed(generator))
-        total, guided, max_rows = len(prompts) * num_images_per_prompt, scale != 1.0, max_rows or MAX_ROWS
+        # Flux-dev's guidance is distilled: the scale is an input of one call, never a doubled call
+        distilled = self.family == "flux"
+        total, guided, max_rows = len(prompts) * num_images_per_prompt, scale != 1.0 and not distilled, max_rows or MAX_ROWS
         expected = (total, *self.loaded.sample_shape)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
@@ -210,9 +215,8 @@ class SRDSPipeline:
         per_image = chunk_rows_per_image(sampler, num_inference_steps, guided, num_blocks=num_blocks,
                                          pipelined=pipelined, max_iters=max_iters, window=window)
         chunk = max(1, self.path.row_budget(per_image, max_rows) // per_image)
-        timesteps, alphas_cumprod = ddim_grid(self.loaded.scheduler_config, num_inference_steps)
-        alphas_cumprod = alphas_cumprod.to(self.device)
-        prediction_type = self.loaded.scheduler_config.get("prediction_type", self.loaded.spec.prediction_type)
+        timesteps, alphas_cumprod, prediction_type = solver_grid(  # DDIM, or flow Euler on the sigma grid
+            self.loaded.scheduler_config, num_inference_steps, self.loaded.spec.prediction_type, self.loaded.sample_shape)
         image_prompt = lambda i: prompts[i // num_images_per_prompt]  # noqa: E731
         stats: dict[str, Any] = {
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
@@ -233,9 +237,13 @@ class SRDSPipeline:
             noise = latents[start:start + len(part)] if latents is not None else \
                 torch.randn((len(part), *self.loaded.sample_shape), generator=generator, device=generator.device)
             cond, uncond = self.encode(part, negative_prompt)
-            model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, scale)
-            run = Chunk(model, noise.to(self.device, self.dtype), cond, uncond, scale, timesteps, alphas_cumprod,
-                        prediction_type)
+            if distilled:  # the scale rides in the conditioning (models/transformers.py), one unguided call
+                from .models.transformers import with_distilled_guidance
+
+                cond = uncond = with_distilled_guidance(self.loaded, cond, scale)
+            model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, 1.0 if distilled else scale)
+            run = Chunk(model, noise.to(self.device, self.dtype), cond, uncond, 1.0 if distilled else scale, timesteps,
+                        alphas_cumprod, prediction_type)
             sample, part_stats = sample_chunk(self.path, sampler, run, tol, options, max_iters, progress_bar, cancel)
             if compare_serial and sampler != "serial":
                 reference, serial_stats = sample_serial(self.path, run, progress_bar, cancel)

@@ -30,7 +30,8 @@ generate picks the one that fits its run.
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m srds_trt.export", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=_HelpFormatter)
-    p.add_argument("--model", required=True, help="registry name (digits, sd2, sd2.1, sd1.5) or a local folder")
+    p.add_argument("--model", required=True,
+                   help="registry name (digits, digits-flow, sd2, sd2.1, sd1.5, sd3, flux) or a local folder")
     p.add_argument("--out", type=Path, default=Path("engines"), help="artifact root")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="precision of the ONNX and plan (unset: fp32 for digits, whose CPU runs gain nothing from fp16, "

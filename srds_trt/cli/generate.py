@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                 formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32))
     p.add_argument("--list-models", action="store_true", help="list the models --model accepts and exit")
-    p.add_argument("--model", default="digits", help="registry name (digits, sd2, sd2.1, sd1.5), local folder or hub id")
+    p.add_argument("--model", default="digits", help="registry name (digits, digits-flow, sd2, sd2.1, sd1.5, sd3, flux), local folder or hub id")
     p.add_argument("--prompt", nargs="+", action="extend", default=None,
                    help='digits: one or more of "0".."9" (unset: all ten); SD: the text (unset: ""); may repeat')
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (processed in chunks that fit memory)")

@@ -208,11 +208,19 @@ def write_sampler_spec(folder: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
+def check_runtime_supports(loaded: Any) -> None:
+    """The C/C++ runtime runs DDIM grids only (sampler.json carries alphas_cumprod): refuse flow models up front."""
+    if getattr(loaded.spec, "prediction_type", None) == "flow":
+        raise AOTIError(f"{loaded.spec.name} is a flow-matching model: the C/C++ runtime runs DDIM grids only; "
+                        "export it without --aoti")
+
+
 def write_runtime_files(module: torch.nn.Module, loaded: Any, dtype: str, folder: Path, *,
                         sample_shape: tuple[int, ...] | None = None,
                         cache_dir: Path | None = None) -> tuple[list[Path], dict[str, Any]]:
     """Write unet.pt2 and sampler.json for a loaded registry UNet into `folder`; ([paths], manifest section).
     sample_shape: the exported (C, H, W) when --height/--width differ from the model's own."""
+    check_runtime_supports(loaded)
     sample_shape = tuple(int(s) for s in (sample_shape or loaded.sample_shape))
     cond_shape = tuple(int(s) for s in loaded.cond_shape)
     spec = PackageSpec(loaded.weights_id, dtype, loaded.conditioning, sample_shape, cond_shape)

@@ -31,7 +31,7 @@ from .artifacts import ArtifactError, tensorrt_module, verify_artifacts
 from .config import ExportConfig
 from .io_contract import IOContract, io_contract, sample_inputs
 from .manifest import PLAN_NAME, SCHEMA, artifact_key, file_entries, safe_folder_name, to_json, write_manifest
-from .onnx_export import DATA_NAME, ONNX_NAME, UNetForExport, export_onnx, use_upcasting_attention
+from .onnx_export import DATA_NAME, ONNX_NAME, decompose_rms_norm, export_module, export_onnx, use_upcasting_attention
 from .parity import ParityError, check_parity, parity_rows, reference_outputs
 from .trt_build import BuildTarget, build_tensorrt_plan, build_target, capture_flag
 
@@ -121,7 +121,8 @@ def spatial_shape(loaded: Any, config: ExportConfig) -> tuple[int, ...]:
     if config.height is None:
         return channels, height, width
     # Every UNet down-sampling halves the size, and the skip connections need it to halve exactly.
-    step = pixels_per_sample(loaded) * 2 ** (len(loaded.unet.config.block_out_channels) - 1)
+    blocks = getattr(loaded.unet.config, "block_out_channels", None)  # a transformer: patches of 2 latents
+    step = pixels_per_sample(loaded) * (2 ** (len(blocks) - 1) if blocks else 2)
     if config.height % step or config.width % step:
         raise ExportError(f"--height/--width must be multiples of {step} for {loaded.spec.name}")
     factor = pixels_per_sample(loaded)
@@ -150,6 +151,7 @@ def export_unet(
         "weights_id": loaded.weights_id, "flavour": flavour, "version": trt_module.__version__,
     }
     if config.aoti:  # only then, so keys of exports without the C++ runtime's files stay what they were
+        aoti.check_runtime_supports(loaded)  # before any export work
         request["aoti"] = True
     key = artifact_key({**request, "io": [s.as_json() for s in contract.all], "target": target.as_json(),
                         "export_format": EXPORT_FORMAT})
@@ -247,9 +249,11 @@ def _build(
 ) -> dict[str, Any]:
     unet = loaded.unet.eval()
     use_upcasting_attention(unet)  # before the reference, so reference and export share the attention code
-    module = UNetForExport(unet, loaded.conditioning).eval()
+    decompose_rms_norm(unet)  # likewise (Flux's q/k norms)
+    module = export_module(loaded)
     num_classes = (loaded.null_class or 0) + 1 if loaded.conditioning == "class" else 0
-    feeds = [sample_inputs(contract, rows, seed=config.seed, num_classes=num_classes)
+    t_max = 1.0 if loaded.spec.prediction_type == "flow" else 999.0  # flow models take sigma
+    feeds = [sample_inputs(contract, rows, seed=config.seed, num_classes=num_classes, timestep_max=t_max)
              for rows in parity_rows(request["min_batch"], request["max_batch"])]
 
     with log.stage("reference (PyTorch fp32)") as info:
@@ -258,8 +262,8 @@ def _build(
     with log.stage(f"onnx ({config.dtype}, opset {config.onnx_opset}, {config.exporter} exporter)") as info:
         if config.dtype == "fp16":
             module.half()
-        example = {k: torch.from_numpy(v) for k, v in sample_inputs(contract, 2, seed=config.seed,
-                                                                      num_classes=num_classes).items()}
+        example = {k: torch.from_numpy(v) for k, v in sample_inputs(contract, 2, seed=config.seed, num_classes=num_classes,
+                                                                      timestep_max=t_max).items()}
         try:
             onnx_files = export_onnx(module, contract, example, tmp, opset=config.onnx_opset, exporter=config.exporter)
         except (OSError, KeyboardInterrupt):

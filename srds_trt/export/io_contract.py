@@ -56,14 +56,16 @@ def io_contract(conditioning: str, sample_shape: tuple[int, ...], cond_shape: tu
     return IOContract((sample, timestep, cond), (output,), conditioning)
 
 
-def sample_inputs(contract: IOContract, rows: int, *, seed: int, num_classes: int = 11) -> dict[str, np.ndarray]:
-    """Deterministic inputs for parity checks: SRDS-like per-row timesteps spread over [0, 999]."""
+def sample_inputs(contract: IOContract, rows: int, *, seed: int, num_classes: int = 11,
+                  timestep_max: float = 999.0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for parity checks: SRDS-like per-row timesteps spread over [0, timestep_max] (flow
+    models: sigma, timestep_max = 1)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
         shape = spec.concrete(rows)
         if spec.name == "timestep":
-            value = np.linspace(999.0, 0.0, rows) if rows > 1 else np.array([500.0])
+            value = np.linspace(timestep_max, 0.0, rows) if rows > 1 else np.array([timestep_max / 2])
         elif spec.name == "class_labels":
             value = rng.integers(0, num_classes, size=shape)
         else:

@@ -32,6 +32,51 @@ class UNetForExport(torch.nn.Module):
         return self.unet(sample, timestep, **{self.cond_kwarg: cond}, return_dict=False)[0]
 
 
+class ModelFnForExport(torch.nn.Module):
+    """A flow model (digits-flow's UNet, an SD3 / Flux transformer) behind the same pinned signature, through the
+    model wrapper the samplers call (models.unet_model_fn): the timestep input is sigma, the conversion to the
+    network's timestep (and Flux's token packing, the text / pooled split of cond) is inside the graph."""
+
+    def __init__(self, loaded) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.unet = loaded.unet  # registered: .half() / .float() reach the weights
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        from ..models import unet_model_fn
+
+        return unet_model_fn(self.loaded)(sample, timestep, cond)  # built per call: it reads the current dtype
+
+
+def export_module(loaded) -> torch.nn.Module:
+    """What is exported for a loaded model: the raw UNet (DDIM models) or the flow wrapper."""
+    if loaded.spec.prediction_type == "flow":
+        return ModelFnForExport(loaded).eval()
+    return UNetForExport(loaded.unet, loaded.conditioning).eval()
+
+
+class _DecomposedRMSNorm(torch.nn.Module):
+    """torch.nn.RMSNorm in plain ops: the legacy ONNX exporter has no symbolic for aten::rms_norm at opset 17
+    (Flux's q/k norms use it); same arithmetic, checked by the parity gate."""
+
+    def __init__(self, norm: torch.nn.RMSNorm) -> None:
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return out * self.weight if self.weight is not None else out
+
+
+def decompose_rms_norm(module: torch.nn.Module) -> None:
+    """Replace every torch.nn.RMSNorm under `module` by _DecomposedRMSNorm (in place)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.RMSNorm):
+                setattr(parent, name, _DecomposedRMSNorm(child))
+
+
 def use_upcasting_attention(unet: torch.nn.Module) -> None:
     """Make attention compute QK^T and softmax in fp32.
 

@@ -27,7 +27,7 @@ DEFAULT_TEXT_LENGTH = 77
 class LoadedUNet:
     spec: ModelSpec
     unet: torch.nn.Module  # eval(), requires_grad False
-    scheduler_config: dict  # a DDIMScheduler config, set_alpha_to_one=True
+    scheduler_config: dict  # a DDIMScheduler config, set_alpha_to_one=True (flow models: FlowMatchEulerDiscrete)
     conditioning: str  # "class" (class_labels int64 [rows]) | "text" (encoder_hidden_states [rows, L, D])
     sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet input; latents for SD
     cond_shape: tuple[int, ...]  # () for class labels, (L, D) for text
@@ -47,6 +47,10 @@ def load_unet(name_or_path: str, *, device="cpu", dtype=torch.float32, random_we
     spec = resolve_model(name_or_path)
     if spec.family == "digits":
         loaded = _load_pixel_unet(spec, random_weights, seed)
+    elif spec.family in ("sd3", "flux"):
+        from .transformers import load_flow_transformer
+
+        loaded = load_flow_transformer(spec, random_weights=random_weights, seed=seed, resolution=resolution)
     else:
         loaded = _load_sd_unet(spec, random_weights, seed, resolution)
     # nn.Module.to, not diffusers' override: that one warns about fp32-pinned modules on every dtype cast.
@@ -60,6 +64,21 @@ def unet_model_fn(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor], Tens
     Inputs are cast to the UNet's dtype and the output back to x's: samplers keep their states in at least
     float32 (sampling.py) while a half-precision UNet computes in fp16.
     """
+    unet, dtype = loaded.unet, loaded.unet.dtype
+    if loaded.spec.family in ("sd3", "flux"):  # a flow transformer: its own wrapper (text + pooled in one cond)
+        from .transformers import transformer_model_fn
+
+        return transformer_model_fn(loaded)
+    if loaded.spec.prediction_type == "flow":  # the samplers' grid is sigma; the UNet saw sigma * 1000 in training
+        from ..samplers.flow import model_timesteps
+
+        inner = unet_model_fn_ddpm(loaded)
+        return lambda x, t, cond: inner(x, model_timesteps(t).to(x.device), cond)
+    return unet_model_fn_ddpm(loaded)
+
+
+def unet_model_fn_ddpm(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The UNet called at the timesteps it is given."""
     unet, dtype = loaded.unet, loaded.unet.dtype
     if loaded.conditioning == "class":
         def cond_model(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -95,6 +114,13 @@ def ddim_config(config: dict) -> dict:
     """A model's scheduler config as the DDIM config SRDS runs: final step lands on the clean image, no clipping."""
     out = {k: v for k, v in config.items() if not k.startswith("_")}
     out.update(_class_name="DDIMScheduler", set_alpha_to_one=True, clip_sample=False)
+    return out
+
+
+def flow_config(config: dict) -> dict:
+    """A flow model's FlowMatchEulerDiscreteScheduler config as shipped (the Euler grid is the scheduler's own)."""
+    out = {k: v for k, v in config.items() if not k.startswith("_")}
+    out["_class_name"] = "FlowMatchEulerDiscreteScheduler"
     return out
 
 
@@ -146,7 +172,9 @@ def _load_pixel_unet(spec: ModelSpec, random_weights: bool, seed: int) -> Loaded
     null_class = meta.get("null_class", classes - 1 if classes else None)
     channels = int(config.get("in_channels", 1))
     size = int(config.get("sample_size", spec.resolution))
-    return LoadedUNet(spec, unet, ddim_config(read_json(folder / "scheduler_config.json")), "class",
+    scheduler = read_json(folder / "scheduler_config.json")
+    scheduler = flow_config(scheduler) if spec.prediction_type == "flow" else ddim_config(scheduler)
+    return LoadedUNet(spec, unet, scheduler, "class",
                       (channels, size, size), (), null_class, None, weights_id)
 
 

@@ -15,8 +15,9 @@ from types import MappingProxyType
 from typing import Mapping
 
 DIGITS_DIR = Path(__file__).resolve().parent / "digits"
+DIGITS_FLOW_DIR = Path(__file__).resolve().parent / "digits-flow"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-FAMILIES = ("digits", "sd")
+FAMILIES = ("digits", "sd", "sd3", "flux")  # sd3 / flux: flow-matching transformers (models/transformers.py)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -27,18 +28,22 @@ class ModelSpec:
     source: str  # hub id, local folder, or the package folder for digits
     family: str  # "digits" (pixel space, class labels) | "sd" (latent space, text)
     resolution: int  # default image size in pixels
-    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow" (velocity, FlowMatchEulerDiscreteScheduler)
 
 
 KNOWN_MODELS: Mapping[str, ModelSpec] = MappingProxyType({
     "digits": ModelSpec("digits", str(DIGITS_DIR), "digits", 16, "epsilon"),
+    "digits-flow": ModelSpec("digits-flow", str(DIGITS_FLOW_DIR), "digits", 16, "flow"),
     "sd2": ModelSpec("sd2", "stabilityai/stable-diffusion-2-1-base", "sd", 512, "epsilon"),
     "sd2.1": ModelSpec("sd2.1", "stabilityai/stable-diffusion-2-1", "sd", 768, "v_prediction"),
     "sd1.5": ModelSpec("sd1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "epsilon"),
+    "sd3": ModelSpec("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "flow"),
+    "flux": ModelSpec("flux", "black-forest-labs/FLUX.1-dev", "flux", 1024, "flow"),
 })
 
 # Embedded architecture configs for --random-weights (no download): registry name -> file stem in configs/.
-RANDOM_WEIGHT_CONFIGS: Mapping[str, str] = MappingProxyType({"sd2": "sd2", "sd2.1": "sd2.1", "sd1.5": "sd1.5"})
+RANDOM_WEIGHT_CONFIGS: Mapping[str, str] = MappingProxyType({"sd2": "sd2", "sd2.1": "sd2.1", "sd1.5": "sd1.5",
+                                                              "sd3": "sd3", "flux": "flux"})
 
 
 class UnknownModelError(ValueError):
@@ -93,4 +98,8 @@ def _describe_folder(name: str, path: Path) -> ModelSpec:
 
 
 def _prediction_type(scheduler_config: Path) -> str:
-    return read_json(scheduler_config).get("prediction_type", "epsilon") if scheduler_config.is_file() else "epsilon"
+    """epsilon / v_prediction from a DDPM-family config; "flow" for a FlowMatchEulerDiscreteScheduler's."""
+    config = read_json(scheduler_config) if scheduler_config.is_file() else {}
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return "flow"
+    return config.get("prediction_type", "epsilon")

@@ -44,14 +44,15 @@ def text_stack(loaded: LoadedUNet) -> TextStack:
     return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}")
 
 
-def random_text_stack(loaded: LoadedUNet, seed: int) -> TextStack:
+def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = None) -> TextStack:
     """For timing without weights: the real VAE architecture with seeded random weights, and seeded random
     text embeddings of the right shape instead of a text encoder (no tokenizer vocabulary ships offline; the
     text encoder runs once per call and does not affect the sampler's timing)."""
     from diffusers import AutoencoderKL
 
     source = Path(loaded.spec.source)
-    vae_config = read_json(source / "vae" / "config.json") if source.is_dir() else random_weights_config(loaded.spec)["vae"]
+    if vae_config is None:
+        vae_config = read_json(source / "vae" / "config.json") if source.is_dir() else random_weights_config(loaded.spec)["vae"]
     device, dtype = next(loaded.unet.parameters()).device, next(loaded.unet.parameters()).dtype
     vae = torch.nn.Module.to(seeded_init(lambda: AutoencoderKL.from_config(vae_config), seed), device, dtype).eval()
 
@@ -65,6 +66,7 @@ def random_text_stack(loaded: LoadedUNet, seed: int) -> TextStack:
 
 def vae_decoder(vae, scaling_factor: float) -> Callable[[Tensor], Tensor]:
     def decode(latents: Tensor) -> Tensor:
-        return vae.decode(latents.to(vae.dtype) / scaling_factor).sample.clamp(-1, 1)
+        shift = vae.config.get("shift_factor") or 0.0  # SD3 / Flux latents are shifted as well as scaled
+        return vae.decode(latents.to(vae.dtype) / scaling_factor + shift).sample.clamp(-1, 1)
 
     return decode

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..samplers.ddim import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from ..samplers.ddim import as_grid, ddim_update
+from ..samplers.solver import resolve_solver
 from .cuda_graphs import CapturedGraph, capture_graph
 from .engine_call import guided_call, load_conditioning
 from .engines.base import Engine
@@ -34,13 +35,12 @@ class SerialRunner:
         cuda_graphs: bool | None = None,
         state_dtype: torch.dtype = torch.float32,
     ):
-        check_solver("ddim", prediction_type)
+        ode = resolve_solver(alphas_cumprod, prediction_type)
         self.engine, self.batch, self.guided = engine, batch, guided
         self.device = engine.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         timesteps = as_grid(timesteps)
-        alphas = alphas_at(timesteps, alphas_cumprod)
-        c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+        c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
         # Stacked per-step tables (+ one extra entry so warm-up/capture, which advance the counter, stay in range).
         pad = lambda v: torch.cat([v, v[-1:]])  # noqa: E731
         self._t = pad(timesteps[:-1].to(torch.float64)).to(self.device, engine.spec.timestep_dtype)

@@ -11,7 +11,9 @@ stopping.window_accept_tol); SRDS's stopping rule reads it directly.
     srds.py        Parareal SRDS over the tick plan (plan.py), stopped by stopping.py's rule
     paradigms.py   ParaDiGMS: Picard sweeps over a sliding window
     eps_picard.py  eps-Picard: Picard on the model outputs, quasi-Newton corrections
-    window.py      what the window samplers share; ddim.py / timesteps.py: the solver and its grid
+    window.py      what the window samplers share; ddim.py / timesteps.py: the DDIM solver and its grid
+    solver.py      the solver as a parameter (alphas_cumprod or a Solver); flow.py: flow-matching Euler on the
+                   FlowMatchEulerDiscreteScheduler sigma grid, and an exact-velocity Gaussian mixture
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import Model, SampleResult, check_grid, state_dtype
-from .ddim import alphas_at, check_solver, ddim_coefficients
+from .solver import resolve_solver
 from .stopping import DEFAULT_TOL, check_finite, check_tol
 from .window import default_window, window_result, window_width
 
@@ -135,7 +135,7 @@ def eps_picard_experiment(
     warm_start, secant, extrapolate = options.warm_start, options.secant, options.extrapolate
     inherit_slope, broyden, prior_slope = options.inherit_slope, options.broyden, options.prior_slope
     extrapolate_span, extrapolate_fit, jvp = options.extrapolate_span, options.extrapolate_fit, options.jvp
-    check_solver("ddim", prediction_type)
+    ode = resolve_solver(alphas_cumprod, prediction_type)
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     steps = len(timesteps) - 1
@@ -151,12 +151,12 @@ def eps_picard_experiment(
     extrapolate_span = int(extrapolate_span)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
     c_x, c_out = c_x.tolist(), c_out.tolist()  # python floats: the recurrence is serial_sample's update, op for op
-    # the warm start's extrapolation variable: lambda = log sqrt(alpha / (1 - alpha)) at the evaluated points
-    lam = (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
-    prior = prior_slopes(alphas[:-1], prediction_type).tolist()
+    # the warm start's extrapolation variable at the evaluated points: DDIM lambda = log sqrt(alpha / (1 - alpha)),
+    # flow sigma (samplers/solver.py)
+    lam = ode.extrapolation_coordinate(timesteps[:-1]).tolist()
+    prior = ode.prior_slope(timesteps[:-1]).tolist()
     times = timesteps.to(device)
 
     points = x.to(dtype).unsqueeze(0).repeat(steps + 1, *([1] * x.dim()))  # points[j]: state at t_j

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .base import Model, SampleResult, check_grid, state_dtype
-from .ddim import alphas_at, check_solver, ddim_coefficients, ddim_update
+from .ddim import ddim_update
+from .solver import resolve_solver
 from .stopping import check_finite, check_tol
 from .window import default_window, window_result, window_width
 
@@ -48,17 +49,16 @@ def paradigms_sample(
     max_iters bounds the sweeps (None: until the window has slid past the end, at most N sweeps).
     progress(sweep, residual) is called after every sweep.
     """
-    check_solver("ddim", prediction_type)
+    ode = resolve_solver(alphas_cumprod, prediction_type)
     timesteps = check_grid(x, timesteps)
     steps = len(timesteps) - 1
     tol = check_tol(tol)
     w = window_width(steps, default_window("paradigms", steps) if window is None else window, max_iters)
 
     batch, dtype, device = x.shape[0], state_dtype(x), x.device
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
     drift_x = c_x - 1  # d_j(x) = (c_x - 1) x + c_out eps: the update, not the next state
-    thresholds = (tol**2 * step_noise_variance(alphas)).to(device)  # [N+1], float64
+    thresholds = (tol**2 * ode.noise_variance(timesteps)).to(device)  # [N+1], float64 (flow: solver.py)
     times = timesteps.to(device)
 
     # points[j] = current estimate of the state at t_j; all start at x_T.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Model, SampleResult, check_grid, state_dtype
-from .ddim import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
+from .ddim import as_grid, ddim_update
+from .solver import resolve_solver
 from .stopping import check_finite, check_tol
 
 
@@ -15,14 +16,14 @@ def serial_sample(
     timesteps: Tensor,
     alphas_cumprod: Tensor,
     *,
-    solver: str = "ddim",
+    solver: str | None = None,
     prediction_type: str = "epsilon",
 ) -> Tensor:
-    """The reference: N sequential DDIM steps t_0 -> t_1 -> ... -> t_N."""
-    check_solver(solver, prediction_type)
+    """The reference: N sequential solver steps t_0 -> t_1 -> ... -> t_N (DDIM, or flow Euler on a sigma grid:
+    `alphas_cumprod` is then the solver, samplers/solver.py)."""
+    ode = resolve_solver(alphas_cumprod, prediction_type, solver)
     timesteps = check_grid(x, timesteps)
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
     state = x.to(state_dtype(x))
     for i in range(len(timesteps) - 1):
         out = model(state, timesteps[i].expand(x.shape[0]).to(x.device))
@@ -39,7 +40,7 @@ def serial_result(
     *,
     tol: float = 0.0,
     prediction_type: str = "epsilon",
-    solver: str = "ddim",
+    solver: str | None = None,
 ) -> SampleResult:
     """serial_sample in the SAMPLERS contract (tol is accepted and meaningless: the serial sample is exact)."""
     check_tol(tol)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .base import Model, SampleResult, check_grid, state_dtype
-from .ddim import alphas_at, check_solver, ddim_coefficients, ddim_update, parareal_update
+from .ddim import ddim_update, parareal_update
+from .solver import Solver, resolve_solver
 from .plan import Plan, build_tick_plan
 from .stopping import DEFAULT_TOL, StoppingRule, check_finite, check_tol
 
@@ -26,7 +27,7 @@ def srds_sample(
     timesteps: Tensor,
     alphas_cumprod: Tensor,
     *,
-    solver: str = "ddim",
+    solver: str | None = None,
     prediction_type: str = "epsilon",
     tol: float = DEFAULT_TOL,
     num_blocks: int | None = None,
@@ -42,11 +43,11 @@ def srds_sample(
     iterates, fewer sequential calls; pipelined=False runs iteration by iteration (the textbook schedule).
     progress(iteration, residual) is called after each Parareal iteration.
     """
-    check_solver(solver, prediction_type)
+    ode = resolve_solver(alphas_cumprod, prediction_type, solver)
     timesteps = check_grid(x, timesteps)
     tol = check_tol(tol)
     plan = build_tick_plan(len(timesteps) - 1, num_blocks, max_iters, pipelined)
-    return _run_plan(model, x, plan, timesteps, alphas_cumprod, prediction_type, tol, progress)
+    return _run_plan(model, x, plan, timesteps, ode, tol, progress)
 
 
 def _run_plan(
@@ -54,17 +55,15 @@ def _run_plan(
     x: Tensor,
     plan: Plan,
     timesteps: Tensor,
-    alphas_cumprod: Tensor,
-    prediction_type: str,
+    ode: Solver,
     tol: float,
     progress: Callable[[int, float], None] | None,
 ) -> SampleResult:
     """Walk the plan tick by tick: one model call per tick, then form the boundaries that became ready."""
     batch, bounds, blocks = x.shape[0], plan.bounds, plan.num_blocks
-    alphas = alphas_at(timesteps, alphas_cumprod)
-    fine_cx, fine_cout = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+    fine_cx, fine_cout = ode.coefficients(timesteps[:-1], timesteps[1:])
     starts, ends = list(bounds[:-1]), list(bounds[1:])
-    coarse_cx, coarse_cout = ddim_coefficients(alphas[starts], alphas[ends], prediction_type)
+    coarse_cx, coarse_cout = ode.coefficients(timesteps[starts], timesteps[ends])
 
     x0 = x.to(state_dtype(x))
     U: dict[tuple[int, int], Tensor] = {}  # boundary states U[p][b] (b >= 1)

@@ -102,3 +102,14 @@ def test_window_flag_reaches_the_sliding_window_sampler(tmp_path, capsys, sample
     assert rc == 0 and stats["sampler"] == sampler and stats["window"] == 5  # neither default (6, 3)
     assert stats["sequential_calls"] >= -(-12 // 5)  # a window of 5 slides at most 5 points per sweep
     assert " w=5 " in summary_table(stats)
+
+
+@pytest.mark.parametrize("sampler", ["srds", "eps-picard", "paradigms"])
+def test_flow_digits_end_to_end(tmp_path, capsys, sampler):
+    """--model digits-flow: the flow Euler grid reaches every sampler through the CLI; tol = 0 is the serial sample."""
+    rc, _, stderr = run(["--model", "digits-flow", "--steps", "12", "--prompt", "3", "--sampler", sampler, "--tol", "0",
+                         "--compare-serial", "--quiet", "--out", str(tmp_path)], capsys)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert rc == 0, stderr
+    assert stats["model"] == "digits-flow" and stats["sampler"] == sampler and stats["converged"]
+    assert stats["max_abs_diff_vs_serial"] <= 1e-5

@@ -33,7 +33,7 @@ def tiny_pixel_folder(tmp_path_factory):
 
 
 def test_known_models():
-    assert list(KNOWN_MODELS) == ["digits", "sd2", "sd2.1", "sd1.5"]
+    assert list(KNOWN_MODELS) == ["digits", "digits-flow", "sd2", "sd2.1", "sd1.5", "sd3", "flux"]
     assert (KNOWN_MODELS["digits"].family, KNOWN_MODELS["digits"].resolution) == ("digits", 16)
     assert KNOWN_MODELS["sd2"].source == "stabilityai/stable-diffusion-2-1-base"
     assert (KNOWN_MODELS["sd2"].resolution, KNOWN_MODELS["sd2"].prediction_type) == (512, "epsilon")

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ...samplers.base import SampleResult
 from ...samplers.plan import Plan, build_tick_plan
-from ...samplers.ddim import as_grid, check_solver
+from ...samplers.ddim import as_grid
+from ...samplers.solver import resolve_solver
 from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, StoppingRule, check_tol
 from ..cuda_graphs import capture_graph
 from ..engine_call import load_conditioning
@@ -84,7 +85,7 @@ class SRDSRunner:
         noise_floor: float = 0.0,
         lookahead: int = 2,
     ):
-        check_solver("ddim", prediction_type)
+        resolve_solver(alphas_cumprod, prediction_type)  # validated before any buffer is allocated
         on_cuda = engine.device.type == "cuda"
         self.coarse = _check_coarse(coarse, engine, on_cuda)
         if batch < 1:

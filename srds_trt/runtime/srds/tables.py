@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...samplers.plan import Plan
-from ...samplers.ddim import alphas_at, ddim_coefficients
+from ...samplers.solver import resolve_solver
 
 ZERO, SINK, X_T = 0, 1, 2  # a slot of zeros (padding reads it), a write-only slot (padding writes it), x_T
 
@@ -195,7 +195,7 @@ def build_tick_tables(
     and one "form" program that runs every tick.
     """
     slots = slot_map(plan)
-    alphas = alphas_at(timesteps, alphas_cumprod)
+    ode = resolve_solver(alphas_cumprod, prediction_type)
     form_cap = max(1, max(len(t.ready) for t in plan.ticks)) * batch
     kinds = ("fine", "coarse") if split else ("all",)
     per_program: dict[tuple[str, int], list[int]] = {}
@@ -216,7 +216,7 @@ def build_tick_tables(
     index: dict[tuple[str, int], int] = {}
     for (kind, cap), ticks in sorted(per_program.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         index[(kind, cap)] = len(programs)
-        call = _call_table([rows[(i, kind)] for i in ticks], cap, batch, timesteps, alphas, prediction_type,
+        call = _call_table([rows[(i, kind)] for i in ticks], cap, batch, timesteps, ode,
                            state_dtype, timestep_dtype)
         formation = None if split else _formation_table([tick_formations(plan, slots, i) for i in ticks], form_cap, batch)
         programs.append(ProgramPlan(kind, cap, tuple(ticks), call, formation))
@@ -233,7 +233,7 @@ def build_tick_tables(
     return TickTables(slots=slots, programs=tuple(programs), schedule=tuple(schedule), form_cap=form_cap)
 
 
-def _call_table(calls: list[CallRows], cap: int, batch: int, timesteps: Tensor, alphas: Tensor, prediction_type: str,
+def _call_table(calls: list[CallRows], cap: int, batch: int, timesteps: Tensor, ode,
                 state_dtype: torch.dtype, timestep_dtype: torch.dtype) -> CallTable:
     n = len(calls) + 1
     src = torch.full((n, cap), ZERO * batch, dtype=torch.int64)
@@ -245,7 +245,7 @@ def _call_table(calls: list[CallRows], cap: int, batch: int, timesteps: Tensor, 
         width = len(call.inputs) * batch
         src[k, :width] = torch.tensor(rows_of(call.inputs, batch))
         dst[k, :width] = torch.tensor(rows_of(call.outputs, batch))
-        c_x_k, c_out_k = ddim_coefficients(alphas[list(call.steps_from)], alphas[list(call.steps_to)], prediction_type)
+        c_x_k, c_out_k = ode.coefficients(timesteps[list(call.steps_from)], timesteps[list(call.steps_to)])
         t[k, :width] = timesteps[list(call.steps_from)].to(torch.float64).repeat_interleave(batch)
         c_x[k, :width] = c_x_k.repeat_interleave(batch)
         c_out[k, :width] = c_out_k.repeat_interleave(batch)

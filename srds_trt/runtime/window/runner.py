@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from ...samplers.base import SampleResult
-from ...samplers.ddim import alphas_at, as_grid, check_solver, ddim_coefficients, ddim_update
-from ...samplers.eps_picard import EpsPicardOptions, extrapolation_weights, prior_slopes
-from ...samplers.paradigms import DEFAULT_TOLERANCE as PARADIGMS_TOLERANCE, step_noise_variance
+from ...samplers.ddim import as_grid, ddim_update
+from ...samplers.solver import resolve_solver
+from ...samplers.eps_picard import EpsPicardOptions, extrapolation_weights
+from ...samplers.paradigms import DEFAULT_TOLERANCE as PARADIGMS_TOLERANCE
 from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, check_tol
 from ...samplers.window import WINDOW_SAMPLERS, check_window_sampler, resolve_window, window_result  # noqa: F401
 from . import fused
@@ -84,7 +85,7 @@ class WindowRunner:
     ):
         if sampler != self.sampler:
             raise ValueError(f"{type(self).__name__} runs {self.sampler}, not {sampler!r}")
-        check_solver("ddim", prediction_type)
+        ode = resolve_solver(alphas_cumprod, prediction_type)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         on_cuda = engine.device.type == "cuda"
@@ -112,19 +113,18 @@ class WindowRunner:
 
         # Tables padded past the grid end by identity steps, so a window hanging over N needs no other program.
         pad = w + 2
-        alphas = alphas_at(timesteps, alphas_cumprod)
-        c_x, c_out = ddim_coefficients(alphas[:-1], alphas[1:], prediction_type)
+        c_x, c_out = ode.coefficients(timesteps[:-1], timesteps[1:])
         ones, zeros = torch.ones(pad, dtype=torch.float64), torch.zeros(pad, dtype=torch.float64)
         dev = dict(device=self.device)
         self._c_x = torch.cat([c_x, ones]).to(**dev, dtype=state_dtype)
         self._c_out = torch.cat([c_out, zeros]).to(**dev, dtype=state_dtype)
         self._drift = torch.cat([c_x - 1, zeros]).to(**dev, dtype=state_dtype)  # ParaDiGMS: the update, not the state
-        self._prior = torch.cat([prior_slopes(alphas[:-1], prediction_type), zeros]).to(**dev, dtype=state_dtype)
-        self._var = torch.cat([step_noise_variance(alphas), zeros]).to(**dev)  # ParaDiGMS thresholds / tol^2, float64
+        self._prior = torch.cat([ode.prior_slope(timesteps[:-1]), zeros]).to(**dev, dtype=state_dtype)
+        self._var = torch.cat([ode.noise_variance(timesteps), zeros]).to(**dev)  # ParaDiGMS thresholds / tol^2, float64
         self._t = torch.cat([timesteps[:-1].to(torch.float64), timesteps[-2:-1].to(torch.float64).expand(pad)]
                             ).to(**dev, dtype=engine.spec.timestep_dtype)
         if self.warm_start:
-            weights = extrapolation_table(alphas, timesteps, w, self.options.extrapolate)
+            weights = extrapolation_table(ode, timesteps, w, self.options.extrapolate)
             self._weights = weights.to(**dev, dtype=state_dtype)  # [(N + 1) * w, 3]: row old_end * w + offset
         self._nodes = torch.arange(3, **dev)  # extrapolation nodes old_end - 1 - k
         self._points_w = torch.arange(w, **dev)  # window point i = begin + i
@@ -323,7 +323,7 @@ class WindowRunner:
         return int(values[BEGIN]), int(values[SLIDE]), values[RESIDUAL]
 
 
-def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, extrapolate: int) -> Tensor:
+def extrapolation_table(ode, timesteps: Tensor, w: int, extrapolate: int) -> Tensor:
     """Warm-start weights, float64 [(N + 1) * w, 3]: row old_end * w + d holds the Lagrange weights (in the
     reference's coordinate) of the nodes old_end - 1 - k, k = 0..order, for the entering point old_end + d;
     weight 0 for unused nodes and for points past the grid. Computed by the reference's own function."""
@@ -332,7 +332,7 @@ def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, extrapolate: 
     if extrapolate == 0:  # one node, weight 1 (the empty Lagrange product)
         table[:, :, 0] = 1.0
         return table.view(-1, 3)
-    s = warm_start_coordinate(alphas)
+    s = warm_start_coordinate(ode, timesteps)
     rows = [[0.0] * 3 for _ in range((steps + 1) * w)]
     for first in range(1, steps + 1):
         order = min(extrapolate, first - 1)
@@ -343,10 +343,10 @@ def extrapolation_table(alphas: Tensor, timesteps: Tensor, w: int, extrapolate: 
     return table.view(-1, 3)
 
 
-def warm_start_coordinate(alphas: Tensor) -> list[float]:
+def warm_start_coordinate(ode, timesteps: Tensor) -> list[float]:
     """The coordinate eps_picard.py extrapolates outputs in: lambda = log(sqrt(a / (1 - a))) per grid point (python
     floats, computed as there)."""
-    return (0.5 * (alphas[:-1] / (1 - alphas[:-1])).log()).tolist()
+    return ode.extrapolation_coordinate(timesteps[:-1]).tolist()  # DDIM lambda, flow sigma (samplers/solver.py)
 
 
 class EpsPicardRunner(WindowRunner):
