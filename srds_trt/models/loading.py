@@ -7,33 +7,17 @@ this workplace has no hub, and a silent download would be a surprise anywhere el
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files  # noqa: F401
 from .registry import (CONFIGS_DIR, RANDOM_WEIGHT_CONFIGS, ModelSpec, WeightsUnavailableError, read_json,
                        resolve_model)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DEFAULT_TEXT_LENGTH = 77
-
-
-@dataclass
-class LoadedUNet:
-    spec: ModelSpec
-    unet: torch.nn.Module  # eval(), requires_grad False
-    scheduler_config: dict  # a DDIMScheduler config, set_alpha_to_one=True (flow models: FlowMatchEulerDiscrete)
-    conditioning: str  # "class" (class_labels int64 [rows]) | "text" (encoder_hidden_states [rows, L, D])
-    sample_shape: tuple[int, int, int]  # (C, H, W) of the UNet input; latents for SD
-    cond_shape: tuple[int, ...]  # () for class labels, (L, D) for text
-    null_class: int | None  # the unconditional class id (digits: 10)
-    vae_scaling_factor: float | None
-    weights_id: str  # sha256 over the weight files, or "random-seed-<seed>-<config sha>"
 
 
 def load_unet(name_or_path: str, *, device="cpu", dtype=torch.float32, random_weights: bool = False, seed: int = 0,
@@ -129,27 +113,6 @@ def seeded_init(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
-
-
-def files_sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(file.name.encode())
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def random_weights_id(seed: int, config: dict) -> str:
-    blob = json.dumps(config, sort_keys=True).encode()
-    return f"random-seed-{seed}-{hashlib.sha256(blob).hexdigest()[:16]}"
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    files = [f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES]
-    safetensors = [f for f in files if f.suffix == ".safetensors"]
-    return safetensors or files
 
 
 def _load_pixel_unet(spec: ModelSpec, random_weights: bool, seed: int) -> LoadedUNet:

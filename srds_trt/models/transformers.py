@@ -96,7 +96,8 @@ def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, r
     the embedded config (or `config`, e.g. TINY_CONFIGS[kind]) or real ones from a local diffusers folder."""
     from pathlib import Path
 
-    from .loading import LoadedUNet, WeightsUnavailableError, files_sha256, random_weights_id, _weight_files
+    from .registry import WeightsUnavailableError
+    from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files
 
     kind = spec.family
     config = config or transformer_config(kind)

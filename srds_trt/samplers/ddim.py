@@ -92,3 +92,22 @@ def parareal_update(g_new: Tensor, f_old: Tensor, g_old: Tensor) -> Tensor:
     The difference is formed first: F and G_old are close, and their difference is what must not lose digits.
     """
     return g_new + (f_old - g_old)
+
+
+def prior_slopes(alphas: Tensor, prediction_type: str) -> Tensor:
+    """d out / d x per point (float64) for unit-variance Gaussian data, where x_t ~ N(0, I) at every t and the
+    model's output is exactly linear in x: epsilon = sqrt(1 - alpha) x, v = sqrt(alpha) eps - sqrt(1 - alpha) x0 = 0.
+    eps-Picard's first-sweep slope (eps_picard.py)."""
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    if prediction_type == "epsilon":
+        return (1 - alphas).sqrt()
+    if prediction_type == "v_prediction":
+        return torch.zeros_like(alphas)
+    raise ValueError(f"no prior slope for prediction_type {prediction_type!r}")
+
+
+def step_noise_variance(alphas: Tensor) -> Tensor:
+    """sigma_j^2 for the points j = 0..N of a grid with alpha_cumprod `alphas` [N+1]; sigma_N^2 = 0 (ParaDiGMS's thresholds, paradigms.py)."""
+    a_from, a_to = alphas[:-1], alphas[1:]
+    var = (1 - a_to) / (1 - a_from) * (1 - a_from / a_to)
+    return torch.cat([var, var.new_zeros(1)])

@@ -49,18 +49,6 @@ def least_squares_weights(coord: list[float], nodes: list[int], target: int) -> 
 EXTRAPOLATE_FITS = ("nodes", "lsq")
 
 
-def prior_slopes(alphas: Tensor, prediction_type: str) -> Tensor:
-    """d out / d x per point (float64) for unit-variance Gaussian data, where x_t ~ N(0, I) at every t and the
-    model's output is exactly linear in x: epsilon = sqrt(1 - alpha) x, v = sqrt(alpha) eps - sqrt(1 - alpha) x0 = 0.
-    The first sweep's slope (module docstring)."""
-    alphas = torch.as_tensor(alphas, dtype=torch.float64)
-    if prediction_type == "epsilon":
-        return (1 - alphas).sqrt()
-    if prediction_type == "v_prediction":
-        return torch.zeros_like(alphas)
-    raise ValueError(f"no prior slope for prediction_type {prediction_type!r}")
-
-
 # the options that make up the sampler (a runtime mirrors each); the rest of EpsPicardOptions is research
 MECHANISMS = ("warm_start", "secant", "extrapolate", "inherit_slope", "broyden", "prior_slope")
 
@@ -70,7 +58,7 @@ class EpsPicardOptions:
     """eps-Picard's mechanisms, each switchable to measure what it buys (the defaults are the sampler).
 
     extrapolate: the warm start's polynomial order in lambda (0: the frozen last output, 2: quadratic);
-    inherit_slope, broyden, secant, prior_slope (the first sweep's slope, prior_slopes; False: none);
+    inherit_slope, broyden, secant, prior_slope (the first sweep's slope, the solver's prior_slope; False: none);
     warm_start=False: entering points start at the last state (ParaDiGMS / diffusers).
     Research only (the runtime refuses them): extrapolate_span = k puts the warm start's nodes k points apart;
     extrapolate_fit = "lsq" fits a least-squares line; jvp(x, t, direction) replaces the quasi-Newton model by the

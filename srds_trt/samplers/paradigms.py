@@ -24,13 +24,6 @@ from .window import default_window, window_result, window_width
 DEFAULT_TOLERANCE = 0.1
 
 
-def step_noise_variance(alphas: Tensor) -> Tensor:
-    """sigma_j^2 for the points j = 0..N of a grid with alpha_cumprod `alphas` [N+1]; sigma_N^2 = 0 (module doc)."""
-    a_from, a_to = alphas[:-1], alphas[1:]
-    var = (1 - a_to) / (1 - a_from) * (1 - a_from / a_to)
-    return torch.cat([var, var.new_zeros(1)])
-
-
 def paradigms_sample(
     model: Model,
     x: Tensor,

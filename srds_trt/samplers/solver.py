@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .ddim import PREDICTION_TYPES, alphas_at, ddim_coefficients
+from .ddim import PREDICTION_TYPES, alphas_at, ddim_coefficients, prior_slopes, step_noise_variance
 from .flow import FLOW_PREDICTION, FlowMatchEuler
 
 SOLVERS = ("ddim", "flow-euler")
@@ -57,8 +57,6 @@ class DDIMSolver:
 
     def prior_slope(self, grid: Tensor) -> Tensor:
         """d out / d x for unit-variance Gaussian data: sqrt(1 - alpha) for epsilon, 0 for v (eps_picard.py)."""
-        from .eps_picard import prior_slopes  # eps_picard imports the samplers that import this module
-
         return prior_slopes(self.alphas(grid), self.prediction_type)
 
     def extrapolation_coordinate(self, grid: Tensor) -> Tensor:
@@ -67,9 +65,7 @@ class DDIMSolver:
         return 0.5 * (a / (1 - a)).log()
 
     def noise_variance(self, grid: Tensor) -> Tensor:
-        """ParaDiGMS's sigma_j^2 for the points j = 0..N (paradigms.step_noise_variance)."""
-        from .paradigms import step_noise_variance  # paradigms imports the samplers that import this module
-
+        """ParaDiGMS's sigma_j^2 for the points j = 0..N (ddim.step_noise_variance)."""
         return step_noise_variance(self.alphas(grid))
 
 

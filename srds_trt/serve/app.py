@@ -14,11 +14,12 @@ import logging
 import time
 
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .batching import BatchConfig
+from .http import read_body, until_disconnected
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, INPUTS, InferRequest, Settings, encode_response
 from .service import SERVER_NAME, SERVER_VERSION, RequestError, ServeConfig, Service
@@ -140,53 +141,6 @@ def v2_metadata(service: Service) -> dict:
         "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, service.channels()]},
                     {"name": "stats", "datatype": "BYTES", "shape": [1]}],
     }
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 before reading when Content-Length says it is over `limit`, and while
-    streaming when a chunked body grows past it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise RequestError(400, f"Content-Length must be an integer, got {declared[:40]!r}") from None
-        if size > limit:
-            raise RequestError(413, f"the request body is {size} bytes; this server takes at most {limit} "
-                                    "(--max-body-mb)")
-    chunks, total = [], 0
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise RequestError(413, f"the request body exceeds {limit} bytes (--max-body-mb)")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise RequestError(499, "the client went away while sending the body") from None
-    return b"".join(chunks)
-
-
-async def until_disconnected(request: Request, work):
-    """Await `work`; when the client disconnects first, cancel it (the batcher then abandons the request)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch():
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise RequestError(499, "the client went away; its request was abandoned")
-    return task.result()
 
 
 def error_response(status: int, message: str) -> JSONResponse:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .http import read_body, until_disconnected
 from .protocol import InferRequest, ProtocolError, Settings, load_json, setting_message
 from .service import RequestError, Service
 
@@ -24,8 +25,6 @@ KNOWN = {"model", "prompt", "n", "response_format", "size", "seed", "steps", "sa
 
 
 def openai_routes(service: Service) -> list[Route]:
-    from .app import read_body, until_disconnected
-
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
             {"id": service.name, "object": "model", "created": 0, "owned_by": "srds_trt"}]})

@@ -10,7 +10,8 @@ import torch
 from srds_trt.models.analytic import hard_mixture
 from srds_trt.samplers.guidance import classifier_free_guidance
 from srds_trt.samplers.timesteps import ddim_grid
-from srds_trt.samplers.paradigms import paradigms_sample, step_noise_variance
+from srds_trt.samplers.ddim import step_noise_variance
+from srds_trt.samplers.paradigms import paradigms_sample
 from srds_trt.samplers import SampleResult
 from srds_trt.samplers import serial_sample
 
