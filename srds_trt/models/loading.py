@@ -48,7 +48,6 @@ def unet_model_fn(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor], Tens
     Inputs are cast to the UNet's dtype and the output back to x's: samplers keep their states in at least
     float32 (sampling.py) while a half-precision UNet computes in fp16.
     """
-    unet, dtype = loaded.unet, loaded.unet.dtype
     if loaded.spec.family in ("sd3", "flux"):  # a flow transformer: its own wrapper (text + pooled in one cond)
         from .transformers import transformer_model_fn
 
