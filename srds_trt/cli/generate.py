@@ -30,7 +30,7 @@ EXAMPLES = """examples:
   python -m srds_trt.generate                                   # digits 0..9, SRDS vs serial, into out/
   python -m srds_trt.generate --prompt 3 7 --num-images 4 --steps 1024 --out runs/a
   python -m srds_trt.generate --sampler serial --quiet --out runs/serial --overwrite
-  python -m srds_trt.generate --backend onnxruntime --engine-dir engines   # after python -m srds_trt.export
+  python -m srds_trt.generate --backend onnxruntime --engine-dir engines --out runs/onnx   # after python -m srds_trt.export
   python -m srds_trt.generate --model sd2 --random-weights --prompt "a red cat" --steps 25 --device cuda --dtype float16
   python -m srds_trt.generate --list-models
 
