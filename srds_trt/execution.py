@@ -10,17 +10,17 @@ stats holding first_call, setup_s and wall_time_s (a first runtime call builds a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from .report import finite_or_none
+from .runtime.host import device_now as _now
 from .samplers import SAMPLERS, NonFiniteError, SampleResult, serial_sample
 from .samplers.base import check_cancel
 from .samplers.plan import default_num_blocks
-from .report import finite_or_none
 from .samplers.window import WINDOW_SAMPLERS, resolve_window, window_rows
 
 Progress = Callable[[int, float], None]
@@ -136,12 +136,13 @@ def sample_chunk(path, name: str, run: Chunk, tol: float, options: dict, max_ite
         part.update(blocks=1, iterations=None, model_evals=steps * run.x.shape[0], sequential_calls=steps,
                     converged=True, residuals=[], tol=tol)
         return sample, part
-    if name in WINDOW_SAMPLERS:  # sweeps until the window has slid past N: known only at the end, no total
-        total, desc, unit = max_iters, f"{name} {steps} steps / window {resolve_window(name, steps, options.get('window'))}", "sweep"
+    # no total: how many iterations / sweeps the stopping rule takes is known only at the end (max_iters bounds it)
+    if name in WINDOW_SAMPLERS:
+        desc, unit = f"{name} {steps} steps / window {resolve_window(name, steps, options.get('window'))}", "sweep"
     else:
         blocks = options.get("num_blocks") or default_num_blocks(steps)
-        total, desc, unit = max_iters, f"srds {steps} steps / {blocks} blocks (at most {blocks} iterations)", "iter"
-    with _bar(progress_bar, total=total, desc=desc, unit=unit) as bar:
+        desc, unit = f"srds {steps} steps / {blocks} blocks (at most {blocks} iterations)", "iter"
+    with _bar(progress_bar, total=max_iters, desc=desc, unit=unit) as bar:
         def progress(iteration: int, residual: float) -> None:
             bar.set_postfix(residual=f"{residual:.2e}", tol=f"{tol:.0e}", refresh=False)
             bar.update(1)
@@ -156,6 +157,7 @@ def sample_chunk(path, name: str, run: Chunk, tol: float, options: dict, max_ite
         "tol": tol, "accept_tol": result.accept_tol, "pipelined": options.get("pipelined") if name == "srds" else None,
         "window": result.window}
 
+
 def sample_serial(path, run: Chunk, progress_bar: bool, cancel) -> tuple[Tensor, dict]:
     steps = len(run.timesteps) - 1
     with _bar(progress_bar, total=steps, desc=f"serial {steps} steps", unit="step") as bar:
@@ -165,7 +167,6 @@ def sample_serial(path, run: Chunk, progress_bar: bool, cancel) -> tuple[Tensor,
 
         sample, stats = path.serial(run, step)
     return check_finite(sample, "serial"), stats
-
 
 
 @dataclass
@@ -215,11 +216,3 @@ def _bar(enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(disable=not enabled, leave=False, **kwargs)
-
-
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -32,8 +32,7 @@ from .samplers import Cancelled  # noqa: F401  (srds_trt.Cancelled)
 from .samplers.guidance import classifier_free_guidance
 from .samplers.solver import solver_grid
 from .samplers.window import WINDOW_SAMPLERS
-from .settings import (DEFAULT_STEPS, MAX_STEPS, SAMPLERS, GenerationSettings, check_guidance_scale,  # noqa: F401
-                       check_run_args, check_seed)  # (re-exported for callers of srds_trt.pipeline)
+from .settings import DEFAULT_STEPS, GenerationSettings, check_guidance_scale, check_seed
 from .samplers.stopping import DEFAULT_TOL
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
@@ -193,6 +192,7 @@ class SRDSPipeline:
             generator = torch.Generator().manual_seed(0 if generator is None else check_seed(generator))
         # Flux-dev's guidance is distilled: the scale is an input of one call, never a doubled call
         distilled = self.family == "flux"
+        call_scale = 1.0 if distilled else scale  # the guidance the model call itself combines
         total, guided, max_rows = len(prompts) * num_images_per_prompt, scale != 1.0 and not distilled, max_rows or MAX_ROWS
         expected = (total, *self.loaded.sample_shape)
         if latents is not None and tuple(latents.shape) != expected:
@@ -241,9 +241,9 @@ class SRDSPipeline:
                 from .models.transformers import with_distilled_guidance
 
                 cond = uncond = with_distilled_guidance(self.loaded, cond, scale)
-            model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, 1.0 if distilled else scale)
-            run = Chunk(model, noise.to(self.device, self.dtype), cond, uncond, 1.0 if distilled else scale, timesteps,
-                        alphas_cumprod, prediction_type)
+            model = classifier_free_guidance(check_batch(self.cond_model), cond, uncond, call_scale)
+            run = Chunk(model, noise.to(self.device, self.dtype), cond, uncond, call_scale, timesteps, alphas_cumprod,
+                        prediction_type)
             sample, part_stats = sample_chunk(self.path, sampler, run, tol, options, max_iters, progress_bar, cancel)
             if compare_serial and sampler != "serial":
                 reference, serial_stats = sample_serial(self.path, run, progress_bar, cancel)

@@ -13,20 +13,16 @@ rows at its bucket's time: exact for the engine that was measured.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Mapping, TypeVar
 
 import torch
 
 from ..runtime.engines.base import Engine, bucket_for
+from ..runtime.host import device_now as _now
 
 K = TypeVar("K")
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def best_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:

@@ -10,6 +10,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .common import HelpFormatter
 from ..export.config import DEFAULT_OPSET, DTYPES, EXPORTERS, ExportConfig, ExportConfigError
 
 # widest profile when --max-batch is unset: digits as wide as the pipeline's own chunks (pipeline.MAX_ROWS), so
@@ -29,7 +30,7 @@ generate picks the one that fits its run.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m srds_trt.export", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help="registry name (digits, digits-flow, sd2, sd2.1, sd1.5, sd3, flux) or a local folder")
     p.add_argument("--out", type=Path, default=Path("engines"), help="artifact root")
@@ -106,15 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--triton-repo {args.triton_repo}: {exc}")
     print(result.folder)
     return 0
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every set default once and keeps the examples' line breaks."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help  # its text says what unset means
-        return super()._get_help_string(action)
 
 
 def _family(model: str) -> str | None:

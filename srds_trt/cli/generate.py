@@ -20,9 +20,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, HelpFormatter, Parser, UsageError, exit_on_signals
 from .output import OutputWriter, auto_line, summary_table
 
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_RESOURCES, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 4, 130, 143
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_RESOURCES = 0, 2, 3, 4
 PROG = "srds_trt.generate"
 EXPORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}  # --dtype -> export's
 
@@ -42,22 +43,6 @@ class Terminated(Exception):
     """SIGTERM arrived while the run was writing: unwind so the temporary output folder is removed."""
 
 
-def exit_on_signals() -> None:
-    """Until the run has something to clean up (imports, argument checks, model loading): SIGINT / SIGTERM print
-    the one line and exit at once, wherever the interpreter is (a KeyboardInterrupt inside torch's import would
-    leave a half-imported module and a traceback instead)."""
-    import signal
-
-    def now(signum, frame):
-        code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
-        what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-        os.write(2, f"{PROG}: error: {what}; nothing was written\n".encode())
-        os._exit(code)
-
-    signal.signal(signal.SIGINT, now)
-    signal.signal(signal.SIGTERM, now)
-
-
 def raise_on_signals() -> None:
     """From the first output on: SIGINT / SIGTERM raise, so the output writer's cleanup runs before the one line."""
     import signal
@@ -69,20 +54,11 @@ def raise_on_signals() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ..samplers import DEFAULT_TOL
     from ..settings import DEFAULT_STEPS, MAX_STEPS, SAMPLERS
 
-    p = _Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+    p = Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                 formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32))
     p.add_argument("--list-models", action="store_true", help="list the models --model accepts and exit")
     p.add_argument("--model", default="digits", help="registry name (digits, digits-flow, sd2, sd2.1, sd1.5, sd3, flux), local folder or hub id")
@@ -119,15 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="under torchrun: seconds a rank waits for the others before the job ends")
     return p
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every set default once and keeps the examples' line breaks."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help  # "unset: ..." in the text says what happens
-        return super()._get_help_string(action)
 
 
 def list_models() -> str:
@@ -398,5 +365,5 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_signals()
+    exit_on_signals(PROG, "nothing was written")
     _exit(main())

@@ -17,7 +17,8 @@ import logging
 import socket
 import sys
 
-from .generate import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, _Parser
+from .common import HelpFormatter, Parser, UsageError, exit_on_signals
+from .generate import EXIT_USAGE
 
 EXAMPLES = """examples:
   python -m srds_trt.serve --model digits --port 8000 --grpc-port 8001
@@ -30,10 +31,10 @@ log = logging.getLogger("srds_trt.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline import DEFAULT_STEPS, SAMPLERS
+    from ..settings import DEFAULT_STEPS, SAMPLERS
 
-    p = _Parser(prog="python -m srds_trt.serve", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                formatter_class=lambda prog: _Help(prog, max_help_position=32))
+    p = Parser(prog="python -m srds_trt.serve", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+               formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32))
     p.add_argument("--model", default="digits", help="registry name (digits, sd2, ...), local folder or hub id")
     p.add_argument("--host", default="127.0.0.1", help="address REST and gRPC listen on")
     p.add_argument("--port", type=int, default=8000, help="REST port: KServe v2 /v2/..., OpenAI /v1/..., /metrics")
@@ -59,21 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="info: address, warm-up, ready, one line per request")
     return p
-
-
-def exit_on_signals() -> None:
-    """Until uvicorn takes the signals over (imports, checks, model loading, warm-up start): SIGINT / SIGTERM print
-    one line and exit at once, wherever the interpreter is (a KeyboardInterrupt inside torch's import would leave a
-    traceback)."""
-    import os
-    import signal
-
-    def now(signum, frame):
-        os.write(2, f"{PROG}: error: {signal.Signals(signum).name} before serving; stopped\n".encode())
-        os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
-
-    signal.signal(signal.SIGINT, now)
-    signal.signal(signal.SIGTERM, now)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,15 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     server.run(sockets=[sock])
     log.info("stopped")
     return EXIT_OK
-
-
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once (none for flags whose help says what unset means); the examples as written."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _listen(host: str, port: int, flag: str) -> socket.socket:
@@ -163,7 +140,7 @@ def _server_class():
 
 def _config(args):
     from ..models import UnknownModelError, resolve_model
-    from ..pipeline import check_run_args
+    from ..settings import check_run_args
     from ..samplers import DEFAULT_TOL
     from ..serve.batching import BatchConfig
     from ..serve.service import MiB, ServeConfig
@@ -202,5 +179,5 @@ def _config(args):
 
 
 if __name__ == "__main__":
-    exit_on_signals()
+    exit_on_signals(PROG, "stopped before serving")
     sys.exit(main())

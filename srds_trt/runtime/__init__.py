@@ -20,7 +20,8 @@ from .engines import BucketIO, Engine, EngineError, EngineSpec, TorchEngine
 from .serial_runner import SerialRunner
 from ..samplers.stopping import NonFiniteError
 from .srds.runner import COARSE_MODES, RunResult, SRDSRunner
-from .window.runner import WINDOW_SAMPLERS, WindowRunner
+from ..samplers.window import WINDOW_SAMPLERS
+from .window.runner import WindowRunner
 
 __all__ = [
     "COARSE_MODES", "BucketIO", "Engine", "EngineError", "EngineSpec", "NonFiniteError", "RunResult", "SRDSRunner",

@@ -9,7 +9,6 @@ samplers eps-picard and paradigms (WindowRunner: one captured sweep, one host re
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from .engines.factory import BACKENDS, torch_engine
 from ..samplers import run_at_tol
 from ..samplers.plan import build_tick_plan
 from ..samplers.window import window_rows
+from .host import device_now as _now
 
 DEFAULT_ENGINE_DIR = Path("engines")
 
@@ -216,9 +216,3 @@ class RuntimeSampler:
             engine, batch=x.shape[0], timesteps=timesteps, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
             guided=guided))
         return runner.run(x.float(), cond, uncond if guided else None, guidance_scale=scale, step=step), timing
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

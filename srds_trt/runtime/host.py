@@ -13,6 +13,7 @@ torch.from_dlpack, zero-copy; results are torch tensors, which speak DLPack back
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -62,3 +63,11 @@ def as_tensor(value: Any, name: str) -> Tensor:
     if hasattr(value, "__dlpack__"):
         return torch.from_dlpack(value)
     raise TypeError(f"{name} must be a torch tensor or support DLPack (__dlpack__), got {type(value).__name__}")
+
+
+def device_now(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work has finished (a CUDA sync; nothing on a CPU): what every
+    wall-time measurement in srds_trt reads, so GPU times include the kernels they launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -2,9 +2,9 @@
 
 import sys
 
-from ..cli.serve import exit_on_signals
+from ..cli.common import exit_on_signals
 
-exit_on_signals()  # Ctrl-C / SIGTERM before serving is one line; uvicorn's drain takes the signals over later
+exit_on_signals("srds_trt.serve", "stopped before serving")  # uvicorn's drain takes the signals over later
 from ..cli.serve import main  # noqa: E402
 
 sys.exit(main())

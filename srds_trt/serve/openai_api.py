@@ -51,7 +51,7 @@ def openai_routes(service: Service) -> list[Route]:
 
 
 def parse_generation(service: Service, body: bytes) -> InferRequest:
-    from ..pipeline import check_guidance_scale, check_run_args, check_seed
+    from ..settings import check_guidance_scale, check_run_args, check_seed
     from ..samplers import DEFAULT_TOL
 
     req = load_json(body)

@@ -181,7 +181,7 @@ def parse_infer(header: dict, tail: bytes, *, default_steps: int, max_images: in
 def read_tensors(tensors: dict[str, np.ndarray], *, default_steps: int, max_images: int,
                  default_sampler: str = "srds") -> tuple[tuple[str, ...], int, Settings]:
     """(prompts, seed, settings) from the input tensors; shared by the server and the Triton sampler model."""
-    from ..pipeline import check_guidance_scale, check_run_args, check_seed
+    from ..settings import check_guidance_scale, check_run_args, check_seed
 
     if "prompt" not in tensors:
         raise ProtocolError("the input 'prompt' (BYTES [n]) is required")

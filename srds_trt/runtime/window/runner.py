@@ -27,7 +27,7 @@ from ...samplers.solver import resolve_solver
 from ...samplers.eps_picard import EpsPicardOptions, extrapolation_weights
 from ...samplers.paradigms import DEFAULT_TOLERANCE as PARADIGMS_TOLERANCE
 from ...samplers.stopping import DEFAULT_TOL, NonFiniteError, check_tol
-from ...samplers.window import WINDOW_SAMPLERS, check_window_sampler, resolve_window, window_result  # noqa: F401
+from ...samplers.window import check_window_sampler, resolve_window, window_result
 from . import fused
 from ..cuda_graphs import CapturedGraph, capture_graph
 from ..engine_call import guided_call, load_conditioning
