@@ -98,9 +98,6 @@ class SRDSPipeline:
             meta_file = Path(loaded.spec.source) / "digits_meta.json"
             scale = read_json(meta_file).get("default_guidance_scale") if meta_file.is_file() else None
             return cls(loaded, default_guidance_scale=scale, **options)
-        if loaded.spec.family in ("sd3", "flux") and not random_weights:
-            raise ValueError(f"{loaded.spec.name}: real weights need the model's CLIP + T5 text encoders, which this "
-                             "pipeline does not run yet; use --random-weights (the real architecture, for timing)")
         return cls(loaded, text=random_text_stack(loaded, seed) if random_weights else text_stack(loaded), **options)
 
     @property
@@ -188,6 +185,9 @@ class SRDSPipeline:
         scale = self.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
         if negative_prompt and self.family == "digits":
             raise ValueError("negative_prompt has no meaning for the digits model (its unconditional row is the null class)")
+        if negative_prompt and self.family == "flux":
+            raise ValueError("negative_prompt has no meaning for Flux (its guidance is distilled: one call, no "
+                             "unconditional row)")
         if not isinstance(generator, torch.Generator):
             generator = torch.Generator().manual_seed(0 if generator is None else check_seed(generator))
         # Flux-dev's guidance is distilled: the scale is an input of one call, never a doubled call
@@ -216,7 +216,8 @@ class SRDSPipeline:
                                          pipelined=pipelined, max_iters=max_iters, window=window)
         chunk = max(1, self.path.row_budget(per_image, max_rows) // per_image)
         timesteps, alphas_cumprod, prediction_type = solver_grid(  # DDIM, or flow Euler on the sigma grid
-            self.loaded.scheduler_config, num_inference_steps, self.loaded.spec.prediction_type, self.loaded.sample_shape)
+            self.loaded.scheduler_config, num_inference_steps, self.loaded.spec.prediction_type, self.loaded.sample_shape,
+            self.family)
         image_prompt = lambda i: prompts[i // num_images_per_prompt]  # noqa: E731
         stats: dict[str, Any] = {
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,

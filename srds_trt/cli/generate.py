@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-serial", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the serial sampler and report the difference (unset: on for digits, off for SD)")
     p.add_argument("--random-weights", action="store_true", help="real architecture, seeded random weights (timing)")
-    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (SD only; None: the model's)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (SD, SD3, Flux; None: the model's)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
                    help="torch (PyTorch UNet; CUDA graphs on a GPU), onnxruntime (exported ONNX, CPU), tensorrt (exported plan, GPU)")
     p.add_argument("--engine-dir", type=Path, default=Path("engines"),

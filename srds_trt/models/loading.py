@@ -73,7 +73,8 @@ def unet_model_fn_ddpm(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor],
 
 
 def sd_folder(spec: ModelSpec) -> Path:
-    """The local diffusers folder of an SD model: the folder given, or its snapshot in the HF cache."""
+    """The local diffusers folder of a text-conditioned model: the folder given, or its snapshot in the HF cache
+    (T5's spiece.model included)."""
     path = Path(spec.source)
     if path.is_dir():
         return path
@@ -81,7 +82,7 @@ def sd_folder(spec: ModelSpec) -> Path:
 
     try:
         return Path(snapshot_download(spec.source, local_files_only=True,
-                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"]))
+                                      allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]))
     except Exception as exc:  # LocalEntryNotFoundError, offline mode, a half-filled cache: all mean "not here"
         raise WeightsUnavailableError(spec, type(exc).__name__) from exc
 

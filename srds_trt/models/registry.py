@@ -19,6 +19,9 @@ DIGITS_FLOW_DIR = Path(__file__).resolve().parent / "digits-flow"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 FAMILIES = ("digits", "sd", "sd3", "flux")  # sd3 / flux: flow-matching transformers (models/transformers.py)
 
+# model_index.json's _class_name -> family, for the flow-matching transformer pipelines (everything else: "sd")
+FLOW_PIPELINES: Mapping[str, str] = MappingProxyType({"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"})
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -26,7 +29,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelSpec:
     name: str  # registry name, or the local path / hub id given
     source: str  # hub id, local folder, or the package folder for digits
-    family: str  # "digits" (pixel space, class labels) | "sd" (latent space, text)
+    family: str  # "digits" (pixel space, class labels) | "sd" (latent UNet, CLIP text) | "sd3" | "flux" (transformers)
     resolution: int  # default image size in pixels
     prediction_type: str  # "epsilon" | "v_prediction" | "flow" (velocity, FlowMatchEulerDiscreteScheduler)
 
@@ -84,11 +87,14 @@ def resolve_model(name_or_path: str) -> ModelSpec:
 def _describe_folder(name: str, path: Path) -> ModelSpec:
     source = str(path.resolve())
     if (path / "model_index.json").is_file():
-        unet = read_json(path / "unet" / "config.json") if (path / "unet" / "config.json").is_file() else {}
         vae = read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}
         scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-        resolution = int(unet.get("sample_size", 64)) * scale
-        return ModelSpec(name, source, "sd", resolution, _prediction_type(path / "scheduler" / "scheduler_config.json"))
+        family = FLOW_PIPELINES.get(read_json(path / "model_index.json").get("_class_name"), "sd")
+        denoiser = path / ("unet" if family == "sd" else "transformer") / "config.json"
+        config = read_json(denoiser) if denoiser.is_file() else {}
+        # Flux's transformer config has no sample_size: FluxPipeline's default_sample_size is 128 latents
+        resolution = int(config.get("sample_size", 64 if family == "sd" else 128)) * scale
+        return ModelSpec(name, source, family, resolution, _prediction_type(path / "scheduler" / "scheduler_config.json"))
     config_file = path / "config.json"
     if config_file.is_file() and read_json(config_file).get("_class_name") == "UNet2DModel":
         config = read_json(config_file)

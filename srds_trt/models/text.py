@@ -1,5 +1,5 @@
-"""Text conditioning for SD-family UNets: CLIP encoder + VAE decoder from a diffusers folder, or seeded random
-stand-ins of the right shapes (timing without weights)."""
+"""Text conditioning: the text encoders + VAE decoder of a diffusers folder (SD: CLIP; SD3: CLIP-L + CLIP-G + T5;
+Flux: CLIP-L + T5), or seeded random stand-ins of the right shapes (timing without weights)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ class TextStack:
 
 
 def text_stack(loaded: LoadedUNet) -> TextStack:
-    """CLIP text encoder, tokenizer and VAE of a diffusers SD folder (local or HF cache)."""
+    """The text encoders, tokenizers and VAE of a diffusers folder (local or HF cache): CLIP for SD, the
+    flow pipelines' own encode_prompt for SD3 / Flux (flow_text_stack)."""
+    if loaded.spec.family in ("sd3", "flux"):
+        return flow_text_stack(loaded)
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -42,6 +45,39 @@ def text_stack(loaded: LoadedUNet) -> TextStack:
         return encoder(ids.input_ids.to(device))[0]
 
     return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}")
+
+
+def flow_text_stack(loaded: LoadedUNet) -> TextStack:
+    """SD3: CLIP-L + CLIP-G (padded to T5's width) then T5 tokens, pooled = both CLIPs' projections; Flux: T5
+    tokens, pooled = CLIP-L's. Encoded by diffusers' StableDiffusion3Pipeline / FluxPipeline.encode_prompt (the
+    pipeline loaded without its transformer: the sampler's copy is the one in `loaded`), so prompts mean what they
+    mean in diffusers; the result packed into the one cond tensor (transformers.pack_cond)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from .transformers import pack_cond, text_length
+
+    folder = sd_folder(loaded.spec)
+    device, dtype = next(loaded.unet.parameters()).device, next(loaded.unet.parameters()).dtype
+    sd3 = loaded.spec.family == "sd3"
+    pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline).from_pretrained(
+        folder, transformer=None, local_files_only=True)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] + ([pipe.text_encoder_3] if sd3 else [])
+    for module in encoders + [pipe.vae]:
+        torch.nn.Module.to(module, device, dtype).eval()
+    t5_tokens = text_length(loaded) - (pipe.tokenizer_max_length if sd3 else 0)
+
+    def encode(prompts: list[str]) -> Tensor:
+        with torch.inference_mode():
+            if sd3:
+                text, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
+                                                        do_classifier_free_guidance=False,
+                                                        max_sequence_length=t5_tokens)
+            else:
+                text, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=t5_tokens)
+        return pack_cond(text, pooled)
+
+    names = "CLIP-L + CLIP-G + T5" if sd3 else "CLIP-L + T5"
+    return TextStack(encode, vae_decoder(pipe.vae, loaded.vae_scaling_factor), f"{names} + VAE from {folder}")
 
 
 def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = None) -> TextStack:

@@ -68,17 +68,30 @@ def transformer_config(name: str, tiny: bool = False) -> dict:
     return TINY_CONFIGS[name] if tiny else read_json(CONFIGS_DIR / f"{name}.json")
 
 
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+# Text tokens the pipelines feed the transformer: SD3 = the CLIP tokenizer's length (77) + T5's 256 (its
+# max_sequence_length default); FLUX.1-dev 512 T5 tokens (FluxPipeline's default), FLUX.1-schnell (no guidance
+# embedding) 256, its documented limit.
+T5_TOKENS = {"sd3": 256, "flux-dev": 512, "flux-schnell": 256}
+
+
+def transformer_class(name: str):
+    import diffusers
+
+    if name not in TRANSFORMER_CLASSES:
+        raise ValueError(f"transformer class must be one of {TRANSFORMER_CLASSES}, got {name!r}")
+    return getattr(diffusers, name)
+
+
 def build_transformer(config: dict, seed: int = 0) -> torch.nn.Module:
     """The architecture of config["transformer"] with weights from torch's default initialisers under `seed`
     (the global RNG untouched); diffusers zero-initialises some output layers, so the tiny test models
     re-draw every parameter under the seed (`randomize`) to give the velocity a real dependence on x."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    classes = {"SD3Transformer2DModel": SD3Transformer2DModel, "FluxTransformer2DModel": FluxTransformer2DModel}
     arch = config["transformer"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return classes[arch["_class_name"]].from_config(arch).eval().requires_grad_(False)
+        return transformer_class(arch["_class_name"]).from_config(arch).eval().requires_grad_(False)
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
@@ -90,31 +103,52 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.n
     return module
 
 
+def folder_config(folder, kind: str) -> dict:
+    """{transformer, vae, scheduler, text_embedding, vae_scale_factor} of a local SD3 / Flux diffusers folder,
+    read from its json files (the text lengths as the pipelines form them, T5_TOKENS)."""
+    transformer = read_json(folder / "transformer" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
+    if kind == "sd3":  # CLIP-L and CLIP-G tokens, padded to T5's width, then T5's tokens
+        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+        clip = read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
+        length = clip + T5_TOKENS["sd3"]
+    else:
+        length = T5_TOKENS["flux-dev" if transformer.get("guidance_embeds") else "flux-schnell"]
+    return {"transformer": transformer, "vae": vae,
+            "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
+            "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+            "text_embedding": {"max_length": length, "hidden_size": transformer["joint_attention_dim"],
+                               "pooled_size": transformer["pooled_projection_dim"]}}
+
+
 def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, resolution: int | None = None,
                           config: dict | None = None):
-    """A LoadedUNet whose `unet` is an SD3- or Flux-shaped transformer (spec.family), seeded random weights from
-    the embedded config (or `config`, e.g. TINY_CONFIGS[kind]) or real ones from a local diffusers folder."""
+    """A LoadedUNet whose `unet` is an SD3- or Flux-shaped transformer (spec.family): seeded random weights from
+    the embedded config (or `config`, e.g. TINY_CONFIGS[kind]; or a local folder's configs), or the real weights
+    of a local diffusers folder / HF cache snapshot (its text encoders load with models.text.text_stack)."""
     from pathlib import Path
 
+    from .loading import sd_folder
     from .registry import WeightsUnavailableError
     from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files
 
     kind = spec.family
-    config = config or transformer_config(kind)
-    folder = Path(spec.source)
+    if config is None:
+        config = folder_config(Path(spec.source), kind) if Path(spec.source).is_dir() else transformer_config(kind)
     if random_weights:
         transformer = build_transformer(config, seed)
         if config is TINY_CONFIGS.get(kind):
             randomize(transformer, seed)
         weights_id = random_weights_id(seed, config["transformer"])
     else:
+        folder = sd_folder(spec)
         files = _weight_files(folder / "transformer") if (folder / "transformer").is_dir() else []
         if not files:
             raise WeightsUnavailableError(spec, f"no transformer weights under {folder}")
-        transformer = build_transformer({"transformer": read_json(folder / "transformer" / "config.json")}, seed)
-        transformer = type(transformer).from_pretrained(folder, subfolder="transformer", local_files_only=True)
+        config = folder_config(folder, kind)
+        cls = transformer_class(config["transformer"].get("_class_name"))
+        transformer = cls.from_pretrained(folder, subfolder="transformer", local_files_only=True)
         weights_id = files_sha256(files)
-        config = {**config, "scheduler": read_json(folder / "scheduler" / "scheduler_config.json")}
     arch = transformer.config
     vae_factor = config.get("vae_scale_factor", 8)
     size = (resolution or spec.resolution) // vae_factor
@@ -209,6 +243,8 @@ def transformer_model_fn(loaded) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
             return out.to(x.dtype)
         return cond_model
 
+    distilled = bool(model.config.guidance_embeds)  # FLUX.1-dev; schnell has no guidance input
+
     def flux_model(x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         t = (model_timesteps(sigma).to(dtype) / 1000).to(x.device)  # FluxPipeline: timestep / 1000 in latents' dtype
@@ -216,7 +252,7 @@ def transformer_model_fn(loaded) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         txt_ids = torch.zeros(L, 3, device=x.device, dtype=dtype)
         out = model(hidden_states=pack_latents(x.to(dtype)), encoder_hidden_states=cond[:, :L, :dim].to(dtype),
                     pooled_projections=cond[:, L, :P].to(dtype), timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-                    guidance=cond[:, L, P].to(torch.float32), return_dict=False)[0]
+                    guidance=cond[:, L, P].to(torch.float32) if distilled else None, return_dict=False)[0]
         return unpack_latents(out, h, w).to(x.dtype)
 
     return flux_model

@@ -94,15 +94,18 @@ def resolve_solver(schedule, prediction_type: str = "epsilon", name: str | None 
 
 
 def solver_grid(scheduler_config: dict, steps: int, prediction_type: str,
-                sample_shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | FlowMatchEuler, str]:
+                sample_shape: tuple[int, ...] | None = None,
+                family: str | None = None) -> tuple[Tensor, Tensor | FlowMatchEuler, str]:
     """(grid, schedule, prediction_type) a model's samplers run for N = `steps`: DDIM timesteps + alphas_cumprod
     (timesteps.ddim_grid), or for a flow model the scheduler's sigma grid + the flow Euler solver, its dynamic shift
-    from the latent's token count ((h / 2) (w / 2), as the SD3 / Flux pipelines count it)."""
+    from the latent's token count ((h / 2) (w / 2), as the SD3 / Flux pipelines count it). family="flux": the
+    pre-shift sigmas FluxPipeline hands the scheduler, linspace(1, 1/N, N) (flow.flux_sigmas)."""
     if prediction_type == FLOW_PREDICTION or scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
-        from .flow import flow_sigmas
+        from .flow import flow_sigmas, flux_sigmas
 
         seq = (sample_shape[-2] // 2) * (sample_shape[-1] // 2) if sample_shape is not None else None
-        return flow_sigmas(scheduler_config, steps, image_seq_len=seq), FlowMatchEuler(), FLOW_PREDICTION
+        sigmas = flux_sigmas(steps) if family == "flux" else None
+        return flow_sigmas(scheduler_config, steps, image_seq_len=seq, sigmas=sigmas), FlowMatchEuler(), FLOW_PREDICTION
     from .timesteps import ddim_grid
 
     timesteps, alphas_cumprod = ddim_grid(scheduler_config, steps)

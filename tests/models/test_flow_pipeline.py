@@ -38,8 +38,10 @@ def test_srds_at_tol_zero_is_the_serial_sample_and_guidance_is_one_call(kind):
         assert all(torch.equal(g, torch.full_like(g, 3.5)) for _, g in seen)
 
 
-def test_real_weights_without_text_encoders_are_refused():
-    with pytest.raises((ValueError, RuntimeError), match="random-weights"):  # no weights, or no text encoders
+def test_a_registry_model_without_weights_points_at_random_weights():
+    from srds_trt.models.registry import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="random-weights"):  # no HF cache here: the hint names the flag
         SRDSPipeline.from_pretrained("sd3")
 
 
