@@ -135,6 +135,8 @@ class SRDSPipeline:
             cond = torch.tensor([int(p) for p in prompts], dtype=torch.long, device=self.device)
             return cond, torch.full_like(cond, self.loaded.null_class)
         cond = self.text.encode(prompts)
+        if self.family == "flux":  # distilled guidance: no unconditional row to encode
+            return cond.to(self.device, self.dtype), cond.to(self.device, self.dtype)
         uncond = self.text.encode([negative_prompt]).expand_as(cond)
         return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype).contiguous()
 
@@ -223,6 +225,7 @@ class SRDSPipeline:
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
             "steps": num_inference_steps, "images": total, "num_images_per_prompt": num_images_per_prompt,
             "prompts": [image_prompt(i) for i in range(total)] if total <= LISTED_PROMPTS else prompts,
+            "solver": "flow-euler" if prediction_type == "flow" else "ddim",
             "guidance_scale": scale, "cfg_rows_per_image": 2 if guided else 1, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
             "chunks": math.ceil(total / chunk), "images_per_chunk": min(chunk, total), "tol": tol,

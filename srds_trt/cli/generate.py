@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", nargs="+", action="extend", default=None,
                    help='digits: one or more of "0".."9" (unset: all ten); SD: the text (unset: ""); may repeat')
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (processed in chunks that fit memory)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps N (1..{MAX_STEPS})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"solver steps N (1..{MAX_STEPS}): DDIM, or flow-matching Euler for flow models")
     p.add_argument("--seed", type=int, default=0, help="noise seed, 0 <= seed < 2^64")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (must be empty or new, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, after the run)")

@@ -66,6 +66,9 @@ def _umask() -> int:
     return mask
 
 
+STEP_NAMES = {"ddim": "DDIM", "flow-euler": "flow-Euler"}
+
+
 def summary_table(stats: dict) -> str:
     """Serial vs the sampler: iterations, blocks, model evaluations, sequential calls, first-call and setup time,
     wall time, max difference."""
@@ -89,7 +92,7 @@ def summary_table(stats: dict) -> str:
                      "-" if diff is None else f"{diff:.2e}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    title = (f"{stats['model']}: {images} image(s), {stats['steps']} DDIM steps, guidance {stats['guidance_scale']}, "
+    title = (f"{stats['model']}: {images} image(s), {stats['steps']} {STEP_NAMES.get(stats.get('solver'), 'DDIM')} steps, guidance {stats['guidance_scale']}, "
              f"{stats['device']} {stats.get('engine_dtype', stats['dtype'])}"
              + (f", {stats['engine']}" if stats.get("engine") else ""))
     notes = ["(setup: engine, buffers and graph capture of a first call; a cached runner's later calls skip it)"]

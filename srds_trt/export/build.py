@@ -134,8 +134,11 @@ def export_unet(
 ) -> ExportResult:
     """Export an already loaded UNet (a registry `LoadedUNet` or anything with its fields).
 
-    Takes ownership of `loaded.unet`: its attention processor is replaced, and for fp16 it is cast in place after
-    the fp32 reference outputs are computed (holding two copies of an SD UNet would cost 5 GB).
+    Takes ownership of `loaded.unet`: its attention processor is replaced, for fp16 it is cast in place after
+    the fp32 reference outputs are computed (holding two copies of an SD UNet would cost 5 GB), and its weights
+    are released once the ONNX files passed the parity gate (unless --aoti compiles them after the plan): the
+    plan build holds the parsed ONNX and the plan, and SD3-medium's fp32 export was killed at 24 GB with the
+    PyTorch copy still alive.
     """
     trt_module, flavour = trt or tensorrt_module()
     target = build_target(trt_module, flavour)
@@ -243,6 +246,14 @@ def _reuse(final: Path, flavour: str, version: str, log: StageLog) -> dict[str, 
     return manifest
 
 
+def release_weights(module: torch.nn.Module) -> None:
+    """Free a module's parameters and buffers (moved to the meta device: any later call raises at once)."""
+    import gc
+
+    torch.nn.Module.to(module, "meta")  # not diffusers' override (it refuses some devices, warns on others)
+    gc.collect()
+
+
 def _build(
     loaded: Any, config: ExportConfig, contract: IOContract, request: dict[str, Any], key: str,
     target: BuildTarget, trt: tuple[ModuleType, str], tmp: Path, log: StageLog,
@@ -281,6 +292,8 @@ def _build(
             raise ParityError(f"ONNX Runtime could not run the export (--opset {config.onnx_opset}): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         info.append(f"max abs {parity.max_abs:.3g}, rel {parity.max_rel:.3g} <= {parity.tolerance:.3g}")
+    if not config.aoti:  # the plan is built from the ONNX files: the weights would only double the peak memory
+        release_weights(unet)
     trt_module, flavour = trt
     with log.stage(f"TensorRT plan ({flavour} {trt_module.__version__})") as info:
         cache = config.out / ".timing-cache" / f"{flavour}-{trt_module.__version__}-{'_'.join(target.compute_capabilities)}.cache"

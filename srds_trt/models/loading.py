@@ -7,8 +7,9 @@ this workplace has no hub, and a silent download would be a surprise anywhere el
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -70,6 +71,29 @@ def unet_model_fn_ddpm(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor],
         def cond_model(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
             return unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.to(x.dtype)
     return cond_model
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars (one per pipeline component, one per weight file) and their
+    warnings off while a model loads, their settings restored after: generate draws its own progress, and errors
+    still raise. Yields the keyword that keeps diffusers from warning about accelerate on every load
+    (low_cpu_mem_usage only where accelerate can provide it)."""
+    from diffusers.utils import is_accelerate_available
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libs = [(lib, lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in libs:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()  # e.g. transformers' "image processor requires torchvision" on a pipeline import
+    try:
+        yield {"low_cpu_mem_usage": is_accelerate_available()}
+    finally:
+        for lib, bars, verbosity in libs:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def sd_folder(spec: ModelSpec) -> Path:

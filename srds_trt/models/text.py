@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .loading import LoadedUNet, random_weights_config, sd_folder, seeded_init
+from .loading import LoadedUNet, quiet_loading, random_weights_config, sd_folder, seeded_init
 from .registry import read_json
 
 
@@ -34,9 +34,10 @@ def text_stack(loaded: LoadedUNet) -> TextStack:
 
     folder = sd_folder(loaded.spec)
     device, dtype = next(loaded.unet.parameters()).device, next(loaded.unet.parameters()).dtype
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(device, dtype).eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    with quiet_loading():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(device, dtype).eval()
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, low_cpu_mem_usage=False)
     vae = torch.nn.Module.to(vae, device, dtype).eval()
     length = loaded.cond_shape[0]
 
@@ -52,15 +53,16 @@ def flow_text_stack(loaded: LoadedUNet) -> TextStack:
     tokens, pooled = CLIP-L's. Encoded by diffusers' StableDiffusion3Pipeline / FluxPipeline.encode_prompt (the
     pipeline loaded without its transformer: the sampler's copy is the one in `loaded`), so prompts mean what they
     mean in diffusers; the result packed into the one cond tensor (transformers.pack_cond)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
     from .transformers import pack_cond, text_length
 
     folder = sd_folder(loaded.spec)
     device, dtype = next(loaded.unet.parameters()).device, next(loaded.unet.parameters()).dtype
     sd3 = loaded.spec.family == "sd3"
-    pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline).from_pretrained(
-        folder, transformer=None, local_files_only=True)
+    with quiet_loading() as load_options:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline).from_pretrained(
+            folder, transformer=None, local_files_only=True, **load_options)
     encoders = [pipe.text_encoder, pipe.text_encoder_2] + ([pipe.text_encoder_3] if sd3 else [])
     for module in encoders + [pipe.vae]:
         torch.nn.Module.to(module, device, dtype).eval()

@@ -128,7 +128,7 @@ def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, r
     of a local diffusers folder / HF cache snapshot (its text encoders load with models.text.text_stack)."""
     from pathlib import Path
 
-    from .loading import sd_folder
+    from .loading import quiet_loading, sd_folder
     from .registry import WeightsUnavailableError
     from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files
 
@@ -147,7 +147,8 @@ def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, r
             raise WeightsUnavailableError(spec, f"no transformer weights under {folder}")
         config = folder_config(folder, kind)
         cls = transformer_class(config["transformer"].get("_class_name"))
-        transformer = cls.from_pretrained(folder, subfolder="transformer", local_files_only=True)
+        with quiet_loading() as load_options:
+            transformer = cls.from_pretrained(folder, subfolder="transformer", local_files_only=True, **load_options)
         weights_id = files_sha256(files)
     arch = transformer.config
     vae_factor = config.get("vae_scale_factor", 8)

@@ -164,3 +164,19 @@ def test_fp16_overflow_fails_the_gate_and_leaves_nothing(tmp_path):
     with pytest.raises(ParityError, match=r"NaN/Inf.*onnx finite=False, torch finite=True"):
         export_unet(loaded, ExportConfig(model="tiny-sd", out=out, dtype="fp16", max_batch=4), quiet=True)
     assert not out.exists()
+
+
+def test_the_weights_are_freed_before_the_plan_build(tmp_path, monkeypatch):
+    """The plan is built from the ONNX files alone: the PyTorch weights are gone by then (SD3-medium fp32 was
+    killed at 24 GB with them alive)."""
+    loaded = digits_like()
+    devices = []
+    build = pipeline.build_tensorrt_plan
+
+    def spy(*args, **kwargs):
+        devices.append({p.device.type for p in loaded.unet.parameters()})
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_tensorrt_plan", spy)
+    export_unet(loaded, ExportConfig(model="digits", out=tmp_path, dtype="fp32", max_batch=4), quiet=True)
+    assert devices == [{"meta"}]
