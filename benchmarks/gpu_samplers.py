@@ -1,7 +1,7 @@
 """GPU check of every sampler on the path users run (SRDSPipeline, which `python -m srds_trt.generate` calls): every
 sampler's wall clock, first call (capture) apart from steady state, beside serial, and what --sampler auto picks.
 
-    python -m benchmarks.gpu_samplers --out DIR [--smoke] [--sections digits,sd2] [--budget-s 300]
+    python -m benchmarks.gpu_samplers --out DIR [--smoke] [--sections digits,sd2,sd3,flux] [--budget-s 300]
 
 Per model and N, one pipeline (one process, one engine) runs serial, SRDS (pipelined, the stopping rule),
 ParaDiGMS (window round(sqrt N) and 2 round(sqrt N)), eps-Picard and auto: each twice or more on the same noise;
@@ -79,16 +79,16 @@ def section(model, args, device, record, deadline):
         prompt, tol = "3", args.tol
         steps_list = [16] if smoke else args.digits_steps
         repeats = 1 if smoke else 3
-    else:
+    else:  # sd2 (DDIM UNet) or sd3 / flux (flow-matching transformers): random weights at the real shapes
         dtype = getattr(torch, args.sd_dtype) if device.type == "cuda" else torch.float32
         t0 = time.perf_counter()
-        pipe = SRDSPipeline.from_pretrained("sd2", device=device, dtype=dtype, random_weights=True,
+        pipe = SRDSPipeline.from_pretrained(model, device=device, dtype=dtype, random_weights=True,
                                             resolution=64 if smoke else None)
-        record[f"sd2_load_s_{args.sd_dtype}"] = time.perf_counter() - t0
+        record[f"{model}_load_s_{args.sd_dtype}"] = time.perf_counter() - t0
         prompt, tol = "a photograph of an astronaut riding a horse", args.sd_tol
-        steps_list = [4] if smoke else args.sd_steps
+        steps_list = [4] if smoke else (args.sd_steps if model == "sd2" else args.flow_steps)
         repeats = 1 if smoke else 2
-    label = model if model == "digits" else f"sd2-{str(dtype).replace('torch.', '')}"
+    label = model if model == "digits" else f"{model}-{str(dtype).replace('torch.', '')}"
     record.setdefault(label, {})["dtype"] = str(dtype)
     for steps in steps_list:
         rows = record[label].setdefault(f"N{steps}", [])
@@ -134,9 +134,10 @@ def main(argv=None):
     parser.add_argument("--sections", default="digits,sd2")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new measurements after this")
     parser.add_argument("--tol", type=float, default=1e-3, help="digits tolerance (fp32)")
-    parser.add_argument("--sd-tol", type=float, default=1e-2, help="SD2 tolerance (fp16 latents)")
+    parser.add_argument("--sd-tol", type=float, default=1e-2, help="SD2 / SD3 / Flux tolerance (fp16 latents)")
     parser.add_argument("--digits-steps", type=int, nargs="+", default=[1024, 196, 100])
     parser.add_argument("--sd-steps", type=int, nargs="+", default=[50, 25])
+    parser.add_argument("--flow-steps", type=int, nargs="+", default=[28], help="sd3 / flux sections (their default N)")
     parser.add_argument("--sd-dtype", default="float16", choices=["float16", "float32"],
                         help="float32 runs with TF32 off (the runtime's fp32), to separate fp16 noise from the sampler")
     args = parser.parse_args(argv)
@@ -145,7 +146,7 @@ def main(argv=None):
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
-              "tol": {"digits": args.tol, "sd2": args.sd_tol}, "section_seconds": {}}
+              "tol": {"digits": args.tol, "sd2, sd3, flux": args.sd_tol}, "section_seconds": {}}
     for name in args.sections.split(","):
         model, _, dtype = name.partition(":")  # e.g. sd2:float32
         if dtype:

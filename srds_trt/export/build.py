@@ -9,6 +9,7 @@ it finds beside its own (left by killed exports) and leaves locked ones (a concu
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import os
@@ -301,12 +302,15 @@ def _build(
                            profiles=config.profiles, target=target, timing_cache=cache)
         (tmp / PLAN_NAME).write_bytes(built.plan)
         info.append(f"build {built.seconds:.1f} s, {len(built.plan) / 2**20:.1f} MiB")
+        built = dataclasses.replace(built, plan=b"")  # written: free TensorRT's host copy before hashing
     runtime_files, aoti_section = [], None
     if config.aoti:
         with log.stage("AOTInductor package (C/C++ runtime)") as info:
             runtime_files, aoti_section = aoti.write_runtime_files(
                 module, loaded, config.dtype, tmp, sample_shape=tuple(contract.inputs[0].shape[1:]))
             info.append(f"{'cached' if aoti_section['from_cache'] else 'compiled'} in {aoti_section['compile_seconds']:.1f} s")
+    for path in onnx_files + [tmp / PLAN_NAME] + runtime_files:  # the exporter writes external data 0600: a
+        path.chmod(0o644)  # service running as another user must read what the manifest lists, like the folder
     with log.stage("manifest") as info:
         manifest = _manifest(loaded, config, contract, request, key, target, trt, parity.as_json(), built,
                              onnx_files + [tmp / PLAN_NAME] + runtime_files, log.times)

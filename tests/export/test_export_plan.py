@@ -48,6 +48,7 @@ def test_manifest_matches_onnx_graph_plan_and_files(digits_export):
     assert not result.reused
     assert folder.parent == config.out / "digits" and folder.name == manifest["key"]
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "unet.onnx", "unet.plan"]
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o644"}  # readable by a service's user
 
     inputs, outputs = _graph_io(onnx.load(str(folder / "unet.onnx")))
     assert inputs == manifest["io"]["inputs"] and outputs == manifest["io"]["outputs"]
@@ -166,9 +167,12 @@ def test_fp16_overflow_fails_the_gate_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_the_weights_are_freed_before_the_plan_build(tmp_path, monkeypatch):
+def test_weights_freed_before_the_plan_build_and_every_file_readable(tmp_path, monkeypatch):
     """The plan is built from the ONNX files alone: the PyTorch weights are gone by then (SD3-medium fp32 was
-    killed at 24 GB with them alive)."""
+    killed at 24 GB with them alive). External data (written 0600 by onnx) is published 0644 like the rest."""
+    from srds_trt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the UNet were over 2 GB
     loaded = digits_like()
     devices = []
     build = pipeline.build_tensorrt_plan
@@ -178,5 +182,8 @@ def test_the_weights_are_freed_before_the_plan_build(tmp_path, monkeypatch):
         return build(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "build_tensorrt_plan", spy)
-    export_unet(loaded, ExportConfig(model="digits", out=tmp_path, dtype="fp32", max_batch=4), quiet=True)
+    result = export_unet(loaded, ExportConfig(model="digits", out=tmp_path, dtype="fp32", max_batch=4), quiet=True)
     assert devices == [{"meta"}]
+    assert (result.folder / "unet.onnx.data").is_file()
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in result.folder.iterdir()} == dict.fromkeys(
+        ["manifest.json", "unet.onnx", "unet.onnx.data", "unet.plan"], "0o644")

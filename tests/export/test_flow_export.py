@@ -34,6 +34,8 @@ def test_export_has_a_dynamic_row_axis_parity_and_a_plan(flow_export):
     assert rows == ["rows", "rows", "rows"], rows  # sample, timestep (sigma), cond
     text = str(manifest)
     assert "parity" in text and (result.folder / "unet.plan").stat().st_size > 0
+    # every listed file readable by a service running as another user (torch writes external data 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in result.folder.iterdir()} == {"0o644"}, list(result.folder.iterdir())
 
 
 def test_exported_onnx_samples_the_serial_flow_trajectory(flow_export):
