@@ -101,6 +101,13 @@ class SRDSPipeline:
         return cls(loaded, text=random_text_stack(loaded, seed) if random_weights else text_stack(loaded), **options)
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images this pipeline returns."""
+        height, width = self.loaded.sample_shape[-2:]
+        factor = 1 if self.text is None else self.text.pixels_per_latent
+        return height * factor, width * factor
+
+    @property
     def family(self) -> str:
         return self.loaded.spec.family
 

@@ -42,3 +42,13 @@ def exit_on_signals(prog: str, outcome: str) -> None:
 
     signal.signal(signal.SIGINT, now)
     signal.signal(signal.SIGTERM, now)
+
+
+def check_resolution(spec, resolution: int | None) -> None:
+    """--resolution: latent models only (SD, SD3, Flux), a positive multiple of 8 (the VAE's downsampling)."""
+    if resolution is None:
+        return
+    if spec.family == "digits":
+        raise UsageError("--resolution applies to SD, SD3 and Flux models; the digits models are 16x16 pixels")
+    if resolution < 8 or resolution % 8:
+        raise UsageError(f"--resolution must be a positive multiple of 8, got {resolution}")

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, HelpFormatter, Parser, UsageError, exit_on_signals
+from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, HelpFormatter, Parser, UsageError, check_resolution, exit_on_signals
 from .output import OutputWriter, auto_line, summary_table
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_RESOURCES = 0, 2, 3, 4
@@ -123,8 +123,7 @@ def check_args(args: argparse.Namespace):
         bad = [p for p in args.prompt if p.strip() not in DIGIT_PROMPTS]
         if bad:
             raise UsageError(f"--prompt for the digits model must be digits 0..9, got {bad[0]!r}")
-    if spec.family == "digits" and args.resolution is not None:
-        raise UsageError("--resolution applies to SD models; the digits model is 16x16 pixels")
+    check_resolution(spec, args.resolution)
     try:
         check_run_args(args.steps, args.tol, args.blocks, args.sampler, args.num_images)
         check_seed(args.seed)
@@ -136,8 +135,6 @@ def check_args(args: argparse.Namespace):
         raise UsageError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout:g}")
     if args.window is not None and not 1 <= args.window <= args.steps:
         raise UsageError(f"--window must be in [1, --steps={args.steps}], got {args.window}")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.sampler not in ("srds", "auto") and (args.blocks is not None or not args.pipelined):
         warnings.warn(f"--blocks and --no-pipelined apply to --sampler srds only; ignored for --sampler {args.sampler}")
     if args.sampler == "auto" and (args.blocks is not None or args.window is not None):

@@ -17,7 +17,7 @@ import logging
 import socket
 import sys
 
-from .common import HelpFormatter, Parser, UsageError, exit_on_signals
+from .common import HelpFormatter, Parser, UsageError, check_resolution, exit_on_signals
 from .generate import EXIT_USAGE
 
 EXAMPLES = """examples:
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch (the PyTorch UNet), or an export's ONNX / TensorRT engine")
     p.add_argument("--engine-dir", default="engines", help="python -m srds_trt.export output")
     p.add_argument("--device", default=None, help="torch device (unset: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="model precision for --backend torch (unset: float32); exported backends use the export's")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels, the one size served (SD, SD3, Flux; unset: the model's)")
+    p.add_argument("--random-weights", action="store_true", help="real architecture, seeded random weights (timing)")
     p.add_argument("--default-steps", type=int, default=DEFAULT_STEPS, help="steps when a request sends none")
     p.add_argument("--sampler", choices=SAMPLERS, default="srds",
                    help="sampler when a request names none; auto: per job, the one that finishes the waiting "
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log.info("loading model %s (backend %s, device %s)", args.model, args.backend, device)
-    pipe = SRDSPipeline.from_pretrained(args.model, device=device, backend=args.backend, engine_dir=args.engine_dir)
+    pipe = SRDSPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype or "float32"),
+                                        random_weights=args.random_weights, resolution=args.resolution,
+                                        backend=args.backend, engine_dir=args.engine_dir)
     app = build_app(pipe, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.info("serving %s on http://%s:%d (KServe v2 /v2, OpenAI /v1/images/generations, /metrics)%s", args.model,
@@ -146,9 +153,10 @@ def _config(args):
     from ..serve.service import MiB, ServeConfig
 
     try:
-        resolve_model(args.model)
+        spec = resolve_model(args.model)
     except UnknownModelError as exc:
         raise UsageError(str(exc)) from None
+    check_resolution(spec, args.resolution)
     for flag, value in (("--default-steps", args.default_steps), ("--warmup-steps", args.warmup_steps)):
         if value is not None:
             try:

@@ -22,6 +22,7 @@ class TextStack:
     encode: Callable[[list[str]], Tensor]  # prompts -> [n, L, D]
     decode: Callable[[Tensor], Tensor]  # latents -> pixels in [-1, 1]
     description: str
+    pixels_per_latent: int = 8  # the VAE's downsampling: 2 ** (its blocks - 1)
 
 
 def text_stack(loaded: LoadedUNet) -> TextStack:
@@ -45,7 +46,7 @@ def text_stack(loaded: LoadedUNet) -> TextStack:
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return encoder(ids.input_ids.to(device))[0]
 
-    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}")
+    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}", vae_factor(vae))
 
 
 def flow_text_stack(loaded: LoadedUNet) -> TextStack:
@@ -79,7 +80,8 @@ def flow_text_stack(loaded: LoadedUNet) -> TextStack:
         return pack_cond(text, pooled)
 
     names = "CLIP-L + CLIP-G + T5" if sd3 else "CLIP-L + T5"
-    return TextStack(encode, vae_decoder(pipe.vae, loaded.vae_scaling_factor), f"{names} + VAE from {folder}")
+    return TextStack(encode, vae_decoder(pipe.vae, loaded.vae_scaling_factor), f"{names} + VAE from {folder}",
+                     vae_factor(pipe.vae))
 
 
 def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = None) -> TextStack:
@@ -99,7 +101,12 @@ def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = N
                 for p in prompts]
         return torch.stack(rows)
 
-    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), "random VAE + seeded random text embeddings")
+    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), "random VAE + seeded random text embeddings",
+                     vae_factor(vae))
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def vae_decoder(vae, scaling_factor: float) -> Callable[[Tensor], Tensor]:

@@ -76,9 +76,9 @@ def parse_generation(service: Service, body: bytes) -> InferRequest:
         raise ProtocolError(f"'response_format' must be 'b64_json' (this server hosts no image URLs), got "
                             f"{response_format!r}")
     size = req.get("size")
-    shape = service.pipe.loaded.sample_shape
-    native = f"{shape[-1]}x{shape[-2]}" if service.pipe.text is None else None
-    if size not in (None, "auto") and native is not None and size != native:
+    height, width = service.pipe.image_size
+    native = f"{width}x{height}"  # the one size this server's model makes (SD: the resolution it was loaded at)
+    if size not in (None, "auto") and size != native:
         raise ProtocolError(f"'size' must be {native!r} for model {service.name!r}, got {size!r}")
     steps = _integer(req, "steps", service.config.default_steps)
     seed = _integer(req, "seed", 0)

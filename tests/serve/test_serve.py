@@ -236,9 +236,12 @@ def test_cli_refuses_bad_flags_with_exit_2(capsys):
     assert main(["--max-queue", "0"]) == 2
     assert main(["--model", "nosuchmodel"]) == 2
     assert main(["--default-steps", "0"]) == 2
+    assert main(["--model", "digits", "--resolution", "512"]) == 2
+    assert main(["--model", "sd3", "--resolution", "100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("srds_trt.serve: error: ") for line in err), err
+    assert len(err) == 5 and all(line.startswith("srds_trt.serve: error: ") for line in err), err
     assert "--max-queue" in err[0] and "--default-steps" in err[2]
+    assert "16x16" in err[3] and "multiple of 8" in err[4]
 
 
 def test_cli_without_the_serve_extra_is_one_line_and_help_shows_defaults(monkeypatch, capsys):
