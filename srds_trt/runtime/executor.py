@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .cache import RunnerCache
 from .serial_runner import SerialRunner
 from .srds.runner import RunResult, SRDSRunner
 from .window.runner import WindowRunner
@@ -88,7 +89,7 @@ class RuntimeSampler:
         self.process_group = process_group
         self.noise_floor = 0.0
         self.noise_floor_rows = 0
-        self._runners: dict[tuple, object] = {}
+        self.runners = RunnerCache()  # least recently used first; trim(budget) bounds it (the server, --cache-mb)
         self.runner_builds = 0  # runners constructed (and captured) so far: one per key
         self._capacity: tuple | None = None  # (manifest versions, widest max_batch)
         self.last_window_stats = None  # the last sliding-window run's host reads (window_runner.WindowStats)
@@ -163,16 +164,24 @@ class RuntimeSampler:
         # measured at the widest bucket this run uses: that is where batched kernels differ most from single rows
         self.noise_floor_rows = self.engine.bucket_for(rows)
         self.noise_floor = self.engine.measure_noise_floor(self.noise_floor_rows)
-        self._runners.clear()
+        self.runners.clear()
         return self.engine
 
+    def trim(self, budget_bytes: int | None) -> int:
+        """Drop least recently used runners until the rest hold <= budget_bytes of tensors (None: keep all) and
+        return the bytes still held; the engine is shared and never counted. runners.evictions counts drops."""
+        held = self.runners.trim(budget_bytes, skip=self.engine)
+        if budget_bytes is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return held
+
     def _runner(self, key: tuple, rows: int, build: Callable[[Engine], object]) -> tuple[object, CallTiming]:
-        runner = self._runners.get(key) if self.engine is not None and self.engine.max_rows >= rows else None
+        runner = self.runners.get(key) if self.engine is not None and self.engine.max_rows >= rows else None
         if runner is not None:
             return runner, CallTiming(first_call=False, setup_s=0.0)
         start = _now(self.device)
         engine = self.engine_for(rows)
-        runner = self._runners[key] = build(engine)
+        runner = self.runners.put(key, build(engine))
         runner.capture()  # warm-up + CUDA-graph capture, once per runner
         self.runner_builds += 1
         return runner, CallTiming(first_call=True, setup_s=_now(self.device) - start)

@@ -56,20 +56,39 @@ def test_rss_stays_flat_over_varied_traffic():
 
 
 def test_lru_budget_evicts_least_recently_used_runner():
-    """The runtime's runner cache under a byte budget: the least recently used runner goes first."""
+    """The runtime's runner cache under a byte budget: the least recently used runner goes first; the shared
+    engine is never counted; two views of one storage count once."""
     from types import SimpleNamespace
 
+    from srds_trt.runtime.cache import RunnerCache
+
+    cache = RunnerCache()
+    engine = SimpleNamespace(weights=torch.zeros(MB))  # 4 MB, shared by every runner: not theirs to count
+    for key in ("a", "b", "c"):
+        cache.put(key, SimpleNamespace(buffer=torch.zeros(MB // 4), engine=engine))  # 1 MB each
+    assert cache.get("a") is not None  # used: "b" is now the least recently used
+    assert cache.trim(2 * MB + 1, skip=engine) == 2 * MB
+    assert list(cache) == ["c", "a"] and cache.evictions == 1 and cache.get("b") is None
+    shared = torch.zeros(MB // 4)
+    cache.put("d", SimpleNamespace(x=shared[:10], y=shared[10:], engine=engine))
+    assert cache.trim(None, skip=engine) == 3 * MB == cache.held_bytes(skip=engine)
+    assert cache.trim(0, skip=engine) == 0 and len(cache) == 0 and cache.evictions == 4
+
+
+def test_server_budget_trims_the_runtime_after_each_job():
+    """CacheBudget hands its budget to the runtime (RuntimeSampler.trim) after every job and counts its drops."""
+    from types import SimpleNamespace
+
+    from srds_trt.runtime.cache import RunnerCache
+    from srds_trt.runtime.executor import RuntimeSampler
     from srds_trt.serve.memory import CacheBudget
 
-    runners = {k: SimpleNamespace(buffer=torch.zeros(MB // 4)) for k in ("a", "b", "c")}  # 1 MB each
-    pipe = SimpleNamespace(runtime=SimpleNamespace(_runners=runners, engine=None))
-    budget = CacheBudget(pipe, 2 * MB + 1)
-    pipe.runtime._runners.get("a")  # used: "b" is now the least recently used
-    assert budget.after_job() == 2 * MB
-    assert list(pipe.runtime._runners) == ["c", "a"] and budget.evictions == 1
-    shared = torch.zeros(MB // 4)  # two views of one storage count once
-    pipe.runtime._runners["d"] = SimpleNamespace(x=shared[:10], y=shared[10:], engine=pipe.runtime.engine)
-    assert CacheBudget(pipe, None).after_job() == 3 * MB
+    runtime = RuntimeSampler.__new__(RuntimeSampler)  # the cache and trim only: no engine is built here
+    runtime.runners, runtime.engine, runtime.device = RunnerCache(), None, torch.device("cpu")
+    for key in ("a", "b", "c"):
+        runtime.runners.put(key, SimpleNamespace(buffer=torch.zeros(MB // 4)))
+    budget = CacheBudget(SimpleNamespace(runtime=runtime, auto=None), MB)
+    assert budget.after_job() == MB and list(runtime.runners) == ["c"] and budget.evictions == 2
 
 
 def test_auto_planner_caches_stay_capped():
