@@ -167,6 +167,22 @@ MUTANTS = (
            "return torch.as_tensor(sigmas).to(torch.float32)",
            "the transformer sees sigma instead of diffusers' timestep sigma * 1000",
            ("tests/samplers/test_flow_samplers.py", "tests/samplers/test_flow.py")),
+    Mutant("flux-scheduler-default-grid", "srds_trt/samplers/solver.py",
+           'sigmas = flux_sigmas(steps) if family == "flux" else None',
+           "sigmas = None",
+           "Flux sampled on the scheduler's default grid, not FluxPipeline's linspace(1, 1/N, N) (samplers agree)",
+           ("tests/models/test_flow_folders.py",)),
+    Mutant("flow-pooled-text-dropped", "srds_trt/models/text.py",
+           "return pack_cond(text, pooled)",
+           "return pack_cond(text, pooled * 0)",
+           "SD3 / Flux real-weight conditioning loses the pooled CLIP embedding",
+           ("tests/models/test_flow_folders.py",)),
+    Mutant("runner-cache-evicts-most-recent", "srds_trt/runtime/cache.py",
+           "for key in list(self._entries):",
+           "for key in reversed(list(self._entries)):",
+           "the server's --cache-mb trim drops the runner just used instead of the least recently used",
+           ("tests/serve/test_serve_memory.py::test_lru_budget_evicts_least_recently_used_runner",
+            "tests/serve/test_serve_memory.py::test_server_budget_trims_the_runtime_after_each_job")),
 )
 
 
