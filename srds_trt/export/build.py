@@ -137,9 +137,9 @@ def export_unet(
 
     Takes ownership of `loaded.unet`: its attention processor is replaced, for fp16 it is cast in place after
     the fp32 reference outputs are computed (holding two copies of an SD UNet would cost 5 GB), and its weights
-    are released once the ONNX files passed the parity gate (unless --aoti compiles them after the plan): the
-    plan build holds the parsed ONNX and the plan, and SD3-medium's fp32 export was killed at 24 GB with the
-    PyTorch copy still alive.
+    are released once the ONNX files are written (unless --aoti compiles them after the plan): the parity gate
+    holds an ONNX Runtime session and the plan build the parsed ONNX and the plan, and SD3-medium's fp32 export
+    was killed at 24 GB with the PyTorch copy still alive.
     """
     trt_module, flavour = trt or tensorrt_module()
     target = build_target(trt_module, flavour)
@@ -284,6 +284,8 @@ def _build(
             raise ExportError(f"ONNX export failed (--opset {config.onnx_opset}, --exporter {config.exporter}): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         info.append(", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in onnx_files))
+    if not config.aoti:  # the gate compares with the references, the plan reads the ONNX: the weights would
+        release_weights(unet)  # only add their size to ONNX Runtime's and TensorRT's peaks (--aoti compiles them later)
     with log.stage("parity (ONNX Runtime vs PyTorch)") as info:
         try:
             parity = check_parity(tmp / ONNX_NAME, feeds, references, config.tolerance)
@@ -293,8 +295,6 @@ def _build(
             raise ParityError(f"ONNX Runtime could not run the export (--opset {config.onnx_opset}): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         info.append(f"max abs {parity.max_abs:.3g}, rel {parity.max_rel:.3g} <= {parity.tolerance:.3g}")
-    if not config.aoti:  # the plan is built from the ONNX files: the weights would only double the peak memory
-        release_weights(unet)
     trt_module, flavour = trt
     with log.stage(f"TensorRT plan ({flavour} {trt_module.__version__})") as info:
         cache = config.out / ".timing-cache" / f"{flavour}-{trt_module.__version__}-{'_'.join(target.compute_capabilities)}.cache"

@@ -167,23 +167,27 @@ def test_fp16_overflow_fails_the_gate_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_weights_freed_before_the_plan_build_and_every_file_readable(tmp_path, monkeypatch):
-    """The plan is built from the ONNX files alone: the PyTorch weights are gone by then (SD3-medium fp32 was
-    killed at 24 GB with them alive). External data (written 0600 by onnx) is published 0644 like the rest."""
+def test_weights_freed_before_the_parity_gate_and_every_file_readable(tmp_path, monkeypatch):
+    """The gate compares with the stored references and the plan is built from the ONNX files alone: the PyTorch
+    weights are gone before either (SD3-medium fp32 was killed at 24 GB with them alive). External data (written 0600 by onnx) is published 0644 like the rest."""
     from srds_trt.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the UNet were over 2 GB
     loaded = digits_like()
     devices = []
-    build = pipeline.build_tensorrt_plan
 
-    def spy(*args, **kwargs):
-        devices.append({p.device.type for p in loaded.unet.parameters()})
-        return build(*args, **kwargs)
+    def spy(name):
+        real = getattr(pipeline, name)
 
-    monkeypatch.setattr(pipeline, "build_tensorrt_plan", spy)
+        def call(*args, **kwargs):
+            devices.append((name, {p.device.type for p in loaded.unet.parameters()}))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(pipeline, name, call)
+
+    spy("check_parity")
+    spy("build_tensorrt_plan")
     result = export_unet(loaded, ExportConfig(model="digits", out=tmp_path, dtype="fp32", max_batch=4), quiet=True)
-    assert devices == [{"meta"}]
+    assert devices == [("check_parity", {"meta"}), ("build_tensorrt_plan", {"meta"})]
     assert (result.folder / "unet.onnx.data").is_file()
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in result.folder.iterdir()} == dict.fromkeys(
         ["manifest.json", "unet.onnx", "unet.onnx.data", "unet.plan"], "0o644")
