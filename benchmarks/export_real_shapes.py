@@ -75,6 +75,16 @@ def write_table(out: Path) -> None:
                                     + "\n".join(rows) + "\n")
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd3")
@@ -88,13 +98,15 @@ def main(argv=None) -> int:
     record = {"model": args.model, "dtype_flag": args.dtype,
               "image": f"{args.height}x{args.width or args.height}" if args.height else "default",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"device": "cpu", "cpu": platform.processor() or platform.machine(),
+              "machine": {"device": "cpu", "cpu": cpu_name(),
                           "cores": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
                           "memory_gib": round(__import__("os").sysconf("SC_PHYS_PAGES")
                                               * __import__("os").sysconf("SC_PAGE_SIZE") / 2**30, 1)}}
     record.update(run_export(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "height" in record:
+        record["image"] = f"{record['height']}x{record['width']}"
     name = f"{args.model}-{args.dtype}-{record['image']}.json"
     (out / name).write_text(json.dumps(record, indent=1) + "\n")
     write_table(out)
