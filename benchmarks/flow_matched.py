@@ -9,7 +9,8 @@ was first met.
 
 Cases, each beside its DDIM counterpart on the same starting noise:
 - flow-hard2: samplers/flow.hard_flow_mixture (analytic.hard_mixture's data under the flow path; exact velocity,
-  float64) on the SD3 grid (shift 3); ddim-hard2: analytic.hard_mixture on cases.GMM_SCHEDULER.
+  float64) on the SD3 grid (shift 3); flux-hard2: the same on FLUX.1-dev's 1024 px grid (FluxPipeline's sigmas,
+  dynamic shift); ddim-hard2: analytic.hard_mixture on cases.GMM_SCHEDULER.
 - flow-digits: the embedded digits-flow model (CFG 4, fp32); ddim-digits: the embedded digits model.
 Results: results.json + results.md under --out (default benchmarks/results/flow-matched/).
 """
@@ -55,7 +56,18 @@ def mixture_cases(images: int):
     _, alphas = ddim_grid(GMM_SCHEDULER, 1)
     flow = hard_flow_mixture(dim=2)
     yield "flow-hard2", flow, x, lambda n: (flow_sigmas({"num_train_timesteps": 1000, "shift": 3.0}, n), FlowMatchEuler())
+    yield "flux-hard2", flow, x, lambda n: (flux_grid(n), FlowMatchEuler())
     yield "ddim-hard2", hard_mixture(alphas), x, lambda n: ddim_grid(GMM_SCHEDULER, n)
+
+
+def flux_grid(steps: int) -> torch.Tensor:
+    """FLUX.1-dev's grid at 1024 px as FluxPipeline builds it: linspace(1, 1/N, N), dynamically shifted for 4096
+    image tokens (samplers.solver.solver_grid with family="flux")."""
+    from srds_trt.models.transformers import transformer_config
+    from srds_trt.samplers.solver import solver_grid
+
+    scheduler = transformer_config("flux")["scheduler"]
+    return solver_grid(scheduler, steps, "flow", (16, 128, 128), family="flux")[0]
 
 
 def digits_cases(images: int):
@@ -120,18 +132,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 28 only, fewer images")
     parser.add_argument("--mixtures-only", action="store_true")
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="run only these cases; the other cases' rows are kept from OUT/results.json")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "flow-matched")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     mixture_steps = (28,) if args.quick else (28, 100, 196)
+    wanted = (lambda name: args.cases is None or name in args.cases)  # noqa: E731
     for case in mixture_cases(8 if args.quick else 32):
-        rows += [run_case(*case, steps) for steps in mixture_steps]
-    if not args.mixtures_only:
+        rows += [run_case(*case, steps) for steps in mixture_steps if wanted(case[0])]
+    if not args.mixtures_only and (args.cases is None or any(c.endswith("digits") for c in args.cases)):
         digits_steps = (28,) if args.quick else (28, 100)
         for case in digits_cases(10):
-            rows += [run_case(*case, steps) for steps in digits_steps]
+            rows += [run_case(*case, steps) for steps in digits_steps if wanted(case[0])]
+    if args.cases is not None and (args.out / "results.json").is_file():  # keep the other cases' committed rows
+        kept = [r for r in json.loads((args.out / "results.json").read_text())["rows"] if r["case"] not in args.cases]
+        order = ["flow-hard2", "flux-hard2", "ddim-hard2", "flow-digits", "ddim-digits"]
+        rows = sorted(kept + rows, key=lambda r: (order.index(r["case"]) if r["case"] in order else 99, r["N"]))
     info = machine_info("cpu")
+    if args.cases is not None:
+        info["rerun_cases"] = args.cases  # the date is theirs; the other rows come from the previous full run
     args.out.mkdir(parents=True, exist_ok=True)
     for file, text in (("results.json", json.dumps({"machine": info, "targets": TARGETS, "tols": TOLS, "rows": rows},
                                                     indent=1) + "\n"), ("results.md", markdown(rows, info))):
