@@ -161,3 +161,25 @@ def test_multigpu_projection_is_autos_prediction(tmp_path):
     mgp.main(["--out", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text())["kind"] == "PROJECTED"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_gpu_samplers_flow_section_runs_every_sampler(tmp_path, monkeypatch):
+    """The prepared device check's sd3 section, on a tiny SD3 (its loader swapped; the script is otherwise as the
+    GPU runs it): every sampler measured, errors vs serial recorded, auto's curve kept, nothing failed."""
+    from benchmarks import gpu_samplers
+    from srds_trt import pipeline as pipeline_module
+    from srds_trt.models.text import random_text_stack
+    from srds_trt.models.transformers import TINY_CONFIGS, load_transformer
+
+    def tiny(name, **kwargs):
+        loaded = load_transformer(name, tiny=True, seed=1)
+        return pipeline_module.SRDSPipeline(loaded, text=random_text_stack(loaded, 0, TINY_CONFIGS[name]["vae"]))
+
+    monkeypatch.setattr(pipeline_module.SRDSPipeline, "from_pretrained", staticmethod(tiny))
+    gpu_samplers.main(["--smoke", "--sections", "sd3", "--out", str(tmp_path), "--budget-s", "300"])
+    record = json.loads((tmp_path / "gpu_samplers.json").read_text())
+    rows = record["sd3-float32"]["N4"]
+    assert "errors" not in record, record.get("errors")
+    assert [r["sampler"] for r in rows] == ["serial", "srds", "paradigms", "paradigms", "eps-picard", "auto"]
+    assert all(r["max_abs_err_vs_serial"] is not None for r in rows)
+    assert rows[-1]["auto"]["latency_per_rows_ms"]
