@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files  # noqa: F401
-from .registry import (CONFIGS_DIR, RANDOM_WEIGHT_CONFIGS, ModelSpec, WeightsUnavailableError, read_json,
-                       resolve_model)
+from .registry import (CONFIGS_DIR, KNOWN_MODELS, RANDOM_WEIGHT_CONFIGS, ModelSpec, WeightsUnavailableError,
+                       describe_folder, read_json, resolve_model)
 
 DEFAULT_TEXT_LENGTH = 77
 
@@ -30,6 +30,8 @@ def load_unet(name_or_path: str, *, device="cpu", dtype=torch.float32, random_we
     embedded in srds_trt/models/configs, so nothing is downloaded.
     """
     spec = resolve_model(name_or_path)
+    if spec.name not in KNOWN_MODELS and not Path(spec.source).is_dir():  # a hub id: what its cached snapshot is
+        spec = describe_folder(spec.name, sd_folder(spec))  # (SD, SD3, Flux, ...), from model_index.json
     if spec.family == "digits":
         loaded = _load_pixel_unet(spec, random_weights, seed)
     elif spec.family in ("sd3", "flux"):
@@ -74,7 +76,7 @@ def unet_model_fn_ddpm(loaded: LoadedUNet) -> Callable[[Tensor, Tensor, Tensor],
 
 
 @contextmanager
-def quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[dict]:
     """diffusers' and transformers' loading bars (one per pipeline component, one per weight file) and their
     warnings off while a model loads, their settings restored after: generate draws its own progress, and errors
     still raise. Yields the keyword that keeps diffusers from warning about accelerate on every load

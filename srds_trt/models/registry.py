@@ -76,15 +76,16 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         return KNOWN_MODELS[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _describe_folder(name_or_path, path)
+        return describe_folder(name_or_path, path)
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
-        # Unknown until its configs are read; SD-shaped defaults, checked again when loading.
+        # Unknown until its configs are read; SD-shaped defaults, described from its cached snapshot when loading.
         return ModelSpec(name_or_path, name_or_path, "sd", 512, "epsilon")
     reason = "no such folder" if ("/" in name_or_path or name_or_path.startswith(".")) else None
     raise UnknownModelError(name_or_path, reason) if reason else UnknownModelError(name_or_path)
 
 
-def _describe_folder(name: str, path: Path) -> ModelSpec:
+def describe_folder(name: str, path: Path) -> ModelSpec:
+    """The ModelSpec of a local diffusers folder (or a hub id's cached snapshot), from its json files only."""
     source = str(path.resolve())
     if (path / "model_index.json").is_file():
         vae = read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}

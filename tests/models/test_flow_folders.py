@@ -82,20 +82,27 @@ def test_flux_refuses_a_negative_prompt(folders):
         pipe("a cat", negative_prompt="blurry", num_inference_steps=2, progress_bar=False)
 
 
-def test_flux_schnell_has_no_guidance_input(folders, tmp_path):
-    """A Flux transformer without the guidance embedding (FLUX.1-schnell) is called with guidance=None and
-    256 T5 tokens."""
+def test_a_cached_flux_schnell_hub_id_loads_as_a_flux_pipeline_without_guidance_input(folders, tmp_path, monkeypatch):
+    """A hub id that is no registry name, found in the HF cache, is described by its snapshot's model_index.json
+    (here FLUX.1-schnell's layout: no guidance embedding): called with guidance=None and 256 T5 tokens."""
     import shutil
 
-    folder = shutil.copytree(folders["flux"], tmp_path / "schnell")
-    config_file = folder / "transformer" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "guidance_embeds": False}))
-    pipe = SRDSPipeline.from_pretrained(str(folder), resolution=RESOLUTION)
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell"
+    snapshot = shutil.copytree(folders["flux"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    config_file = snapshot / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "guidance_embeds": False}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    pipe = SRDSPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", resolution=RESOLUTION)
+    assert pipe.family == "flux" and pipe.loaded.cond_shape[0] == 256 + 1
     seen = []
     pipe.loaded.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True)
     pipe("a cat", num_inference_steps=2, sampler="serial", progress_bar=False, generator=0)
-    assert pipe.loaded.cond_shape[0] == 256 + 1 and seen and all(g is None for g in seen)
+    assert seen and all(g is None for g in seen)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
