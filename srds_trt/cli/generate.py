@@ -100,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 def list_models() -> str:
     from ..models.registry import KNOWN_MODELS, RANDOM_WEIGHT_CONFIGS
 
-    lines = ["model    family  resolution  prediction     weights"]
+    width = max(len("model"), *map(len, KNOWN_MODELS))
+    lines = [f"{'model':<{width}}  family  resolution  prediction     weights"]
     for name, spec in KNOWN_MODELS.items():
         weights = "embedded" if spec.family == "digits" else \
             f"{spec.source} (hub cache or a local folder{'; --random-weights' if name in RANDOM_WEIGHT_CONFIGS else ''})"
-        lines.append(f"{name:<8} {spec.family:<7} {spec.resolution:>10}  {spec.prediction_type:<13}  {weights}")
+        lines.append(f"{name:<{width}}  {spec.family:<7} {spec.resolution:>10}  {spec.prediction_type:<13}  {weights}")
     lines.append("--model also takes a local diffusers folder or a cached hub id")
     return "\n".join(lines)
 
