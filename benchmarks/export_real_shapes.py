@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import shutil
@@ -99,9 +100,8 @@ def main(argv=None) -> int:
               "image": f"{args.height}x{args.width or args.height}" if args.height else "default",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"device": "cpu", "cpu": cpu_name(),
-                          "cores": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
-                          "memory_gib": round(__import__("os").sysconf("SC_PHYS_PAGES")
-                                              * __import__("os").sysconf("SC_PAGE_SIZE") / 2**30, 1)}}
+                          "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+                          "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)}}
     record.update(run_export(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
