@@ -32,7 +32,7 @@ from .samplers import Cancelled  # noqa: F401  (srds_trt.Cancelled)
 from .samplers.guidance import classifier_free_guidance
 from .samplers.solver import solver_grid
 from .samplers.window import WINDOW_SAMPLERS
-from .settings import DEFAULT_STEPS, GenerationSettings, check_guidance_scale, check_seed
+from .settings import GenerationSettings, check_guidance_scale, check_seed, default_steps
 from .samplers.stopping import DEFAULT_TOL
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
@@ -63,6 +63,7 @@ class SRDSPipeline:
 
             self.cond_model = ShardedModel(self.cond_model, process_group)
         self.default_guidance_scale = default_guidance_scale or DEFAULT_GUIDANCE[loaded.spec.family]
+        self.default_steps = default_steps(loaded.spec.family)  # 100; SD3 / Flux: their pipelines' 28
         param = next(loaded.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.auto = AutoPlanner(self)  # sampler="auto": measured curves, choices, what past runs needed
@@ -178,7 +179,7 @@ class SRDSPipeline:
         return stats, report
 
     @torch.inference_mode()
-    def iter_chunks(self, prompt=None, *, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
+    def iter_chunks(self, prompt=None, *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                     generator: torch.Generator | int | None = None, sampler: str = "srds", tol: float = DEFAULT_TOL,
                     num_blocks: int | None = None, pipelined: bool = True, max_iters: int | None = None,
                     num_images_per_prompt: int = 1, negative_prompt: str = "", compare_serial: bool = False,
@@ -189,6 +190,7 @@ class SRDSPipeline:
         cancel() is polled at every iteration, sweep and serial step; True raises srds_trt.Cancelled."""
         # 1. Check everything before any model work.
         prompts = self.check_prompts(prompt)
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
         GenerationSettings(steps=num_inference_steps, sampler=sampler, tol=tol, blocks=num_blocks, window=window,
                            num_images=num_images_per_prompt).validate()
         scale = self.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)

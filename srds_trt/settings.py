@@ -15,10 +15,16 @@ from .samplers.stopping import DEFAULT_TOL
 
 SAMPLERS = (*REFERENCE_SAMPLERS, "auto")  # "auto": srds_trt.autotune chooses from the measured latency curve
 DEFAULT_STEPS = 100  # 10 blocks of 10 steps: enough fine work per block for SRDS's parallelism to show
+FAMILY_STEPS = {"sd3": 28, "flux": 28}  # StableDiffusion3Pipeline's and FluxPipeline's own defaults
 MAX_STEPS = 8192  # grids finer than the training schedule use fractional timesteps (samplers.ddim.alphas_at)
 MAX_GUIDANCE = 1e3  # far beyond any useful scale; larger ones overflow fp16 (and soon fp32) outright
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_IMAGES = 2**31 - 1  # per prompt; images are sampled and written in chunks, so memory does not grow with this
+
+
+def default_steps(family: str) -> int:
+    """The steps a run of this model family takes when none are given: 100, or the flow pipelines' 28."""
+    return FAMILY_STEPS.get(family, DEFAULT_STEPS)
 
 
 class SettingError(ValueError):

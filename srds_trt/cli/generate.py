@@ -56,7 +56,7 @@ def raise_on_signals() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..samplers import DEFAULT_TOL
-    from ..settings import DEFAULT_STEPS, MAX_STEPS, SAMPLERS
+    from ..settings import DEFAULT_STEPS, FAMILY_STEPS, MAX_STEPS, SAMPLERS
 
     p = Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                 formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32))
@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", nargs="+", action="extend", default=None,
                    help='digits: one or more of "0".."9" (unset: all ten); SD: the text (unset: ""); may repeat')
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (processed in chunks that fit memory)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"solver steps N (1..{MAX_STEPS}): DDIM, or flow-matching Euler for flow models")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"solver steps N (1..{MAX_STEPS}): DDIM, or flow-matching Euler for flow models (unset: "
+                        f"{DEFAULT_STEPS}; SD3 and Flux: {FAMILY_STEPS['sd3']}, their pipelines' default)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, 0 <= seed < 2^64")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (must be empty or new, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, after the run)")
@@ -114,7 +116,7 @@ def check_args(args: argparse.Namespace):
     """Everything that can be refused without loading a model; returns the resolved ModelSpec."""
     from ..models import UnknownModelError, resolve_model
     from ..pipeline import DIGIT_PROMPTS, WINDOW_SAMPLERS
-    from ..settings import SettingError, check_guidance_scale, check_run_args, check_seed
+    from ..settings import SettingError, check_guidance_scale, check_run_args, check_seed, default_steps
 
     try:
         spec = resolve_model(args.model)
@@ -125,6 +127,8 @@ def check_args(args: argparse.Namespace):
         if bad:
             raise UsageError(f"--prompt for the digits model must be digits 0..9, got {bad[0]!r}")
     check_resolution(spec, args.resolution)
+    if args.steps is None:
+        args.steps = default_steps(spec.family)
     try:
         check_run_args(args.steps, args.tol, args.blocks, args.sampler, args.num_images)
         check_seed(args.seed)

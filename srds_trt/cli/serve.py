@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="image size in pixels, the one size served (SD, SD3, Flux; unset: the model's)")
     p.add_argument("--random-weights", action="store_true", help="real architecture, seeded random weights (timing)")
-    p.add_argument("--default-steps", type=int, default=DEFAULT_STEPS, help="steps when a request sends none")
+    p.add_argument("--default-steps", type=int, default=None,
+                   help=f"steps when a request sends none (unset: {DEFAULT_STEPS}; SD3 and Flux: 28)")
     p.add_argument("--sampler", choices=SAMPLERS, default="srds",
                    help="sampler when a request names none; auto: per job, the one that finishes the waiting "
                         "requests soonest given the queue (load-adaptive)")

@@ -9,6 +9,7 @@ the same per-settings sampling jobs; both own the batching).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import time
@@ -22,6 +23,7 @@ from .batching import BatchConfig
 from .http import read_body, until_disconnected
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, INPUTS, InferRequest, Settings, encode_response
+from ..settings import DEFAULT_STEPS
 from .service import SERVER_NAME, SERVER_VERSION, RequestError, ServeConfig, Service
 
 log = logging.getLogger("srds_trt.serve")
@@ -31,6 +33,8 @@ __all__ = ["BatchConfig", "ServeConfig", "build_app", "read_body", "error_respon
 
 def build_app(pipe, config: ServeConfig, *, metrics: Metrics | None = None) -> Starlette:
     """The server for one loaded SRDSPipeline. Ready once the worker ran its warm-up request."""
+    if config.default_steps is None:  # the model's own default (settings.default_steps)
+        config = dataclasses.replace(config, default_steps=getattr(pipe, "default_steps", DEFAULT_STEPS))
     service = Service(pipe, config, metrics)
     batcher = service.batcher
 

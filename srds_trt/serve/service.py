@@ -26,7 +26,7 @@ MiB = 1 << 20
 class ServeConfig:
     model: str = "digits"
     batch: BatchConfig = BatchConfig()
-    default_steps: int = 100
+    default_steps: int | None = None  # None: the pipeline's (100; SD3 / Flux: their pipelines' 28)
     warmup_steps: int | None = None  # steps of the warm-up request (default: default_steps)
     max_body_bytes: int = 1 * MiB  # larger request bodies get 413 before they are read
     grpc_port: int | None = None  # KServe v2 gRPC beside REST (None: REST only)

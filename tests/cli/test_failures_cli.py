@@ -96,7 +96,7 @@ def test_help_shows_defaults_examples_and_exit_codes(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert "(default: 100)" in text and "(default: srds)" in text and "(default: True)" in text  # --pipelined on
+    assert "(unset: 100; SD3 and Flux: 28" in " ".join(text.split()) and "(default: srds)" in text and "(default: True)" in text  # --pipelined on
     assert "examples:" in text and "exit codes:" in text and "130" in text
 
 

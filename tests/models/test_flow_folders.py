@@ -113,3 +113,23 @@ def test_generate_runs_a_local_folder(folders, tmp_path, capsys, kind):
     assert rc == 0, err
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["max_abs_diff_vs_serial"] <= 1e-2 and (tmp_path / "000.png").is_file()
+
+
+def test_sd3_and_flux_default_to_their_pipelines_28_steps(folders, tmp_path):
+    """Unset steps: 28 for SD3 / Flux (StableDiffusion3Pipeline's and FluxPipeline's default), 100 otherwise; the
+    pipeline, generate and the server agree."""
+    from srds_trt.cli.generate import build_parser, check_args
+    from srds_trt.serve import BatchConfig, ServeConfig, build_app
+
+    pipe = SRDSPipeline.from_pretrained(str(folders["sd3"]))
+    assert pipe.default_steps == 28
+    assert pipe("a cat", sampler="serial", progress_bar=False).stats["steps"] == 28
+    args = build_parser().parse_args(["--model", str(folders["flux"]), "--out", str(tmp_path / "o")])
+    check_args(args)
+    assert args.steps == 28
+    args = build_parser().parse_args(["--model", "digits", "--out", str(tmp_path / "o")])
+    check_args(args)
+    assert args.steps == 100
+    app = build_app(pipe, ServeConfig(model="tiny-sd3", batch=BatchConfig()))
+    assert app.state.service.config.default_steps == 28
+

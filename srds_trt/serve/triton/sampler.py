@@ -72,7 +72,7 @@ class TritonPythonModel:
             if tensor is not None:
                 tensors[name] = tensor.as_numpy()
         try:
-            prompts, seed, s = read_tensors(tensors, default_steps=100, max_images=self.max_rows)
+            prompts, seed, s = read_tensors(tensors, default_steps=self.pipe.default_steps, max_images=self.max_rows)
             output = self.pipe(list(prompts), num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
                                sampler=s.sampler, tol=s.tol, generator=seed, max_rows=self.max_rows,
                                progress_bar=False)
