@@ -30,7 +30,7 @@ from .models.text import TextStack, random_text_stack, text_stack
 from .report import ConvergenceReport, convergence_report, merge_chunks, warnings_for
 from .samplers import Cancelled  # noqa: F401  (srds_trt.Cancelled)
 from .samplers.guidance import classifier_free_guidance
-from .samplers.solver import solver_grid
+from .samplers.solver import as_solver, solver_grid
 from .samplers.window import WINDOW_SAMPLERS
 from .settings import GenerationSettings, check_guidance_scale, check_seed, default_steps
 from .samplers.stopping import DEFAULT_TOL
@@ -234,7 +234,7 @@ class SRDSPipeline:
             "model": self.loaded.spec.name, "weights_id": self.loaded.weights_id, "sampler": sampler,
             "steps": num_inference_steps, "images": total, "num_images_per_prompt": num_images_per_prompt,
             "prompts": [image_prompt(i) for i in range(total)] if total <= LISTED_PROMPTS else prompts,
-            "solver": "flow-euler" if prediction_type == "flow" else "ddim",
+            "solver": as_solver(alphas_cumprod, prediction_type).name,  # "ddim" | "flow-euler"
             "guidance_scale": scale, "cfg_rows_per_image": 2 if guided else 1, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "torch": torch.__version__, "backend": self.backend,
             "chunks": math.ceil(total / chunk), "images_per_chunk": min(chunk, total), "tol": tol,

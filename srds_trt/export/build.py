@@ -309,11 +309,12 @@ def _build(
             runtime_files, aoti_section = aoti.write_runtime_files(
                 module, loaded, config.dtype, tmp, sample_shape=tuple(contract.inputs[0].shape[1:]))
             info.append(f"{'cached' if aoti_section['from_cache'] else 'compiled'} in {aoti_section['compile_seconds']:.1f} s")
-    for path in onnx_files + [tmp / PLAN_NAME] + runtime_files:  # the exporter writes external data 0600: a
-        path.chmod(0o644)  # service running as another user must read what the manifest lists, like the folder
+    published = onnx_files + [tmp / PLAN_NAME] + runtime_files
+    for path in published:  # onnx writes external data 0600: a service running as another user must read what
+        path.chmod(0o644)  # the manifest lists, like the folder
     with log.stage("manifest") as info:
         manifest = _manifest(loaded, config, contract, request, key, target, trt, parity.as_json(), built,
-                             onnx_files + [tmp / PLAN_NAME] + runtime_files, log.times)
+                             published, log.times)
         if aoti_section is not None:
             manifest["aoti"] = aoti_section
         write_manifest(tmp, manifest)

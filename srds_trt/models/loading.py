@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files  # noqa: F401
 from .registry import (CONFIGS_DIR, KNOWN_MODELS, RANDOM_WEIGHT_CONFIGS, ModelSpec, WeightsUnavailableError,
-                       describe_folder, read_json, resolve_model)
+                       describe_folder, read_json, resolve_model, vae_scale_factor)
 
 DEFAULT_TEXT_LENGTH = 77
 
@@ -193,8 +193,7 @@ def _load_sd_unet(spec: ModelSpec, random_weights: bool, seed: int, resolution: 
         configs = {"vae": read_json(folder / "vae" / "config.json"),
                    "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
                    "text_embedding": _text_embedding(folder)}
-    vae_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    latent = (resolution or spec.resolution) // vae_factor
+    latent = (resolution or spec.resolution) // vae_scale_factor(configs["vae"])
     text = configs["text_embedding"]
     return LoadedUNet(spec, unet, ddim_config(configs["scheduler"]), "text",
                       (int(unet.config.in_channels), latent, latent), (text["max_length"], int(unet.config.cross_attention_dim)),

@@ -66,6 +66,11 @@ class WeightsUnavailableError(RuntimeError):
         super().__init__(hint)
 
 
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixels per latent of an AutoencoderKL config: 2 ** (its blocks - 1), 8 when the config says nothing."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -89,7 +94,7 @@ def describe_folder(name: str, path: Path) -> ModelSpec:
     source = str(path.resolve())
     if (path / "model_index.json").is_file():
         vae = read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else {}
-        scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        scale = vae_scale_factor(vae)
         family = FLOW_PIPELINES.get(read_json(path / "model_index.json").get("_class_name"), "sd")
         denoiser = path / ("unet" if family == "sd" else "transformer") / "config.json"
         config = read_json(denoiser) if denoiser.is_file() else {}

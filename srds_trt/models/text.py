@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .loading import LoadedUNet, quiet_loading, random_weights_config, sd_folder, seeded_init
-from .registry import read_json
+from .registry import read_json, vae_scale_factor
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TextStack:
     encode: Callable[[list[str]], Tensor]  # prompts -> [n, L, D]
     decode: Callable[[Tensor], Tensor]  # latents -> pixels in [-1, 1]
     description: str
-    pixels_per_latent: int = 8  # the VAE's downsampling: 2 ** (its blocks - 1)
+    pixels_per_latent: int  # the VAE's downsampling (registry.vae_scale_factor)
 
 
 def text_stack(loaded: LoadedUNet) -> TextStack:
@@ -46,7 +46,8 @@ def text_stack(loaded: LoadedUNet) -> TextStack:
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return encoder(ids.input_ids.to(device))[0]
 
-    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}", vae_factor(vae))
+    return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), f"CLIP + VAE from {folder}",
+                     vae_scale_factor(vae.config))
 
 
 def flow_text_stack(loaded: LoadedUNet) -> TextStack:
@@ -81,7 +82,7 @@ def flow_text_stack(loaded: LoadedUNet) -> TextStack:
 
     names = "CLIP-L + CLIP-G + T5" if sd3 else "CLIP-L + T5"
     return TextStack(encode, vae_decoder(pipe.vae, loaded.vae_scaling_factor), f"{names} + VAE from {folder}",
-                     vae_factor(pipe.vae))
+                     vae_scale_factor(pipe.vae.config))
 
 
 def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = None) -> TextStack:
@@ -102,11 +103,7 @@ def random_text_stack(loaded: LoadedUNet, seed: int, vae_config: dict | None = N
         return torch.stack(rows)
 
     return TextStack(encode, vae_decoder(vae, loaded.vae_scaling_factor), "random VAE + seeded random text embeddings",
-                     vae_factor(vae))
-
-
-def vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+                     vae_scale_factor(vae.config))
 
 
 def vae_decoder(vae, scaling_factor: float) -> Callable[[Tensor], Tensor]:

@@ -24,11 +24,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .registry import CONFIGS_DIR, read_json
+from .registry import CONFIGS_DIR, read_json, vae_scale_factor
 from ..samplers.flow import model_timesteps
 
 KINDS = ("sd3", "flux")
 GUIDANCE = {"sd3": "classifier-free", "flux": "distilled"}
+
+def _tiny_vae(**latent_scale) -> dict:
+    """A 4-level AutoencoderKL (8 pixels per latent, as the real ones) of 8 channels, 4 latent channels."""
+    return {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
+            "layers_per_block": 1, "norm_num_groups": 8, "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 64, **latent_scale}
+
 
 # Test-sized architectures: same classes, a few thousand parameters, latents 4 x 8 x 8.
 TINY_CONFIGS = {
@@ -39,11 +46,7 @@ TINY_CONFIGS = {
                         "sample_size": 8},
         "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
         "text_embedding": {"max_length": 6, "hidden_size": 16, "pooled_size": 8},
-        "vae_scale_factor": 8,
-        "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
-                "layers_per_block": 1, "norm_num_groups": 8, "down_block_types": ["DownEncoderBlock2D"] * 4,
-                "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 64, "scaling_factor": 1.5305,
-                "shift_factor": 0.0609},
+        "vae": _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's latent scale and shift
     },
     "flux": {
         "transformer": {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 8, "axes_dims_rope": [2, 2, 4],
@@ -53,11 +56,7 @@ TINY_CONFIGS = {
                       "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
                       "use_dynamic_shifting": True},
         "text_embedding": {"max_length": 6, "hidden_size": 16, "pooled_size": 8},
-        "vae_scale_factor": 8,
-        "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8], "latent_channels": 4,
-                "layers_per_block": 1, "norm_num_groups": 8, "down_block_types": ["DownEncoderBlock2D"] * 4,
-                "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 64, "scaling_factor": 0.3611,
-                "shift_factor": 0.1159},
+        "vae": _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),  # Flux's
     },
 }
 
@@ -104,7 +103,7 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.n
 
 
 def folder_config(folder, kind: str) -> dict:
-    """{transformer, vae, scheduler, text_embedding, vae_scale_factor} of a local SD3 / Flux diffusers folder,
+    """{transformer, vae, scheduler, text_embedding} of a local SD3 / Flux diffusers folder,
     read from its json files (the text lengths as the pipelines form them, T5_TOKENS)."""
     transformer = read_json(folder / "transformer" / "config.json")
     vae = read_json(folder / "vae" / "config.json")
@@ -116,7 +115,6 @@ def folder_config(folder, kind: str) -> dict:
         length = T5_TOKENS["flux-dev" if transformer.get("guidance_embeds") else "flux-schnell"]
     return {"transformer": transformer, "vae": vae,
             "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
-            "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
             "text_embedding": {"max_length": length, "hidden_size": transformer["joint_attention_dim"],
                                "pooled_size": transformer["pooled_projection_dim"]}}
 
@@ -133,7 +131,10 @@ def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, r
     from .weights import LoadedUNet, files_sha256, random_weights_id, weight_files as _weight_files
 
     kind = spec.family
-    if config is None:
+    folder = None if random_weights else sd_folder(spec)  # real weights: a local folder or the HF cache's snapshot
+    if folder is not None:
+        config = folder_config(folder, kind)
+    elif config is None:
         config = folder_config(Path(spec.source), kind) if Path(spec.source).is_dir() else transformer_config(kind)
     if random_weights:
         transformer = build_transformer(config, seed)
@@ -141,23 +142,20 @@ def load_flow_transformer(spec, *, random_weights: bool = True, seed: int = 0, r
             randomize(transformer, seed)
         weights_id = random_weights_id(seed, config["transformer"])
     else:
-        folder = sd_folder(spec)
         files = _weight_files(folder / "transformer") if (folder / "transformer").is_dir() else []
         if not files:
             raise WeightsUnavailableError(spec, f"no transformer weights under {folder}")
-        config = folder_config(folder, kind)
         cls = transformer_class(config["transformer"].get("_class_name"))
         with quiet_loading() as load_options:
             transformer = cls.from_pretrained(folder, subfolder="transformer", local_files_only=True, **load_options)
         weights_id = files_sha256(files)
     arch = transformer.config
-    vae_factor = config.get("vae_scale_factor", 8)
-    size = (resolution or spec.resolution) // vae_factor
+    size = (resolution or spec.resolution) // vae_scale_factor(config["vae"])
     channels = arch.in_channels if kind == "sd3" else arch.in_channels // 4
     text = config["text_embedding"]
     width = max(text["hidden_size"], text["pooled_size"] + 1)
     scheduler = {**config["scheduler"], "_class_name": "FlowMatchEulerDiscreteScheduler"}
-    vae_scale = config.get("vae", {}).get("scaling_factor")
+    vae_scale = config["vae"].get("scaling_factor")
     return LoadedUNet(spec, transformer.eval().requires_grad_(False), scheduler, "text", (channels, size, size),
                       (text["max_length"] + 1, width), None, vae_scale, weights_id)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_core import single_thread  # noqa: F401  (fixture)
+from helpers_core import flow_euler_ref, parareal_iterates, single_thread  # noqa: F401  (fixture)
 from srds_trt.samplers.guidance import classifier_free_guidance
 from srds_trt.runtime import SRDSRunner
 from srds_trt.runtime.engines import EngineSpec, TorchEngine
@@ -44,27 +44,12 @@ MODEL = classifier_free_guidance(cond_model, LABELS, NULL, SCALE)
 
 
 def euler(u, sigmas):
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        u = u + (s_next - s) * MODEL(u, torch.full((u.shape[0],), s, dtype=torch.float64))
-    return u
+    return flow_euler_ref(MODEL, u, sigmas)
 
 
 def textbook_parareal(x, bounds):
     s = SIGMAS.tolist()
-    blocks = len(bounds) - 1
-    coarse = lambda u, b: euler(u, [s[bounds[b]], s[bounds[b + 1]]])  # noqa: E731
-    fine = lambda u, b: euler(u, s[bounds[b]: bounds[b + 1] + 1])  # noqa: E731
-    U = [[x] + [None] * blocks]
-    for b in range(blocks):
-        U[0][b + 1] = coarse(U[0][b], b)
-    for p in range(blocks):
-        F = [fine(U[p][b], b) for b in range(blocks)]
-        G = [coarse(U[p][b], b) for b in range(blocks)]
-        new = [x]
-        for b in range(blocks):
-            new.append(coarse(new[b], b) + F[b] - G[b])
-        U.append(new)
-    return U
+    return parareal_iterates(x, bounds, len(bounds) - 1, lambda u, steps: euler(u, [s[i] for i in steps]))
 
 
 def engine():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers_core import single_thread  # noqa: F401  (fixture)
+from helpers_core import flow_euler_ref as euler_ref, parareal_iterates, single_thread  # noqa: F401  (fixture)
 from srds_trt.samplers import eps_picard_sample
 from srds_trt.samplers.guidance import conditional
 from srds_trt.models.transformers import image_seq_len, load_transformer, pooled_size, text_length, transformer_model_fn
@@ -26,13 +26,6 @@ EULER = FlowMatchEuler()
 
 def max_abs(a, b) -> float:
     return float((a.double() - b.double()).abs().max())
-
-
-def euler_ref(model, x, sigmas: list[float]):
-    """Textbook Euler on the velocity field, python floats for the step sizes."""
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (s_next - s) * model(x, torch.full((x.shape[0],), s, dtype=torch.float64))
-    return x
 
 
 def _transformer_case(kind: str, dtype: torch.dtype, steps: int):
@@ -119,20 +112,7 @@ def test_every_sampler_at_tol_zero_on_a_tiny_transformer(kind):
 
 
 def parareal_flow_ref(model, x, sigmas: list[float], bounds: list[int], iterations: int):
-    blocks = len(bounds) - 1
-    coarse = lambda u, b: euler_ref(model, u, [sigmas[bounds[b]], sigmas[bounds[b + 1]]])  # noqa: E731
-    fine = lambda u, b: euler_ref(model, u, sigmas[bounds[b]: bounds[b + 1] + 1])  # noqa: E731
-    U = [[x]]
-    for b in range(blocks):
-        U[0].append(coarse(U[0][b], b))
-    for p in range(iterations):
-        F = [fine(U[p][b], b) for b in range(blocks)]
-        G = [coarse(U[p][b], b) for b in range(blocks)]
-        new = [x]
-        for b in range(blocks):
-            new.append(coarse(new[b], b) + F[b] - G[b])
-        U.append(new)
-    return U
+    return parareal_iterates(x, bounds, iterations, lambda u, steps: euler_ref(model, u, [sigmas[i] for i in steps]))
 
 
 @pytest.mark.parametrize("steps, num_blocks", [(10, None), (28, 5), (26, 4)])
